@@ -1,0 +1,52 @@
+# One entry point for set-up, demo, tests, lint and benchmarks. Every target creates and
+# fills .venv first if it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARTIFACTS ?= artifacts
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: setup demo test lint format bench bench-quick redis clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch pinned exactly first: a range would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0 fbgemm-gpu-cpu==1.8.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# torchrec declares the CUDA-only fbgemm-gpu; fbgemm-gpu-cpu provides the same module.
+	$(BIN)/python -m pip install --quiet --no-deps torchrec==1.8.0
+	$(BIN)/python -c "import torchrec, fbgemm_gpu, polars, annoy, redis; print('environment ok')"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv with `recsys` on its PATH
+
+demo: $(STAMP)  ## fetch MovieLens-100K and run the pipeline as far as it exists
+	$(BIN)/recsys data fetch ml-100k
+	$(BIN)/recsys ingest --data "$$($(BIN)/recsys data fetch ml-100k)" --out $(ARTIFACTS)/ml-100k/ingest
+
+redis:  ## make sure a redis-server binary exists (tests start one if none answers)
+	@command -v redis-server >/dev/null 2>&1 || redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 \
+	  || (apt-get update -qq && apt-get install -y -qq redis-server)
+
+test: $(STAMP) redis  ## the whole test suite
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)  ## ruff + mypy, as CI would
+	$(BIN)/ruff check recsys features training serving data tests
+	$(BIN)/ruff format --check recsys features training serving data tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix recsys features training serving data tests
+	$(BIN)/ruff format recsys features training serving data tests
+
+bench: $(STAMP)  ## full benchmarks (tables + PNG plots in bench_results/)
+	$(BIN)/python -m recsys.bench
+
+bench-quick: $(STAMP)  ## the same benchmarks on smaller data, for everyday use
+	$(BIN)/python -m recsys.bench --quick
+
+clean:
+	rm -rf $(ARTIFACTS) bench_results .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Data layer: interaction logs and side tables -> validated, indexed feature tables."""

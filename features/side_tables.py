@@ -1,0 +1,126 @@
+"""Item and user tables -> categorical feature bags keyed by dense index.
+
+A column becomes a feature when it describes groups (genre, year, occupation); near-unique
+columns (titles, zip codes) are kept for display but not used, since the ID already says
+what they say. Multi-valued cells (lists, or text joined by a separator) become bags.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from features.config import FeatureConfig
+from features.sources import CSV_SUFFIXES, scan_table
+from features.vocab import ID, INDEX, Vocabulary, reconcile_ids
+from recsys.errors import DataValidationError
+
+
+@dataclass(frozen=True)
+class SideFeatures:
+    """Feature bags for one side (items or users)."""
+
+    key: str  # item_id or user_id
+    index: str  # item_idx or user_idx
+    raw: pl.DataFrame  # the table as given, with the dense index added, for display
+    bags: pl.DataFrame  # index column + one List[UInt32] column of category indices per feature
+    vocabs: dict[str, Vocabulary] = field(default_factory=dict)
+    ignored: dict[str, str] = field(default_factory=dict)  # column -> why it is not a feature
+    null_keys: int = 0
+    duplicate_keys: int = 0
+
+
+def read_side_table(path: Path, key: str) -> tuple[pl.DataFrame, int, int]:
+    """Read a side table whole (it has one row per item or user), one row per key.
+
+    Returns the table, the number of rows without a key and the number of repeated keys
+    (the first row of each key is kept).
+    """
+    strings = (key,) if path.suffix.lower() in CSV_SUFFIXES else ()
+    frame = scan_table(path, string_columns=strings)
+    names = frame.collect_schema().names()
+    if key not in names:
+        raise DataValidationError(
+            path, key, f"required column is missing (found: {', '.join(names)})"
+        )
+    try:
+        table = frame.collect()
+    except pl.exceptions.PolarsError as exc:
+        raise DataValidationError(path, None, f"cannot be read ({exc})") from exc
+    dtype = table.schema[key]
+    if not (dtype.is_integer() or dtype == pl.String):
+        raise DataValidationError(path, key, f"expected integer or string IDs, found {dtype}")
+    null_keys = table[key].null_count()
+    table = table.filter(pl.col(key).is_not_null())
+    unique = table.unique(subset=key, keep="first", maintain_order=True)
+    return unique, null_keys, table.height - unique.height
+
+
+def _as_bags(column: pl.Series, separator: str) -> pl.Series | None:
+    """The column as lists of text values, or None if it is continuous."""
+    dtype = column.dtype
+    if isinstance(dtype, pl.List):
+        return column.cast(pl.List(pl.String))
+    if dtype == pl.String and column.str.contains(separator, literal=True).any():
+        return column.str.split(separator).list.eval(pl.element().str.strip_chars())
+    categorical = isinstance(dtype, pl.Categorical | pl.Enum)
+    if dtype == pl.String or dtype.is_integer() or dtype == pl.Boolean or categorical:
+        return pl.select(pl.concat_list(column.cast(pl.String))).to_series()
+    return None
+
+
+def _encode(values: pl.Series, vocab: Vocabulary) -> pl.Series:
+    """Lists of category text -> lists of category indices (empty list when missing)."""
+    name = values.name
+    categories = vocab.to_frame().rename({ID: name, INDEX: "_category"})
+    rows = pl.DataFrame({name: values}).with_row_index("_row")
+    encoded = (
+        rows.explode(name)
+        .join(categories, on=name, how="inner")
+        .group_by("_row")
+        .agg(pl.col("_category"))
+    )
+    bags = rows.select("_row").join(encoded, on="_row", how="left").sort("_row")
+    return bags["_category"].fill_null([]).cast(pl.List(pl.UInt32)).rename(name)
+
+
+def build_side_features(
+    table: pl.DataFrame,
+    key: str,
+    index: str,
+    id_vocab: Vocabulary,
+    config: FeatureConfig,
+    previous: dict[str, Vocabulary] | None = None,
+) -> SideFeatures:
+    """Encode each usable column of `table` as bags of category indices.
+
+    `id_vocab` must already contain every key of the table. `previous` holds the category
+    vocabularies of an earlier run, which keep their indices.
+    """
+    previous = previous or {}
+    keys = reconcile_ids(key, id_vocab.dtype, table[key])
+    lookup = id_vocab.to_frame().rename({ID: key, INDEX: index})
+    raw = table.with_columns(keys.alias(key)).join(lookup, on=key, how="left")
+    bags = raw.select(index)
+    vocabs: dict[str, Vocabulary] = {}
+    ignored: dict[str, str] = {}
+    for name in table.columns:
+        if name == key:
+            continue
+        values = _as_bags(table[name], config.multi_value_separator)
+        if values is None:
+            ignored[name] = f"continuous {table.schema[name]} column"
+            continue
+        categories = values.explode().drop_nulls()
+        categories = categories.filter(categories != "")
+        if categories.n_unique() > max(1.0, config.max_category_ratio * len(categories)):
+            ignored[name] = "near-unique values (say no more than the ID)"
+            continue
+        vocab = previous.get(name, Vocabulary.empty(name, text=True)).extend(categories)
+        vocabs[name] = vocab
+        bags = bags.with_columns(_encode(values.rename(name), vocab))
+    every_index = pl.DataFrame({index: pl.int_range(len(id_vocab), dtype=pl.UInt32, eager=True)})
+    bags = every_index.join(bags, on=index, how="left").with_columns(
+        pl.col(name).fill_null([]) for name in vocabs
+    )
+    return SideFeatures(key, index, raw, bags.sort(index), vocabs, ignored)

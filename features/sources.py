@@ -1,0 +1,102 @@
+"""Find the input files behind a `--data PATH` and open each one lazily with Polars."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from recsys.errors import DataValidationError, RecsysError
+
+PARQUET_SUFFIXES = (".parquet", ".pq")
+CSV_SUFFIXES = (".csv", ".tsv")
+TABLE_SUFFIXES = PARQUET_SUFFIXES + CSV_SUFFIXES
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The files of one data set: interaction logs plus optional item and user tables."""
+
+    interactions: tuple[Path, ...]
+    items: Path | None = None
+    users: Path | None = None
+
+
+def _table_files(directory: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES and not p.name.startswith(".")
+    )
+
+
+def _named_entry(directory: Path, stem: str) -> Path | None:
+    """`stem` as a directory or as a table file (`items.parquet`, `items.csv`, ...)."""
+    if (directory / stem).is_dir():
+        return directory / stem
+    for suffix in TABLE_SUFFIXES:
+        if (directory / f"{stem}{suffix}").is_file():
+            return directory / f"{stem}{suffix}"
+    return None
+
+
+def resolve_source(data: Path, items: Path | None = None, users: Path | None = None) -> DataSource:
+    """Interpret `--data PATH`.
+
+    PATH is a log file, a directory of log files (one per day, say), or a data set directory
+    holding `interactions` (file or directory) beside optional `items` and `users` tables.
+    Explicit `items`/`users` paths win over the ones found in a data set directory.
+    """
+    if not data.exists():
+        raise RecsysError(f"{data}: no such file or directory")
+    if data.is_file():
+        logs = [data]
+    else:
+        interactions = _named_entry(data, "interactions")
+        if interactions is not None:
+            items = items or _named_entry(data, "items")
+            users = users or _named_entry(data, "users")
+            logs = [interactions] if interactions.is_file() else _table_files(interactions)
+        else:
+            logs = _table_files(data)
+    for path in logs:
+        if path.suffix.lower() not in TABLE_SUFFIXES:
+            raise DataValidationError(path, None, f"unsupported file type; use {TABLE_SUFFIXES}")
+    if not logs:
+        raise RecsysError(f"{data}: no Parquet or CSV interaction files found")
+    for side in (items, users):
+        if side is not None and not side.is_file():
+            raise RecsysError(f"{side}: no such file")
+    return DataSource(interactions=tuple(logs), items=items, users=users)
+
+
+def scan_table(path: Path, string_columns: tuple[str, ...] = ()) -> pl.LazyFrame:
+    """Open one Parquet or CSV file lazily and read its schema, so that a corrupt or empty
+    file fails here, with its name, rather than half-way through a job.
+
+    `string_columns` are read from CSV as text (IDs: a CSV has no types, and "007" must
+    stay "007"); Parquet keeps the types it stores.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix in PARQUET_SUFFIXES:
+            frame = pl.scan_parquet(path)
+        else:
+            if path.stat().st_size == 0:
+                raise DataValidationError(path, None, "file is empty (no header row)")
+            header = pl.read_csv(
+                path, n_rows=0, separator="\t" if suffix == ".tsv" else ","
+            ).columns
+            frame = pl.scan_csv(
+                path,
+                separator="\t" if suffix == ".tsv" else ",",
+                schema_overrides={c: pl.String for c in string_columns if c in header},
+                infer_schema_length=10_000,
+            )
+        frame.collect_schema()
+    except DataValidationError:
+        raise
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        kind = "Parquet" if suffix in PARQUET_SUFFIXES else "CSV"
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataValidationError(path, None, f"not a readable {kind} file ({problem})") from exc
+    return frame

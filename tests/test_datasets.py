@@ -1,0 +1,51 @@
+"""The data sets under data/: MovieLens-100K from PyPI and the synthetic generator."""
+
+import numpy as np
+import polars as pl
+
+from data.synthetic import SyntheticConfig, generate, home_clusters
+from features.ingest import ingest
+from features.sources import resolve_source
+
+
+def test_movielens_100k_has_its_known_shape(movielens_dir):
+    inter = pl.read_parquet(movielens_dir / "interactions.parquet")
+    items = pl.read_parquet(movielens_dir / "items.parquet")
+    users = pl.read_parquet(movielens_dir / "users.parquet")
+    assert inter.shape == (100_000, 4)
+    assert (inter["user_id"].n_unique(), inter["item_id"].n_unique()) == (943, 1682)
+    assert items.height == 1682 and users.height == 943
+    assert items.filter(pl.col("item_id") == 1)["genres"].to_list() == [
+        ["Animation", "Children's", "Comedy"]
+    ]
+    assert set(users["gender"].unique()) == {"M", "F"}
+
+
+def test_movielens_ingests_cleanly_with_side_features(movielens_dir, tmp_path):
+    report = ingest(resolve_source(movielens_dir), tmp_path / "out")
+    assert (report.read, report.kept, report.rejected) == (100_000, 100_000, 0)
+    assert report.side_tables["items"]["features"]["genres"] == 19
+    assert set(report.side_tables["users"]["features"]) == {"age", "gender", "occupation"}
+
+
+def test_synthetic_log_has_exact_size_and_planted_taste(tmp_path):
+    cfg = SyntheticConfig(
+        rows=30_000, users=500, items=400, clusters=8, taste=0.8, chunk_rows=7_000
+    )
+    generate(tmp_path, cfg)
+    log = pl.read_parquet(tmp_path / "interactions")
+    assert log.height == 30_000
+    assert len(list((tmp_path / "interactions").glob("*.parquet"))) > 1
+    user_home, item_cluster = home_clusters(cfg)
+    share = np.mean(user_home[log["user_id"].to_numpy()] == item_cluster[log["item_id"].to_numpy()])
+    # 80% from the home cluster plus 1/8 of the popularity draws landing there by chance.
+    assert 0.80 < share < 0.86
+    counts = log["item_id"].value_counts()["count"].sort(descending=True)
+    assert counts[0] > 10 * counts[len(counts) // 2]  # power-law popularity
+
+
+def test_synthetic_generation_is_reproducible(tmp_path):
+    cfg = SyntheticConfig(rows=2_000, seed=7)
+    first = pl.read_parquet(generate(tmp_path / "a", cfg) / "interactions")
+    second = pl.read_parquet(generate(tmp_path / "b", cfg) / "interactions")
+    assert first.equals(second)

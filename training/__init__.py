@@ -1,0 +1,1 @@
+"""Training: two-tower model, losses, trainer and evaluation (reads only feature tables)."""
