@@ -1,0 +1,29 @@
+"""`python -m recsys.bench [--quick]`: run every benchmark and write bench_results/."""
+
+import argparse
+import time
+from pathlib import Path
+
+from recsys.bench import ingest
+from recsys.settings import Settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller data, for everyday use")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="where generated data and outputs go (default: <cache>/bench)",
+    )
+    args = parser.parse_args()
+    work = args.work or Settings().cache_dir / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ingest.run(args.quick, work)
+    print(f"\nbenchmarks done in {time.perf_counter() - started:.0f}s; see bench_results/")
+
+
+if __name__ == "__main__":
+    main()
