@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from features.jagged import ranges
 from recsys import schema as s
 
 
@@ -47,7 +48,7 @@ class UserHistories:
         events = np.asarray(events, dtype=np.int64)
         starts = np.maximum(self.offsets[self.user_of(events)], events - n)
         lengths = events - starts  # (B,)
-        return self.items[_ranges(starts, lengths)], lengths
+        return self.items[ranges(starts, lengths)], lengths
 
     def latest_items(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Jagged (values, lengths): each user's last `n` items, for scoring after the log."""
@@ -55,14 +56,4 @@ class UserHistories:
         ends = self.offsets[users + 1]
         starts = np.maximum(self.offsets[users], ends - n)
         lengths = ends - starts
-        return self.items[_ranges(starts, lengths)], lengths
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of arange(start, start + length) for each pair, without a Python loop."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    run_starts = np.cumsum(lengths) - lengths  # where each run begins in the output
-    within = np.arange(total) - np.repeat(run_starts, lengths)
-    return np.repeat(starts, lengths) + within
+        return self.items[ranges(starts, lengths)], lengths

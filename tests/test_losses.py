@@ -1,0 +1,146 @@
+"""Each loss against a plain-Python oracle on tiny hand-placed embeddings, plus properties
+every retrieval loss must have."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training.losses import CombinedLoss, InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
+
+# Three users and their items in 2-D: user i sits near item i; items 0 and 2 are the same item.
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
+P = torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.6, 0.8]])
+IDS_DISTINCT = torch.tensor([10, 11, 12])
+IDS_REPEAT = torch.tensor([10, 11, 10])
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+def softmax_oracle(q, p, ids, temperature=1.0, log_prob=None, mask=True):
+    """-log softmax of the positive, looping over rows and columns."""
+    q, p, ids = q.tolist(), p.tolist(), ids.tolist()
+    total = 0.0
+    for i in range(len(q)):
+        logits = []
+        for j in range(len(p)):
+            if mask and j != i and ids[j] == ids[i]:
+                continue
+            logit = dot(q[i], p[j]) / temperature
+            if log_prob is not None:
+                logit -= log_prob[ids[j]] + math.log(len(q))
+            logits.append((j, logit))
+        denominator = sum(math.exp(v) for _, v in logits)
+        positive = next(v for j, v in logits if j == i)
+        total += -(positive - math.log(denominator))
+    return total / len(q)
+
+
+@pytest.mark.parametrize("ids", [IDS_DISTINCT, IDS_REPEAT])
+def test_npair_matches_oracle(ids):
+    loss = NPairLoss(l2_reg=0.01)(Q, P, ids)
+    norms = sum(dot(v, v) for v in Q.tolist()) + sum(dot(v, v) for v in P.tolist())
+    expected = softmax_oracle(Q, P, ids) + 0.01 * norms / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_npair_without_masking_counts_the_duplicate_as_negative():
+    masked = NPairLoss(l2_reg=0.0)(Q, P, IDS_REPEAT)
+    unmasked = NPairLoss(l2_reg=0.0, mask_accidental_hits=False)(Q, P, IDS_REPEAT)
+    assert unmasked.item() == pytest.approx(softmax_oracle(Q, P, IDS_REPEAT, mask=False), rel=1e-5)
+    assert unmasked > masked
+
+
+@pytest.mark.parametrize("ids", [IDS_DISTINCT, IDS_REPEAT])
+def test_softmax_with_temperature_and_logq_matches_oracle(ids):
+    log_prob = torch.log(torch.tensor([0.1] * 10 + [0.5, 0.3, 0.2]))
+    loss = InBatchSoftmaxLoss(temperature=0.2, item_log_prob=log_prob)(Q, P, ids)
+    expected = softmax_oracle(Q, P, ids, temperature=0.2, log_prob=log_prob.tolist())
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_logq_correction_lowers_popular_negatives():
+    # Item 11 is very popular; its column is discounted, so row 0 finds it a weaker negative.
+    popular = torch.log(torch.tensor([1e-3] * 10 + [1e-3, 0.9, 1e-3]))
+    plain = InBatchSoftmaxLoss(temperature=0.5)(Q, P, IDS_DISTINCT)
+    corrected = InBatchSoftmaxLoss(temperature=0.5, item_log_prob=popular)(Q, P, IDS_DISTINCT)
+    assert corrected.item() != pytest.approx(plain.item())
+
+
+def test_extra_negatives_and_symmetric_term_match_oracle():
+    extra = torch.tensor([[0.0, -1.0], [0.9, 0.1]])
+    extra_ids = torch.tensor([20, 10])  # the second equals row 0's positive: masked for row 0
+    loss = InBatchSoftmaxLoss(temperature=1.0, symmetric=True)(
+        Q, P, IDS_DISTINCT, extra_item_emb=extra, extra_item_ids=extra_ids
+    )
+    q, p, e = Q.tolist(), P.tolist(), extra.tolist()
+    forward = 0.0
+    for i in range(3):
+        logits = [dot(q[i], p[j]) for j in range(3)]
+        logits += [dot(q[i], e[m]) for m in range(2) if extra_ids[m].item() != IDS_DISTINCT[i].item()]
+        forward += -(dot(q[i], p[i]) - math.log(sum(math.exp(v) for v in logits)))
+    backward = 0.0
+    for j in range(3):
+        logits = [dot(p[j], q[i]) for i in range(3)]
+        backward += -(dot(p[j], q[j]) - math.log(sum(math.exp(v) for v in logits)))
+    assert loss.item() == pytest.approx((forward / 3 + backward / 3) / 2, rel=1e-5)
+
+
+def triplet_oracle(q, p, ids, margin, semi_hard):
+    q, p, ids = q.tolist(), p.tolist(), ids.tolist()
+    losses = []
+    for i in range(len(q)):
+        pos = dot(q[i], p[i])
+        negs = [dot(q[i], p[j]) for j in range(len(p)) if j != i and ids[j] != ids[i]]
+        if not negs:
+            continue
+        chosen = max(negs)
+        if semi_hard:
+            semi = [n for n in negs if n < pos]
+            chosen = max(semi) if semi else chosen
+        losses.append(max(0.0, chosen - pos + margin))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("mining", [Mining.HARDEST, Mining.SEMI_HARD])
+@pytest.mark.parametrize("ids", [IDS_DISTINCT, IDS_REPEAT])
+def test_triplet_matches_oracle(mining, ids):
+    loss = TripletLoss(margin=0.3, mining=mining)(Q, P, ids)
+    expected = triplet_oracle(Q, P, ids, 0.3, semi_hard=mining is Mining.SEMI_HARD)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_combined_loss_is_the_weighted_sum():
+    parts = [(1.0, InBatchSoftmaxLoss(temperature=0.5)), (0.5, TripletLoss(margin=0.2))]
+    combined = CombinedLoss(parts)(Q, P, IDS_DISTINCT)
+    expected = parts[0][1](Q, P, IDS_DISTINCT) + 0.5 * parts[1][1](Q, P, IDS_DISTINCT)
+    assert combined.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+LOSSES = [
+    NPairLoss(),
+    TripletLoss(mining=Mining.HARDEST),
+    InBatchSoftmaxLoss(temperature=0.1),
+    InBatchSoftmaxLoss(temperature=0.1, symmetric=True),
+]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(2, 12), st.sampled_from(range(len(LOSSES))))
+def test_properties_finite_order_invariant_and_falls_when_positive_closer(seed, batch, which):
+    loss_fn = LOSSES[which]
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(batch, 4, generator=generator), dim=1)
+    p = torch.nn.functional.normalize(torch.randn(batch, 4, generator=generator), dim=1)
+    ids = torch.arange(batch)
+    value = loss_fn(q, p, ids)
+    assert torch.isfinite(value)
+    order = torch.randperm(batch, generator=generator)
+    assert loss_fn(q[order], p[order], ids[order]).item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6)
+    # Moving every positive onto its query cannot increase the loss.
+    closer = torch.nn.functional.normalize(p + 4 * q, dim=1)
+    assert loss_fn(q, closer, ids).item() <= value.item() + 1e-6

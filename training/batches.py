@@ -1,0 +1,136 @@
+"""Mini-batches as TorchRec KeyedJaggedTensors, cut on the host with vectorised NumPy.
+
+All features of both towers go into one KJT, keys in the EmbeddingBagCollection's own
+feature order, so no permute is needed (fbgemm's jagged ops have no CUDA kernels in the
+CPU build; finished tensors can be moved to a device as they are).
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from features.feature_set import FeatureSet
+from features.jagged import CsrBags
+from recsys import schema as s
+from training.config import TowerConfig
+
+HISTORY = "history"
+RECENT = "recent"
+
+
+def side_key(side: str, column: str) -> str:
+    return f"{side}:{column}"
+
+
+@dataclass(frozen=True)
+class FeatureKeys:
+    """Feature names of each tower, and the order of all keys in a batch."""
+
+    user: tuple[str, ...]
+    item: tuple[str, ...]
+    order: tuple[str, ...]
+
+
+def feature_keys(user_columns: list[str], item_columns: list[str]) -> FeatureKeys:
+    user = (s.USER_ID, HISTORY, RECENT, *(side_key("user", c) for c in user_columns))
+    item = (s.ITEM_ID, *(side_key("item", c) for c in item_columns))
+    # The table order of training.model.TwoTower: item table (item_id, history, recent),
+    # user table, then side-feature tables.
+    order = (s.ITEM_ID, HISTORY, RECENT, s.USER_ID, *user[3:], *item[1:])
+    return FeatureKeys(user, item, order)
+
+
+@dataclass
+class Batch:
+    features: KeyedJaggedTensor
+    item_ids: torch.Tensor  # (B,) positive item of each row
+
+
+class BatchBuilder:
+    """Turns event rows, users or items into KJTs for the two-tower model."""
+
+    def __init__(self, features: FeatureSet, tower: TowerConfig) -> None:
+        self.histories = features.histories
+        self.tower = tower
+        self.user_bags = _side_bags(features.user_bags, features.num_users)
+        self.item_bags = _side_bags(features.item_bags, features.num_items)
+        self.keys = feature_keys(list(self.user_bags), list(self.item_bags))
+        self.item_of_row = features.histories.items
+        # Items and users seen in training keep their ID; others are embedded from features.
+        self.known_items = np.ones(features.num_items, dtype=bool)
+        self.known_users = np.ones(features.num_users, dtype=bool)
+
+    def _assemble(self, parts: dict[str, tuple[np.ndarray, np.ndarray]], size: int) -> KeyedJaggedTensor:
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(size, dtype=np.int64))
+        values, lengths = zip(*(parts.get(k, empty) for k in self.keys.order), strict=True)
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=list(self.keys.order),
+            values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths)),
+        )
+
+    def _ids(self, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ids[keep], keep.astype(np.int64)
+
+    def _user_parts(
+        self, users: np.ndarray, history: tuple[np.ndarray, np.ndarray],
+        recent: tuple[np.ndarray, np.ndarray], keep_id: np.ndarray,
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        parts = {s.USER_ID: self._ids(users, keep_id), HISTORY: history, RECENT: recent}
+        for column, bags in self.user_bags.items():
+            parts[side_key("user", column)] = bags.gather(users)
+        return parts
+
+    def _item_parts(self, items: np.ndarray, keep_id: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        parts = {s.ITEM_ID: self._ids(items, keep_id)}
+        for column, bags in self.item_bags.items():
+            parts[side_key("item", column)] = bags.gather(items)
+        return parts
+
+    def training_batch(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
+        """Event rows -> users with their history before the event, and the event's item."""
+        rows = np.asarray(rows, dtype=np.int64)
+        users = self.histories.user_of(rows)
+        items = self.item_of_row[rows]
+        history = self.histories.previous_items(rows, self.tower.history_length)
+        recent = self.histories.previous_items(rows, self.tower.recent_length)
+        size = len(rows)
+        if rng is not None and self.tower.id_dropout > 0:
+            keep_user = rng.random(size) >= self.tower.id_dropout
+            keep_item = rng.random(size) >= self.tower.id_dropout
+        else:
+            keep_user = keep_item = np.ones(size, dtype=bool)
+        parts = self._user_parts(users, history, recent, keep_user & self.known_users[users])
+        parts.update(self._item_parts(items, keep_item & self.known_items[items]))
+        return Batch(self._assemble(parts, size), torch.from_numpy(items))
+
+    def users_before(self, rows: np.ndarray) -> KeyedJaggedTensor:
+        """Users as they were just before the given event rows (for evaluation)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        users = self.histories.user_of(rows)
+        history = self.histories.previous_items(rows, self.tower.history_length)
+        recent = self.histories.previous_items(rows, self.tower.recent_length)
+        return self._assemble(self._user_parts(users, history, recent, self.known_users[users]), len(rows))
+
+    def users_now(self, users: np.ndarray) -> KeyedJaggedTensor:
+        """Users after their whole logged history (for recommendations)."""
+        users = np.asarray(users, dtype=np.int64)
+        history = self.histories.latest_items(users, self.tower.history_length)
+        recent = self.histories.latest_items(users, self.tower.recent_length)
+        return self._assemble(self._user_parts(users, history, recent, self.known_users[users]), len(users))
+
+    def items(self, items: np.ndarray) -> KeyedJaggedTensor:
+        items = np.asarray(items, dtype=np.int64)
+        return self._assemble(self._item_parts(items, self.known_items[items]), len(items))
+
+
+def _side_bags(table, rows: int) -> dict[str, CsrBags]:
+    if table is None:
+        return {}
+    index = table.columns[0]
+    table = table.sort(index)
+    if table.height != rows:
+        raise ValueError(f"feature table has {table.height} rows, expected {rows}")
+    return {c: CsrBags.from_lists(table[c]) for c in table.columns[1:]}

@@ -1,0 +1,66 @@
+"""Model and training settings: frozen dataclasses with defaults next to the code that uses
+them, resolved against the data (sizes that scale with it) and written into each version."""
+
+import enum
+import math
+from dataclasses import dataclass, replace
+
+
+class Similarity(enum.Enum):
+    COSINE = "cosine"  # L2-normalised towers; the index uses the angular metric
+    DOT = "dot"  # raw dot product; the index uses an inner-product augmentation
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Shape of both towers."""
+
+    embedding_dim: int = 64  # output size of each tower (the index dimension)
+    id_dim: int = 64  # user/item ID table width
+    feature_dim: int = 16  # width of side-feature category tables
+    hidden_dim: int = 256
+    history_length: int = 50  # the long history bag
+    recent_length: int = 5  # the short history bag (most recent items)
+    similarity: Similarity = Similarity.COSINE
+    id_dropout: float = 0.1  # share of rows trained without their ID, for cold starts
+
+    def __post_init__(self) -> None:
+        if min(self.embedding_dim, self.id_dim, self.feature_dim, self.hidden_dim) < 1:
+            raise ValueError("tower sizes must be >= 1")
+        if not 1 <= self.recent_length <= self.history_length:
+            raise ValueError("need 1 <= recent_length <= history_length")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError("id_dropout must be in [0, 1)")
+
+
+class LossKind(enum.Enum):
+    SOFTMAX = "softmax"  # in-batch sampled softmax with logQ correction
+    NPAIR = "npair"  # multi-class N-pair
+    TRIPLET = "triplet"  # triplet margin with semi-hard in-batch mining
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. `None` means "scale with the data" (see `resolve`)."""
+
+    loss: LossKind = LossKind.SOFTMAX
+    temperature: float = 0.05
+    logq_correction: bool = True
+    extra_negatives: int = 0  # uniformly sampled negatives per batch (mixed negative sampling)
+    symmetric: bool = False
+    batch_size: int | None = None
+    max_epochs: int | None = None
+    patience: int = 3  # epochs without validation improvement before stopping
+    learning_rate: float = 2e-3  # dense parameters (AdamW)
+    weight_decay: float = 1e-4
+    embedding_learning_rate: float = 0.05  # embedding rows (fused row-wise Adagrad)
+    warmup_fraction: float = 0.05
+    eval_k: int = 20  # early stopping watches validation Recall@eval_k
+    seed: int = 0
+
+    def resolve(self, train_events: int) -> "TrainConfig":
+        """Fill data-dependent defaults: batches grow with the log, epochs shrink."""
+        batch = self.batch_size or int(min(4096, max(256, 2 ** round(math.log2(train_events / 100)))))
+        steps_per_epoch = max(1, train_events // batch)
+        epochs = self.max_epochs or int(min(50, max(3, 20_000 // steps_per_epoch)))
+        return replace(self, batch_size=batch, max_epochs=epochs)

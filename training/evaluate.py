@@ -1,0 +1,94 @@
+"""Full-ranking evaluation: every item is scored, each user's already-seen items are
+excluded, and Recall / NDCG / HitRate @K are averaged over users.
+
+Any model that can score (users, as-of rows) against all items plugs in through `Scorer`,
+so the two-tower model and the baselines are measured by the same code on the same split.
+"""
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+
+from features.history import UserHistories
+from features.jagged import CsrBags, ranges
+from features.splits import ROW
+from recsys import schema as s
+
+KS = (10, 20, 50, 100)
+
+
+class Scorer(Protocol):
+    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """(Q, num_items) scores for users as of just before the given event rows."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One query per user: as of `rows`, predict `targets`, never recommending `seen`."""
+
+    users: np.ndarray  # (Q,)
+    rows: np.ndarray  # (Q,) first held-out event row of each user
+    targets: CsrBags  # held-out items per query
+    seen: CsrBags  # items the user had before the query
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def eval_task(held_out: pl.DataFrame, histories: UserHistories) -> EvalTask:
+    """Group held-out events by user; the user is queried as of their first held-out event."""
+    grouped = (
+        held_out.group_by(s.USER_IDX)
+        .agg(pl.col(ROW).min().alias("first"), pl.col(s.ITEM_IDX).unique().alias("targets"))
+        .sort(s.USER_IDX)
+    )
+    users = grouped[s.USER_IDX].to_numpy().astype(np.int64)
+    rows = grouped["first"].to_numpy().astype(np.int64)
+    starts = histories.offsets[users]
+    seen_values = histories.items[ranges(starts, rows - starts)]
+    seen = CsrBags(np.concatenate([[0], np.cumsum(rows - starts)]).astype(np.int64), seen_values)
+    return EvalTask(users, rows, CsrBags.from_lists(grouped["targets"]), seen)
+
+
+def top_k_unseen(scores: np.ndarray, seen: CsrBags, query_index: np.ndarray, k: int) -> np.ndarray:
+    """(Q, k) best items per row of `scores`, with each query's seen items excluded."""
+    scores = scores.astype(np.float32, copy=True)
+    values, lengths = seen.gather(query_index)
+    scores[np.repeat(np.arange(len(query_index)), lengths), values] = -np.inf
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def ranking_metrics(top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """Mean Recall, NDCG and HitRate at each K for ranked lists `top` (Q, >= max K)."""
+    queries = len(top)
+    target_sets = [set(targets.values[targets.offsets[q] : targets.offsets[q + 1]].tolist()) for q in range(queries)]
+    hits = np.array([[item in target_sets[q] for item in top[q]] for q in range(queries)], dtype=bool)
+    discounts = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
+    sizes = np.diff(targets.offsets)
+    metrics = {}
+    for k in ks:
+        hit_k = hits[:, :k]
+        found = hit_k.sum(axis=1)
+        ideal = np.array([discounts[: min(int(n), k)].sum() for n in sizes])
+        metrics[f"recall@{k}"] = float(np.mean(found / np.maximum(sizes, 1)))
+        metrics[f"hit_rate@{k}"] = float(np.mean(found > 0))
+        metrics[f"ndcg@{k}"] = float(np.mean((hit_k * discounts[:k]).sum(axis=1) / np.maximum(ideal, 1e-12)))
+    return metrics
+
+
+def evaluate(scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS, chunk: int = 1024) -> dict[str, float]:
+    """Score every item for every query in chunks, exclude seen items, rank, measure."""
+    tops = []
+    for start in range(0, len(task), chunk):
+        index = np.arange(start, min(start + chunk, len(task)))
+        scores = scorer.scores(task.users[index], task.rows[index])
+        tops.append(top_k_unseen(scores, task.seen, index, max(ks)))
+    metrics = ranking_metrics(np.concatenate(tops), task.targets, ks)
+    metrics["users"] = float(len(task))
+    return metrics

@@ -1,0 +1,146 @@
+"""Retrieval losses as small modules with one signature:
+
+    loss(query_emb (B, D), item_emb (B, D), item_ids (B,)) -> scalar
+
+Row i of `item_emb` is the positive of query i and a negative for every other query.
+`item_ids` mask accidental hits: the same item appearing as another row's positive is not
+a negative. Options (temperature, logQ correction, mining) are constructor arguments.
+"""
+
+import enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def accidental_hits(item_ids: Tensor) -> Tensor:
+    """(B, B) True where column j holds the same item as row i's positive, off the diagonal."""
+    same = item_ids[:, None] == item_ids[None, :]
+    return same & ~torch.eye(len(item_ids), dtype=torch.bool, device=item_ids.device)
+
+
+class NPairLoss(nn.Module):
+    """Multi-class N-pair loss (Sohn, NeurIPS 2016): softmax over the N positives of the
+    batch on raw dot products, plus the paper's L2 penalty on embedding norms that keeps
+    unnormalised embeddings from growing to shrink the loss."""
+
+    def __init__(self, l2_reg: float = 0.002, mask_accidental_hits: bool = True) -> None:
+        super().__init__()
+        self.l2_reg = l2_reg
+        self.mask_accidental_hits = mask_accidental_hits
+
+    def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor) -> Tensor:
+        logits = query_emb @ item_emb.T  # (B, B)
+        if self.mask_accidental_hits:
+            logits = logits.masked_fill(accidental_hits(item_ids), float("-inf"))
+        target = torch.arange(len(logits), device=logits.device)
+        norms = query_emb.pow(2).sum(1) + item_emb.pow(2).sum(1)  # (B,)
+        return F.cross_entropy(logits, target) + self.l2_reg * norms.mean()
+
+
+class Mining(enum.Enum):
+    HARDEST = "hardest"  # the most similar in-batch negative
+    SEMI_HARD = "semi_hard"  # the most similar negative still less similar than the positive
+
+
+class TripletLoss(nn.Module):
+    """Triplet margin loss on similarities with in-batch negative mining: anchor = user,
+    positive = its item, negative mined from the other rows' items. For semi-hard mining a
+    row with no semi-hard negative falls back to its hardest one."""
+
+    def __init__(self, margin: float = 0.2, mining: Mining = Mining.SEMI_HARD) -> None:
+        super().__init__()
+        self.margin = margin
+        self.mining = mining
+
+    def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor) -> Tensor:
+        sim = query_emb @ item_emb.T  # (B, B)
+        positive = sim.diagonal()  # (B,)
+        invalid = accidental_hits(item_ids) | torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+        negatives = sim.masked_fill(invalid, float("-inf"))
+        hardest = negatives.max(dim=1).values  # (B,)
+        if self.mining is Mining.SEMI_HARD:
+            semi = negatives.masked_fill(negatives >= positive[:, None], float("-inf"))
+            best_semi = semi.max(dim=1).values
+            hardest = torch.where(torch.isfinite(best_semi), best_semi, hardest)
+        has_negative = torch.isfinite(hardest)
+        losses = F.relu(hardest - positive + self.margin)
+        return losses[has_negative].sum() / has_negative.sum().clamp(min=1)
+
+
+class InBatchSoftmaxLoss(nn.Module):
+    """In-batch sampled softmax (InfoNCE) with a temperature.
+
+    item_log_prob: log of each item's share of training events; subtracting
+        log(expected count among the negatives) from each logit corrects the popularity bias
+        of in-batch sampling (Yi et al., RecSys 2019). None disables the correction.
+    symmetric: add the item -> user direction (each item against all queries).
+    Extra uniformly sampled negatives (mixed negative sampling) come in through `forward`.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        item_log_prob: Tensor | None = None,
+        mask_accidental_hits: bool = True,
+        symmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.mask_accidental_hits = mask_accidental_hits
+        self.symmetric = symmetric
+        self.register_buffer("item_log_prob", item_log_prob, persistent=False)
+
+    def forward(
+        self,
+        query_emb: Tensor,
+        item_emb: Tensor,
+        item_ids: Tensor,
+        extra_item_emb: Tensor | None = None,
+        extra_item_ids: Tensor | None = None,
+    ) -> Tensor:
+        batch = len(query_emb)
+        logits = query_emb @ item_emb.T / self.temperature  # (B, B)
+        log_prob: Tensor | None = self.item_log_prob
+        if log_prob is not None:
+            expected = log_prob[item_ids] + torch.log(torch.tensor(float(batch)))
+            logits = logits - expected[None, :]
+        if self.mask_accidental_hits:
+            logits = logits.masked_fill(accidental_hits(item_ids), float("-inf"))
+        target = torch.arange(batch, device=logits.device)
+        all_logits = logits
+        if extra_item_emb is not None and extra_item_ids is not None:
+            extra = query_emb @ extra_item_emb.T / self.temperature  # (B, M)
+            if log_prob is not None:
+                uniform = len(extra_item_ids) / len(log_prob)
+                extra = extra - torch.log(torch.tensor(uniform))
+            extra = extra.masked_fill(item_ids[:, None] == extra_item_ids[None, :], float("-inf"))
+            all_logits = torch.cat([logits, extra], dim=1)  # (B, B + M)
+        loss = F.cross_entropy(all_logits, target)
+        if self.symmetric:
+            reverse = (item_emb @ query_emb.T / self.temperature).masked_fill(
+                accidental_hits(item_ids), float("-inf")
+            )  # (B, B): item i against every query
+            loss = (loss + F.cross_entropy(reverse, target)) / 2
+        return loss
+
+
+class CombinedLoss(nn.Module):
+    """A weighted sum of losses sharing one batch (e.g. softmax + a little triplet)."""
+
+    def __init__(self, parts: list[tuple[float, nn.Module]]) -> None:
+        super().__init__()
+        if not parts:
+            raise ValueError("CombinedLoss needs at least one loss")
+        self.weights = [w for w, _ in parts]
+        self.parts = nn.ModuleList([loss for _, loss in parts])
+
+    def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor, **extra: Tensor) -> Tensor:
+        total = query_emb.new_zeros(())
+        for weight, loss in zip(self.weights, self.parts, strict=True):
+            kwargs = extra if isinstance(loss, InBatchSoftmaxLoss) else {}
+            total = total + weight * loss(query_emb, item_emb, item_ids, **kwargs)
+        return total

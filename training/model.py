@@ -1,0 +1,109 @@
+"""The two-tower model: one TorchRec EmbeddingBagCollection holds every table (the item
+ID table serves the item tower and both history bags of the user tower), and an MLP per
+tower maps pooled features to the shared embedding space."""
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+
+from recsys import schema as s
+from training.batches import HISTORY, RECENT, FeatureKeys, feature_keys, side_key
+from training.config import Similarity, TowerConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the model: sizes from the data plus the tower config."""
+
+    num_users: int
+    num_items: int
+    user_categories: dict[str, int] = field(default_factory=dict)  # column -> categories
+    item_categories: dict[str, int] = field(default_factory=dict)
+    tower: TowerConfig = field(default_factory=TowerConfig)
+
+    @property
+    def keys(self) -> FeatureKeys:
+        return feature_keys(list(self.user_categories), list(self.item_categories))
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["tower"]["similarity"] = self.tower.similarity.value
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "ModelSpec":
+        tower = dict(payload["tower"])
+        tower["similarity"] = Similarity(tower["similarity"])
+        return cls(
+            num_users=payload["num_users"],
+            num_items=payload["num_items"],
+            user_categories=dict(payload["user_categories"]),
+            item_categories=dict(payload["item_categories"]),
+            tower=TowerConfig(**tower),
+        )
+
+
+def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
+    cfg = spec.tower
+    tables = [
+        EmbeddingBagConfig(
+            name="item_table",
+            embedding_dim=cfg.id_dim,
+            num_embeddings=max(1, spec.num_items),
+            feature_names=[s.ITEM_ID, HISTORY, RECENT],
+            pooling=PoolingType.MEAN,
+        ),
+        EmbeddingBagConfig(
+            name="user_table",
+            embedding_dim=cfg.id_dim,
+            num_embeddings=max(1, spec.num_users),
+            feature_names=[s.USER_ID],
+            pooling=PoolingType.MEAN,
+        ),
+    ]
+    for side, categories in (("user", spec.user_categories), ("item", spec.item_categories)):
+        for column, size in categories.items():
+            key = side_key(side, column)
+            tables.append(
+                EmbeddingBagConfig(
+                    name=f"{key}_table",
+                    embedding_dim=cfg.feature_dim,
+                    num_embeddings=max(1, size),
+                    feature_names=[key],
+                    pooling=PoolingType.MEAN,
+                )
+            )
+    return tables
+
+
+def _mlp(inputs: int, hidden: int, out: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+
+class TwoTower(nn.Module):
+    def __init__(self, spec: ModelSpec, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        cfg = spec.tower
+        self.ebc = EmbeddingBagCollection(tables=_tables(spec), device=device)
+        keys = spec.keys
+        self.user_keys = list(keys.user)
+        self.item_keys = list(keys.item)
+        user_in = 3 * cfg.id_dim + cfg.feature_dim * len(spec.user_categories)
+        item_in = cfg.id_dim + cfg.feature_dim * len(spec.item_categories)
+        self.user_mlp = _mlp(user_in, cfg.hidden_dim, cfg.embedding_dim)
+        self.item_mlp = _mlp(item_in, cfg.hidden_dim, cfg.embedding_dim)
+
+    def _finish(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) if self.spec.tower.similarity is Similarity.COSINE else x
+
+    def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
+        """(user embeddings, item embeddings), each (B, embedding_dim)."""
+        pooled = self.ebc(features).to_dict()
+        user = torch.cat([pooled[k] for k in self.user_keys], dim=1)  # (B, user_in)
+        item = torch.cat([pooled[k] for k in self.item_keys], dim=1)  # (B, item_in)
+        return self._finish(self.user_mlp(user)), self._finish(self.item_mlp(item))

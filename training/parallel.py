@@ -1,0 +1,80 @@
+"""TorchRec's DistributedModelParallel around the two-tower model, in one process or under
+torchrun: embedding tables go to fbgemm's fused kernels with a fused row-wise Adagrad
+update in the backward pass; dense layers get AdamW."""
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.model_parallel import get_unwrapped_module
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+
+from training.config import TrainConfig
+from training.model import ModelSpec, TwoTower
+
+log = logging.getLogger(__name__)
+
+
+def ensure_process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Outside torchrun, a one-process group on an in-memory store."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size()
+
+
+@dataclass
+class ParallelModel:
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer
+    dense_optimizer: torch.optim.Optimizer
+
+    @property
+    def module(self) -> TwoTower:
+        unwrapped = get_unwrapped_module(self.model)
+        assert isinstance(unwrapped, TwoTower)
+        return unwrapped
+
+
+def build_parallel(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> ParallelModel:
+    ensure_process_group(device)
+    torch.manual_seed(cfg.seed)
+    model = TwoTower(spec, device=torch.device("meta"))
+    apply_optimizer_in_backward(
+        RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.embedding_learning_rate}
+    )
+    parallel = DistributedModelParallel(model, device=device)
+    dense = {
+        name: p for name, p in parallel.named_parameters() if "ebc" not in name
+    }
+    dense_optimizer = torch.optim.AdamW(
+        list(dense.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    keyed_dense = KeyedOptimizerWrapper(dense, lambda params: dense_optimizer)
+    optimizer = CombinedOptimizer([parallel.fused_optimizer, keyed_dense])
+    return ParallelModel(parallel, optimizer, dense_optimizer)
+
+
+def full_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:
+    """Plain, unsharded tensors of every parameter, for safetensors (gathered on all ranks)."""
+    state = {}
+    for name, value in parallel.state_dict().items():
+        key = name.removeprefix("module.")
+        if hasattr(value, "local_shards"):
+            full = torch.zeros(value.size(), dtype=value.dtype) if dist.get_rank() == 0 else None
+            value.gather(dst=0, out=full)
+            if full is None:
+                continue
+            state[key] = full
+        else:
+            state[key] = value.detach().cpu().clone()
+    return state

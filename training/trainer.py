@@ -1,0 +1,172 @@
+"""The training loop, visible in one place: batch, forward, loss, backward, step; evaluate
+on validation each epoch; keep the best weights; stop when validation stops improving."""
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from features.feature_set import FeatureSet
+from features.splits import Split
+from training.batches import BatchBuilder
+from training.config import LossKind, TowerConfig, TrainConfig
+from training.evaluate import EvalTask, evaluate, eval_task
+from training.losses import InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
+from training.model import ModelSpec
+from training.parallel import ParallelModel, build_parallel, full_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    state: dict[str, Tensor]  # best weights, unsharded
+    spec: ModelSpec
+    config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch
+    best_epoch: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
+    if cfg.loss is LossKind.NPAIR:
+        return NPairLoss()
+    if cfg.loss is LossKind.TRIPLET:
+        return TripletLoss(mining=Mining.SEMI_HARD)
+    log_prob = None
+    if cfg.logq_correction:
+        share = (item_counts + 1.0) / (item_counts.sum() + len(item_counts))
+        log_prob = torch.from_numpy(np.log(share).astype(np.float32))
+    return InBatchSoftmaxLoss(cfg.temperature, log_prob, symmetric=cfg.symmetric)
+
+
+def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
+    return ModelSpec(
+        num_users=features.num_users,
+        num_items=features.num_items,
+        user_categories=features.category_counts.get("users", {}),
+        item_categories=features.category_counts.get("items", {}),
+        tower=tower,
+    )
+
+
+class TowerScorer:
+    """Scores all items for users as of given rows, through the trained towers."""
+
+    def __init__(self, parallel: ParallelModel, builder: BatchBuilder, num_items: int) -> None:
+        self.parallel, self.builder = parallel, builder
+        self.item_emb = item_embeddings(parallel, builder, num_items)
+
+    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            user_emb, _ = self.parallel.model(self.builder.users_before(rows))
+        return (user_emb @ self.item_emb.T).numpy()
+
+
+def item_embeddings(parallel: ParallelModel, builder: BatchBuilder, num_items: int, chunk: int = 8192) -> Tensor:
+    parts = []
+    with torch.no_grad():
+        for start in range(0, num_items, chunk):
+            _, emb = parallel.model(builder.items(np.arange(start, min(start + chunk, num_items))))
+            parts.append(emb)
+    return torch.cat(parts)  # (I, D)
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    features: FeatureSet,
+    split: Split,
+    tower: TowerConfig | None = None,
+    config: TrainConfig | None = None,
+    device: torch.device | None = None,
+    metrics_path: Path | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    tower = tower or TowerConfig()
+    train_rows = split.train["row"].to_numpy().astype(np.int64)
+    cfg = (config or TrainConfig()).resolve(len(train_rows))
+    assert cfg.batch_size is not None and cfg.max_epochs is not None
+    device = device or torch.device("cpu")
+    rng = np.random.default_rng(cfg.seed)
+    spec = model_spec(features, tower)
+    builder = BatchBuilder(features, tower)
+    item_counts = np.bincount(features.histories.items[train_rows], minlength=features.num_items)
+    builder.known_items = item_counts > 0
+    builder.known_users = np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
+    parallel = build_parallel(spec, cfg, device)
+    loss_fn = make_loss(cfg, item_counts).to(device)
+    valid: EvalTask = eval_task(split.valid, features.histories)
+
+    steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.max_epochs
+    warmup = max(1, int(cfg.warmup_fraction * total_steps))
+    result = TrainResult(state={}, spec=spec, config=cfg)
+    best, waited, step, started = -1.0, 0, 0, time.perf_counter()
+    for epoch in range(1, cfg.max_epochs + 1):
+        parallel.model.train()
+        order = rng.permutation(train_rows)
+        losses, epoch_start = [], time.perf_counter()
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for b in bar:
+            batch = builder.training_batch(order[b * cfg.batch_size : (b + 1) * cfg.batch_size], rng)
+            for group in parallel.dense_optimizer.param_groups:
+                group["lr"] = cfg.learning_rate * lr_factor(step, total_steps, warmup)
+            user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
+            item_ids = batch.item_ids.to(device)
+            if cfg.extra_negatives and isinstance(loss_fn, InBatchSoftmaxLoss):
+                extra_ids = torch.from_numpy(rng.integers(0, features.num_items, cfg.extra_negatives))
+                _, extra_emb = parallel.model(builder.items(extra_ids.numpy()).to(device))
+                loss = loss_fn(user_emb, item_emb, item_ids, extra_emb, extra_ids.to(device))
+            else:
+                loss = loss_fn(user_emb, item_emb, item_ids)
+            parallel.optimizer.zero_grad()
+            loss.backward()
+            parallel.optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if b % 20 == 0:
+                rate = (b + 1) * cfg.batch_size / (time.perf_counter() - epoch_start)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", ex_s=f"{rate:,.0f}")
+        parallel.model.eval()
+        metrics = evaluate(TowerScorer(parallel, builder, features.num_items), valid)
+        seconds = time.perf_counter() - epoch_start
+        record = {
+            "epoch": epoch, "loss": float(np.mean(losses)), "examples_per_s": steps_per_epoch * cfg.batch_size / seconds,
+            "seconds": seconds, **{f"valid_{k}": v for k, v in metrics.items()},
+        }
+        result.history.append(record)
+        if metrics_path is not None:
+            with metrics_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+        if on_epoch is not None:
+            on_epoch(record)
+        watched = metrics[f"recall@{cfg.eval_k}"]
+        log.info("epoch %d loss %.4f valid recall@%d %.4f", epoch, record["loss"], cfg.eval_k, watched)
+        if watched > best:
+            best, waited = watched, 0
+            result.best_epoch, result.best_metrics = epoch, metrics
+            result.state = full_state(parallel.model)
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    result.seconds = time.perf_counter() - started
+    return result
