@@ -3,6 +3,7 @@ function and print its report. Errors the user can fix print one line and exit 2
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -52,9 +53,13 @@ def friendly_errors(command: F) -> F:
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # TorchRec's planner and torch.fx are chatty about single-process runs
+        warnings.filterwarnings("ignore")
+        for name in ("torch", "torchrec"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 DataOption = Annotated[
@@ -116,6 +121,132 @@ def _time_range(first: int | None, last: int | None) -> str:
         return "no timestamps"
     start, end = (pl.Series([first, last]) * 1000).cast(pl.Datetime("ms")).to_list()
     return f"{start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC"
+
+
+ArtifactsOption = Annotated[
+    Path, typer.Option("--artifacts", help="Artifacts root: versions/ and the current pointer.")
+]
+
+
+@app.command()
+@friendly_errors
+def build(
+    data: DataOption,
+    artifacts: ArtifactsOption,
+    items: ItemsOption = None,
+    users: UsersOption = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Default: scales with the data.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=2, help="Default: scales with the data.")] = None,
+    embedding_dim: Annotated[int, typer.Option(min=2)] = 64,
+    loss: Annotated[str, typer.Option(help="softmax | npair | triplet")] = "softmax",
+    similarity: Annotated[str, typer.Option(help="cosine | dot")] = "cosine",
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Ingest, train, embed, index, and promote a new version to current."""
+    from features.sources import resolve_source
+    from recsys.pipeline import build as run_build
+    from training.config import LossKind, Similarity, TowerConfig, TrainConfig
+
+    try:
+        tower = TowerConfig(embedding_dim=embedding_dim, similarity=Similarity(similarity))
+        config = TrainConfig(loss=LossKind(loss), max_epochs=epochs, batch_size=batch_size, seed=seed)
+    except ValueError as exc:
+        raise RecsysError(str(exc)) from exc
+    source = resolve_source(data, items=items, users=users)
+    report = run_build(source, artifacts, tower, config, progress=progress)
+    metrics = report.train.best_metrics
+    table = Table(title=f"build {report.version}", show_header=False)
+    for name, value in [
+        ("rows read / kept / rejected", f"{report.ingest.read} / {report.ingest.kept} / {report.ingest.rejected}"),
+        ("users / items", f"{report.ingest.users} / {report.ingest.items}"),
+        ("epochs (best)", f"{len(report.train.history)} ({report.train.best_epoch})"),
+        ("batch size", report.train.config.batch_size),
+        ("valid hit_rate@10 / recall@100", f"{metrics['hit_rate@10']:.4f} / {metrics['recall@100']:.4f}"),
+        ("index", f"{report.index.metric}, {report.index.n_trees} trees, search_k {report.index.search_k}, "
+                  f"recall@100 vs exact {report.index.recall_at_100:.3f}"),
+        ("seconds", f"{report.seconds:.1f}"),
+        ("current", str(report.path)),
+    ]:
+        table.add_row(name, str(value))
+    out.print(table)
+
+
+@app.command()
+@friendly_errors
+def recommend(
+    artifacts: ArtifactsOption,
+    out_file: Annotated[Path, typer.Option("--out", help="Output Parquet file.")],
+    users: Annotated[str, typer.Option(help="'all' or a Parquet/CSV file with user_id.")] = "all",
+    k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+) -> None:
+    """Batch top-k for users, seen items excluded, through the index the service uses."""
+    import numpy as np
+
+    from recsys import schema as s
+    from recsys.artifacts import write_parquet
+    from recsys.versions import VersionStore
+    from serving.recommender import Recommender
+
+    rec = Recommender.load(VersionStore(artifacts).current())
+    if users == "all":
+        wanted = rec.user_ids
+    else:
+        from features.sources import CSV_SUFFIXES, scan_table
+
+        path = Path(users)
+        if not path.is_file():
+            raise RecsysError(f"{path}: no such file")
+        frame = scan_table(path, string_columns=(s.USER_ID,) if path.suffix.lower() in CSV_SUFFIXES else ())
+        if s.USER_ID not in frame.collect_schema().names():
+            raise RecsysError(f"{path}: column 'user_id' is missing")
+        wanted = frame.select(s.USER_ID).collect()[s.USER_ID].unique(maintain_order=True).drop_nulls()
+    index = rec.user_index(wanted)
+    known = index.is_not_null().to_numpy()
+    result = rec.for_users(index.filter(index.is_not_null()).to_numpy().astype(np.int64), k)
+    result = result.with_columns(
+        rec.user_ids.gather(result[s.USER_IDX]).alias(s.USER_ID),
+        rec.item_ids.gather(result[s.ITEM_IDX]).alias(s.ITEM_ID),
+    )
+    frames = [result.select(s.USER_ID, s.ITEM_ID, "rank", "score")]
+    unknown = wanted.filter(~pl.Series(known))
+    if len(unknown):
+        top, counts = rec.popular(np.zeros(0, dtype=np.int64), k)
+        frames.append(
+            pl.DataFrame(
+                {
+                    s.USER_ID: np.repeat(unknown.cast(pl.String).to_numpy(), len(top)),
+                    s.ITEM_ID: np.tile(rec.item_ids.gather(top).to_numpy(), len(unknown)),
+                    "rank": np.tile(np.arange(1, len(top) + 1), len(unknown)),
+                    "score": np.tile(counts, len(unknown)).astype(np.float32),
+                }
+            ).with_columns(pl.col(s.USER_ID).cast(rec.user_ids.dtype, strict=False))
+        )
+    table = pl.concat(frames, how="vertical_relaxed")
+    write_parquet(table, out_file)
+    out.print(
+        f"wrote {table.height} rows for {int(known.sum())} users (+{len(unknown)} unknown users "
+        f"given the most popular items) from version {rec.version} to {out_file}"
+    )
+
+
+@app.command()
+@friendly_errors
+def evaluate(artifacts: ArtifactsOption) -> None:
+    """Full-ranking Recall / NDCG / HitRate @10,20,50,100 of the current version on its
+    validation split (each user's last event), seen items excluded."""
+    from recsys.pipeline import evaluate_version
+    from recsys.versions import VersionStore
+
+    version = VersionStore(artifacts).current()
+    metrics = evaluate_version(version)
+    table = Table(title=f"evaluation of {version.name} ({int(metrics.pop('users'))} users)")
+    table.add_column("K")
+    for name in ("recall", "ndcg", "hit_rate"):
+        table.add_column(name)
+    for k in (10, 20, 50, 100):
+        table.add_row(str(k), *(f"{metrics[f'{n}@{k}']:.4f}" for n in ("recall", "ndcg", "hit_rate")))
+    out.print(table)
 
 
 @data_app.command("fetch")

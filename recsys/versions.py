@@ -1,0 +1,79 @@
+"""Immutable version directories under an artifacts root, and an atomically switched
+`current` pointer:
+
+    <root>/versions/<version>/...   one complete, checksummed build each
+    <root>/current -> versions/<version>
+
+A build writes into a hidden staging directory, writes the manifest last, renames the
+directory into place, verifies it, and only then swaps the `current` symlink with an
+atomic rename. A crash at any point leaves `current` on a complete version.
+"""
+
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from recsys.artifacts import read_manifest, write_manifest
+from recsys.errors import ArtifactError
+
+VERSIONS = "versions"
+CURRENT = "current"
+_STAGING_PREFIX = ".staging-"
+
+
+class VersionStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.versions = root / VERSIONS
+
+    @staticmethod
+    def new_version_name() -> str:
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+    def stage(self) -> tuple[str, Path]:
+        """A fresh staging directory for a version that is not yet visible."""
+        name = self.new_version_name()
+        staging = self.versions / f"{_STAGING_PREFIX}{name}"
+        staging.mkdir(parents=True)
+        return name, staging
+
+    def commit(self, name: str, staging: Path, manifest: dict[str, Any]) -> Path:
+        """Seal a staged version: manifest with checksums, rename into place, verify."""
+        write_manifest(staging, {**manifest, "version": name})
+        final = self.versions / name
+        os.replace(staging, final)
+        read_manifest(final, verify=True)
+        return final
+
+    def promote(self, name: str) -> None:
+        """Point `current` at a committed version with one atomic rename."""
+        target = self.versions / name
+        read_manifest(target, verify=True)
+        link = self.root / CURRENT
+        tmp = self.root / f".{CURRENT}-{secrets.token_hex(4)}"
+        tmp.symlink_to(Path(VERSIONS) / name)
+        os.replace(tmp, link)
+
+    def current_name(self) -> str | None:
+        link = self.root / CURRENT
+        if not link.is_symlink():
+            return None
+        return Path(os.readlink(link)).name
+
+    def current(self) -> Path:
+        """The directory of the current version; a clear error if there is none."""
+        name = self.current_name()
+        if name is None or not (self.versions / name).is_dir():
+            raise ArtifactError(f"{self.root}: no current version; run `recsys build` first")
+        return self.versions / name
+
+    def list(self) -> list[str]:
+        if not self.versions.is_dir():
+            return []
+        return sorted(p.name for p in self.versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)

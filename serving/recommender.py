@@ -1,0 +1,90 @@
+"""Top-k items for users from a built version: user embedding -> index -> drop seen items.
+Shared by `recsys recommend` and the HTTP service, so both answer the same way."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from features.jagged import CsrBags
+from recsys import schema as s
+from recsys.artifacts import read_manifest
+from serving.index import AnnoyRetriever, Retriever
+
+OVERFETCH = 1.5  # extra candidates beyond k + seen, since ANN may miss a few
+
+
+@dataclass
+class Recommender:
+    version: str
+    user_ids: pl.Series
+    item_ids: pl.Series
+    user_emb: np.ndarray  # (U, D), users as of the end of the log
+    item_emb: np.ndarray  # (I, D)
+    seen: CsrBags  # per user_idx
+    popularity: np.ndarray  # (I,) event counts
+    retriever: Retriever
+
+    @classmethod
+    def load(cls, version_dir: Path) -> "Recommender":
+        manifest = read_manifest(version_dir, verify=True)
+        users = pl.read_parquet(version_dir / "embeddings" / "users.parquet")
+        items = pl.read_parquet(version_dir / "embeddings" / "items.parquet")
+        item_emb = np.ascontiguousarray(items["embedding"].to_numpy(), dtype=np.float32)
+        log = pl.read_parquet(version_dir / "data" / "interactions.parquet", columns=[s.USER_IDX, s.ITEM_IDX])
+        seen_lists = (
+            log.group_by(s.USER_IDX).agg(pl.col(s.ITEM_IDX).unique())
+            .join(users.select(s.USER_IDX), on=s.USER_IDX, how="right")
+            .sort(s.USER_IDX)
+        )
+        return cls(
+            version=str(manifest["version"]),
+            user_ids=users[s.USER_ID],
+            item_ids=items[s.ITEM_ID],
+            user_emb=np.ascontiguousarray(users["embedding"].to_numpy(), dtype=np.float32),
+            item_emb=item_emb,
+            seen=CsrBags.from_lists(seen_lists[s.ITEM_IDX]),
+            popularity=np.bincount(log[s.ITEM_IDX].to_numpy(), minlength=len(item_emb)).astype(np.float32),
+            retriever=AnnoyRetriever.load(version_dir / "index", item_emb),
+        )
+
+    def user_index(self, raw_ids: pl.Series) -> pl.Series:
+        """Dense index of each raw user ID (null for unknown users)."""
+        lookup = pl.DataFrame({s.USER_ID: self.user_ids, s.USER_IDX: np.arange(len(self.user_ids), dtype=np.uint32)})
+        frame = pl.DataFrame({s.USER_ID: raw_ids.cast(self.user_ids.dtype, strict=False)})
+        return frame.join(lookup, on=s.USER_ID, how="left", maintain_order="left")[s.USER_IDX]
+
+    def for_vector(self, query: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Best `k` items for a query vector, never returning `exclude`."""
+        banned = set(exclude.tolist())
+        wanted = int((k + len(banned)) * OVERFETCH) + 1
+        ids, scores = self.retriever.search(query, wanted)
+        keep = np.array([i not in banned for i in ids.tolist()], dtype=bool)
+        return ids[keep][:k], scores[keep][:k]
+
+    def popular(self, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-self.popularity, kind="stable")
+        order = order[~np.isin(order, exclude)][:k]
+        return order, self.popularity[order]
+
+    def for_users(self, user_idx: np.ndarray, k: int) -> pl.DataFrame:
+        """Long-format table user_idx, item_idx, rank, score for known users."""
+        users, items, ranks, scores = [], [], [], []
+        for u in user_idx.tolist():
+            seen = self.seen.values[self.seen.offsets[u] : self.seen.offsets[u + 1]]
+            ids, sc = self.for_vector(self.user_emb[u], seen, k)
+            users.append(np.full(len(ids), u, dtype=np.int64))
+            items.append(ids)
+            ranks.append(np.arange(1, len(ids) + 1))
+            scores.append(sc)
+        if not users:
+            return pl.DataFrame(schema={s.USER_IDX: pl.Int64, s.ITEM_IDX: pl.Int64, "rank": pl.Int64, "score": pl.Float32})
+        return pl.DataFrame(
+            {
+                s.USER_IDX: np.concatenate(users),
+                s.ITEM_IDX: np.concatenate(items),
+                "rank": np.concatenate(ranks),
+                "score": np.concatenate(scores).astype(np.float32),
+            }
+        )

@@ -1,0 +1,35 @@
+"""Weights in and out of safetensors (never pickle), and the unsharded model rebuilt from a
+version for embedding, evaluation and serving in one process."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys.errors import ArtifactError
+from training.model import ModelSpec, TwoTower
+
+WEIGHTS = "weights.safetensors"
+SPEC = "model.json"
+
+
+def save_model(state: dict[str, torch.Tensor], spec: ModelSpec, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS))
+    (directory / SPEC).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def load_model(directory: Path) -> TwoTower:
+    """Rebuild the towers from `model.json` and load `weights.safetensors` strictly."""
+    try:
+        spec = ModelSpec.from_dict(json.loads((directory / SPEC).read_text()))
+        state = load_file(str(directory / WEIGHTS))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(f"{directory}: cannot load the model ({exc})") from exc
+    model = TwoTower(spec, device=torch.device("cpu"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ArtifactError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+    model.eval()
+    return model
