@@ -135,8 +135,12 @@ def build(
     artifacts: ArtifactsOption,
     items: ItemsOption = None,
     users: UsersOption = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Default: scales with the data.")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=2, help="Default: scales with the data.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Default: scales with the data.")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=2, help="Default: scales with the data.")
+    ] = None,
     embedding_dim: Annotated[int, typer.Option(min=2)] = 64,
     loss: Annotated[str, typer.Option(help="softmax | npair | triplet")] = "softmax",
     similarity: Annotated[str, typer.Option(help="cosine | dot")] = "cosine",
@@ -150,7 +154,9 @@ def build(
 
     try:
         tower = TowerConfig(embedding_dim=embedding_dim, similarity=Similarity(similarity))
-        config = TrainConfig(loss=LossKind(loss), max_epochs=epochs, batch_size=batch_size, seed=seed)
+        config = TrainConfig(
+            loss=LossKind(loss), max_epochs=epochs, batch_size=batch_size, seed=seed
+        )
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
     source = resolve_source(data, items=items, users=users)
@@ -158,13 +164,23 @@ def build(
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)
     for name, value in [
-        ("rows read / kept / rejected", f"{report.ingest.read} / {report.ingest.kept} / {report.ingest.rejected}"),
+        (
+            "rows read / kept / rejected",
+            f"{report.ingest.read} / {report.ingest.kept} / {report.ingest.rejected}",
+        ),
         ("users / items", f"{report.ingest.users} / {report.ingest.items}"),
         ("epochs (best)", f"{len(report.train.history)} ({report.train.best_epoch})"),
         ("batch size", report.train.config.batch_size),
-        ("valid hit_rate@10 / recall@100", f"{metrics['hit_rate@10']:.4f} / {metrics['recall@100']:.4f}"),
-        ("index", f"{report.index.metric}, {report.index.n_trees} trees, search_k {report.index.search_k}, "
-                  f"recall@100 vs exact {report.index.recall_at_100:.3f}"),
+        (
+            "valid hit_rate@10 / recall@100",
+            f"{metrics['hit_rate@10']:.4f} / {metrics['recall@100']:.4f}",
+        ),
+        (
+            "index",
+            f"{report.index.metric}, {report.index.n_trees} trees, "
+            f"search_k {report.index.search_k}, "
+            f"recall@100 vs exact {report.index.recall_at_100:.3f}",
+        ),
         ("seconds", f"{report.seconds:.1f}"),
         ("current", str(report.path)),
     ]:
@@ -197,10 +213,14 @@ def recommend(
         path = Path(users)
         if not path.is_file():
             raise RecsysError(f"{path}: no such file")
-        frame = scan_table(path, string_columns=(s.USER_ID,) if path.suffix.lower() in CSV_SUFFIXES else ())
+        frame = scan_table(
+            path, string_columns=(s.USER_ID,) if path.suffix.lower() in CSV_SUFFIXES else ()
+        )
         if s.USER_ID not in frame.collect_schema().names():
             raise RecsysError(f"{path}: column 'user_id' is missing")
-        wanted = frame.select(s.USER_ID).collect()[s.USER_ID].unique(maintain_order=True).drop_nulls()
+        wanted = (
+            frame.select(s.USER_ID).collect()[s.USER_ID].unique(maintain_order=True).drop_nulls()
+        )
     index = rec.user_index(wanted)
     known = index.is_not_null().to_numpy()
     result = rec.for_users(index.filter(index.is_not_null()).to_numpy().astype(np.int64), k)
@@ -245,7 +265,9 @@ def evaluate(artifacts: ArtifactsOption) -> None:
     for name in ("recall", "ndcg", "hit_rate"):
         table.add_column(name)
     for k in (10, 20, 50, 100):
-        table.add_row(str(k), *(f"{metrics[f'{n}@{k}']:.4f}" for n in ("recall", "ndcg", "hit_rate")))
+        table.add_row(
+            str(k), *(f"{metrics[f'{n}@{k}']:.4f}" for n in ("recall", "ndcg", "hit_rate"))
+        )
     out.print(table)
 
 

@@ -44,7 +44,9 @@ class BuildReport:
     seconds: float
 
 
-def _embedding_frame(ids: pl.Series, index_name: str, known: np.ndarray, emb: np.ndarray) -> pl.DataFrame:
+def _embedding_frame(
+    ids: pl.Series, index_name: str, known: np.ndarray, emb: np.ndarray
+) -> pl.DataFrame:
     return pl.DataFrame(
         {
             index_name: np.arange(len(emb), dtype=np.uint32),
@@ -87,12 +89,21 @@ def build(
     previous = store.current() if store.current_name() else None
     name, staging = store.stage()
     try:
-        ingest_report = ingest(source, staging / DATA_DIR, previous=previous / DATA_DIR if previous else None)
+        ingest_report = ingest(
+            source, staging / DATA_DIR, previous=previous / DATA_DIR if previous else None
+        )
         features = FeatureSet.load(staging / DATA_DIR)
         split = leave_last_out(features.interactions, n_test=0, n_valid=1)
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
-        result = train(features, split, tower, config, metrics_path=model_dir / "metrics.jsonl", progress=progress)
+        result = train(
+            features,
+            split,
+            tower,
+            config,
+            metrics_path=model_dir / "metrics.jsonl",
+            progress=progress,
+        )
         save_model(result.state, result.spec, model_dir)
         (model_dir / "train_config.json").write_text(
             json.dumps(asdict(result.config), default=lambda v: v.value, indent=2) + "\n"
@@ -102,19 +113,26 @@ def build(
         model = load_model(model_dir)
         builder = BatchBuilder(features, tower)
         train_rows = split.train["row"].to_numpy()
-        builder.known_items = np.bincount(features.histories.items[train_rows], minlength=features.num_items) > 0
-        builder.known_users = np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
+        builder.known_items = (
+            np.bincount(features.histories.items[train_rows], minlength=features.num_items) > 0
+        )
+        builder.known_users = (
+            np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
+        )
         items = item_embeddings(model, builder, features.num_items)
         users = user_embeddings_now(model, builder, np.arange(features.num_users))
-        vocab = {p.stem: pl.read_parquet(p)["id"] for p in (staging / DATA_DIR / "vocab").glob("*_id.parquet")}
+        vocab = {
+            p.stem: pl.read_parquet(p)["id"]
+            for p in (staging / DATA_DIR / "vocab").glob("*_id.parquet")
+        }
         emb_dir = staging / EMBEDDINGS_DIR
         emb_dir.mkdir()
-        _embedding_frame(vocab[s.ITEM_ID].rename(s.ITEM_ID), s.ITEM_IDX, builder.known_items, items).write_parquet(
-            emb_dir / "items.parquet"
-        )
-        _embedding_frame(vocab[s.USER_ID].rename(s.USER_ID), s.USER_IDX, builder.known_users, users).write_parquet(
-            emb_dir / "users.parquet"
-        )
+        _embedding_frame(
+            vocab[s.ITEM_ID].rename(s.ITEM_ID), s.ITEM_IDX, builder.known_items, items
+        ).write_parquet(emb_dir / "items.parquet")
+        _embedding_frame(
+            vocab[s.USER_ID].rename(s.USER_ID), s.USER_IDX, builder.known_users, users
+        ).write_parquet(emb_dir / "users.parquet")
         rng = np.random.default_rng(result.config.seed)
         sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
         metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
@@ -143,7 +161,9 @@ def build(
         store.discard(staging)
         raise
     store.promote(name)
-    return BuildReport(name, store.versions / name, ingest_report, result, index, time.perf_counter() - started)
+    return BuildReport(
+        name, store.versions / name, ingest_report, result, index, time.perf_counter() - started
+    )
 
 
 class _VersionScorer:
@@ -170,4 +190,6 @@ def evaluate_version(version_dir: Path) -> dict[str, float]:
 
     features = FeatureSet.load(version_dir / DATA_DIR)
     split = leave_last_out(features.interactions, n_test=0, n_valid=1)
-    return evaluate(_VersionScorer(version_dir, features), eval_task(split.valid, features.histories))
+    return evaluate(
+        _VersionScorer(version_dir, features), eval_task(split.valid, features.histories)
+    )

@@ -73,7 +73,9 @@ class VersionStore:
     def list(self) -> list[str]:
         if not self.versions.is_dir():
             return []
-        return sorted(p.name for p in self.versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(
+            p.name for p in self.versions.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)

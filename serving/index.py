@@ -55,7 +55,8 @@ class AnnoyRetriever:
 
     def search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(
-            self.index.get_nns_by_vector(query.tolist(), n, search_k=self.params.search_k), dtype=np.int64
+            self.index.get_nns_by_vector(query.tolist(), n, search_k=self.params.search_k),
+            dtype=np.int64,
         )
         scores = self.item_emb[ids] @ query  # exact model scores for the retrieved items
         order = np.argsort(-scores, kind="stable")
@@ -68,16 +69,22 @@ class AnnoyRetriever:
         except (OSError, ValueError, TypeError) as exc:
             raise ArtifactError(f"{directory}: cannot read index parameters ({exc})") from exc
         if params.dim != item_emb.shape[1]:
-            raise ArtifactError(f"{directory}: index has dim {params.dim}, embeddings {item_emb.shape[1]}")
+            raise ArtifactError(
+                f"{directory}: index has dim {params.dim}, embeddings {item_emb.shape[1]}"
+            )
         index = AnnoyIndex(params.dim, params.metric)  # type: ignore[arg-type]
         if not index.load(str(directory / INDEX_FILE), prefault=False):  # mmap, shared by workers
             raise ArtifactError(f"{directory}: cannot load {INDEX_FILE}")
         if index.get_n_items() != len(item_emb):
-            raise ArtifactError(f"{directory}: index holds {index.get_n_items()} items, expected {len(item_emb)}")
+            raise ArtifactError(
+                f"{directory}: index holds {index.get_n_items()} items, expected {len(item_emb)}"
+            )
         return cls(index, item_emb, params)
 
 
-def recall_against_exact(retriever: Retriever, exact: ExactRetriever, queries: np.ndarray, k: int = 100) -> float:
+def recall_against_exact(
+    retriever: Retriever, exact: ExactRetriever, queries: np.ndarray, k: int = 100
+) -> float:
     found = 0
     for query in queries:
         truth = set(exact.search(query, k)[0].tolist())

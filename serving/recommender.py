@@ -32,9 +32,12 @@ class Recommender:
         users = pl.read_parquet(version_dir / "embeddings" / "users.parquet")
         items = pl.read_parquet(version_dir / "embeddings" / "items.parquet")
         item_emb = np.ascontiguousarray(items["embedding"].to_numpy(), dtype=np.float32)
-        log = pl.read_parquet(version_dir / "data" / "interactions.parquet", columns=[s.USER_IDX, s.ITEM_IDX])
+        log = pl.read_parquet(
+            version_dir / "data" / "interactions.parquet", columns=[s.USER_IDX, s.ITEM_IDX]
+        )
         seen_lists = (
-            log.group_by(s.USER_IDX).agg(pl.col(s.ITEM_IDX).unique())
+            log.group_by(s.USER_IDX)
+            .agg(pl.col(s.ITEM_IDX).unique())
             .join(users.select(s.USER_IDX), on=s.USER_IDX, how="right")
             .sort(s.USER_IDX)
         )
@@ -45,17 +48,23 @@ class Recommender:
             user_emb=np.ascontiguousarray(users["embedding"].to_numpy(), dtype=np.float32),
             item_emb=item_emb,
             seen=CsrBags.from_lists(seen_lists[s.ITEM_IDX]),
-            popularity=np.bincount(log[s.ITEM_IDX].to_numpy(), minlength=len(item_emb)).astype(np.float32),
+            popularity=np.bincount(log[s.ITEM_IDX].to_numpy(), minlength=len(item_emb)).astype(
+                np.float32
+            ),
             retriever=AnnoyRetriever.load(version_dir / "index", item_emb),
         )
 
     def user_index(self, raw_ids: pl.Series) -> pl.Series:
         """Dense index of each raw user ID (null for unknown users)."""
-        lookup = pl.DataFrame({s.USER_ID: self.user_ids, s.USER_IDX: np.arange(len(self.user_ids), dtype=np.uint32)})
+        lookup = pl.DataFrame(
+            {s.USER_ID: self.user_ids, s.USER_IDX: np.arange(len(self.user_ids), dtype=np.uint32)}
+        )
         frame = pl.DataFrame({s.USER_ID: raw_ids.cast(self.user_ids.dtype, strict=False)})
         return frame.join(lookup, on=s.USER_ID, how="left", maintain_order="left")[s.USER_IDX]
 
-    def for_vector(self, query: np.ndarray, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def for_vector(
+        self, query: np.ndarray, exclude: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Best `k` items for a query vector, never returning `exclude`."""
         banned = set(exclude.tolist())
         wanted = int((k + len(banned)) * OVERFETCH) + 1
@@ -79,7 +88,14 @@ class Recommender:
             ranks.append(np.arange(1, len(ids) + 1))
             scores.append(sc)
         if not users:
-            return pl.DataFrame(schema={s.USER_IDX: pl.Int64, s.ITEM_IDX: pl.Int64, "rank": pl.Int64, "score": pl.Float32})
+            return pl.DataFrame(
+                schema={
+                    s.USER_IDX: pl.Int64,
+                    s.ITEM_IDX: pl.Int64,
+                    "rank": pl.Int64,
+                    "score": pl.Float32,
+                }
+            )
         return pl.DataFrame(
             {
                 s.USER_IDX: np.concatenate(users),

@@ -81,7 +81,9 @@ def test_extra_negatives_and_symmetric_term_match_oracle():
     forward = 0.0
     for i in range(3):
         logits = [dot(q[i], p[j]) for j in range(3)]
-        logits += [dot(q[i], e[m]) for m in range(2) if extra_ids[m].item() != IDS_DISTINCT[i].item()]
+        logits += [
+            dot(q[i], e[m]) for m in range(2) if extra_ids[m].item() != IDS_DISTINCT[i].item()
+        ]
         forward += -(dot(q[i], p[i]) - math.log(sum(math.exp(v) for v in logits)))
     backward = 0.0
     for j in range(3):
@@ -140,7 +142,9 @@ def test_properties_finite_order_invariant_and_falls_when_positive_closer(seed, 
     value = loss_fn(q, p, ids)
     assert torch.isfinite(value)
     order = torch.randperm(batch, generator=generator)
-    assert loss_fn(q[order], p[order], ids[order]).item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6)
+    assert loss_fn(q[order], p[order], ids[order]).item() == pytest.approx(
+        value.item(), rel=1e-5, abs=1e-6
+    )
     # Moving every positive onto its query cannot increase the loss.
     closer = torch.nn.functional.normalize(p + 4 * q, dim=1)
     assert loss_fn(q, closer, ids).item() <= value.item() + 1e-6

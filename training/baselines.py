@@ -23,13 +23,17 @@ def interaction_matrix(events: pl.DataFrame, num_users: int, num_items: int) -> 
     return matrix
 
 
-def history_matrix(histories: UserHistories, users: np.ndarray, rows: np.ndarray, num_items: int) -> sp.csr_matrix:
+def history_matrix(
+    histories: UserHistories, users: np.ndarray, rows: np.ndarray, num_items: int
+) -> sp.csr_matrix:
     """Each query's items before its row, as a binary (Q, items) matrix."""
     starts = histories.offsets[users]
     lengths = rows - starts
     items = histories.items[ranges(starts, lengths)]
     indptr = np.concatenate([[0], np.cumsum(lengths)])
-    matrix = sp.csr_matrix((np.ones(len(items), np.float32), items, indptr), shape=(len(users), num_items))
+    matrix = sp.csr_matrix(
+        (np.ones(len(items), np.float32), items, indptr), shape=(len(users), num_items)
+    )
     matrix.sum_duplicates()
     matrix.data[:] = 1.0
     return matrix
@@ -58,7 +62,14 @@ class Ease:
     MAX_ITEMS = 30_000  # an (I x I) dense inverse beyond this does not fit a small machine
 
     @classmethod
-    def fit(cls, events: pl.DataFrame, histories: UserHistories, num_users: int, num_items: int, l2: float) -> "Ease":
+    def fit(
+        cls,
+        events: pl.DataFrame,
+        histories: UserHistories,
+        num_users: int,
+        num_items: int,
+        l2: float,
+    ) -> "Ease":
         x = interaction_matrix(events, num_users, num_items)
         gram = (x.T @ x).toarray().astype(np.float64)
         gram[np.diag_indices(num_items)] += l2
@@ -80,25 +91,50 @@ class MatrixFactorization:
     item_factors: np.ndarray
 
     @classmethod
-    def als(cls, events: pl.DataFrame, num_users: int, num_items: int, factors: int,
-            regularization: float, iterations: int, alpha: float, seed: int = 0) -> "MatrixFactorization":
+    def als(
+        cls,
+        events: pl.DataFrame,
+        num_users: int,
+        num_items: int,
+        factors: int,
+        regularization: float,
+        iterations: int,
+        alpha: float,
+        seed: int = 0,
+    ) -> "MatrixFactorization":
         from implicit.cpu.als import AlternatingLeastSquares
 
         model = AlternatingLeastSquares(
-            factors=factors, regularization=regularization, iterations=iterations,
-            alpha=alpha, random_state=seed, calculate_training_loss=False,
+            factors=factors,
+            regularization=regularization,
+            iterations=iterations,
+            alpha=alpha,
+            random_state=seed,
+            calculate_training_loss=False,
         )
         model.fit(interaction_matrix(events, num_users, num_items), show_progress=False)
         return cls(np.asarray(model.user_factors), np.asarray(model.item_factors))
 
     @classmethod
-    def bpr(cls, events: pl.DataFrame, num_users: int, num_items: int, factors: int,
-            learning_rate: float, regularization: float, iterations: int, seed: int = 0) -> "MatrixFactorization":
+    def bpr(
+        cls,
+        events: pl.DataFrame,
+        num_users: int,
+        num_items: int,
+        factors: int,
+        learning_rate: float,
+        regularization: float,
+        iterations: int,
+        seed: int = 0,
+    ) -> "MatrixFactorization":
         from implicit.cpu.bpr import BayesianPersonalizedRanking
 
         model = BayesianPersonalizedRanking(
-            factors=factors, learning_rate=learning_rate, regularization=regularization,
-            iterations=iterations, random_state=seed,
+            factors=factors,
+            learning_rate=learning_rate,
+            regularization=regularization,
+            iterations=iterations,
+            random_state=seed,
         )
         model.fit(interaction_matrix(events, num_users, num_items), show_progress=False)
         return cls(np.asarray(model.user_factors), np.asarray(model.item_factors))

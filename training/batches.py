@@ -62,7 +62,9 @@ class BatchBuilder:
         self.known_items = np.ones(features.num_items, dtype=bool)
         self.known_users = np.ones(features.num_users, dtype=bool)
 
-    def _assemble(self, parts: dict[str, tuple[np.ndarray, np.ndarray]], size: int) -> KeyedJaggedTensor:
+    def _assemble(
+        self, parts: dict[str, tuple[np.ndarray, np.ndarray]], size: int
+    ) -> KeyedJaggedTensor:
         empty = (np.zeros(0, dtype=np.int64), np.zeros(size, dtype=np.int64))
         values, lengths = zip(*(parts.get(k, empty) for k in self.keys.order), strict=True)
         return KeyedJaggedTensor.from_lengths_sync(
@@ -75,15 +77,20 @@ class BatchBuilder:
         return ids[keep], keep.astype(np.int64)
 
     def _user_parts(
-        self, users: np.ndarray, history: tuple[np.ndarray, np.ndarray],
-        recent: tuple[np.ndarray, np.ndarray], keep_id: np.ndarray,
+        self,
+        users: np.ndarray,
+        history: tuple[np.ndarray, np.ndarray],
+        recent: tuple[np.ndarray, np.ndarray],
+        keep_id: np.ndarray,
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         parts = {s.USER_ID: self._ids(users, keep_id), HISTORY: history, RECENT: recent}
         for column, bags in self.user_bags.items():
             parts[side_key("user", column)] = bags.gather(users)
         return parts
 
-    def _item_parts(self, items: np.ndarray, keep_id: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _item_parts(
+        self, items: np.ndarray, keep_id: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         parts = {s.ITEM_ID: self._ids(items, keep_id)}
         for column, bags in self.item_bags.items():
             parts[side_key("item", column)] = bags.gather(items)
@@ -112,14 +119,18 @@ class BatchBuilder:
         users = self.histories.user_of(rows)
         history = self.histories.previous_items(rows, self.tower.history_length)
         recent = self.histories.previous_items(rows, self.tower.recent_length)
-        return self._assemble(self._user_parts(users, history, recent, self.known_users[users]), len(rows))
+        return self._assemble(
+            self._user_parts(users, history, recent, self.known_users[users]), len(rows)
+        )
 
     def users_now(self, users: np.ndarray) -> KeyedJaggedTensor:
         """Users after their whole logged history (for recommendations)."""
         users = np.asarray(users, dtype=np.int64)
         history = self.histories.latest_items(users, self.tower.history_length)
         recent = self.histories.latest_items(users, self.tower.recent_length)
-        return self._assemble(self._user_parts(users, history, recent, self.known_users[users]), len(users))
+        return self._assemble(
+            self._user_parts(users, history, recent, self.known_users[users]), len(users)
+        )
 
     def items(self, items: np.ndarray) -> KeyedJaggedTensor:
         items = np.asarray(items, dtype=np.int64)

@@ -60,7 +60,9 @@ class TrainConfig:
 
     def resolve(self, train_events: int) -> "TrainConfig":
         """Fill data-dependent defaults: batches grow with the log, epochs shrink."""
-        batch = self.batch_size or int(min(4096, max(256, 2 ** round(math.log2(train_events / 100)))))
+        batch = self.batch_size or int(
+            min(4096, max(256, 2 ** round(math.log2(train_events / 100))))
+        )
         steps_per_epoch = max(1, train_events // batch)
         epochs = self.max_epochs or int(min(50, max(3, 20_000 // steps_per_epoch)))
         return replace(self, batch_size=batch, max_epochs=epochs)

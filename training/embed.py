@@ -13,7 +13,9 @@ from training.model import TwoTower
 CHUNK = 8192
 
 
-def _embed(model: TwoTower, make: Callable[[np.ndarray], KeyedJaggedTensor], ids: np.ndarray, side: int) -> np.ndarray:
+def _embed(
+    model: TwoTower, make: Callable[[np.ndarray], KeyedJaggedTensor], ids: np.ndarray, side: int
+) -> np.ndarray:
     parts = []
     with torch.no_grad():
         for start in range(0, len(ids), CHUNK):

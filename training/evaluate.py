@@ -39,7 +39,11 @@ class EvalTask:
 
 
 def eval_task(held_out: pl.DataFrame, histories: UserHistories) -> EvalTask:
-    """Group held-out events by user; the user is queried as of their first held-out event."""
+    """Group held-out events by user; the user is queried as of their first held-out event.
+
+    Held-out items the user already had before that moment are not targets (seen items are
+    never recommended), and users left with no target are not queried.
+    """
     grouped = (
         held_out.group_by(s.USER_IDX)
         .agg(pl.col(ROW).min().alias("first"), pl.col(s.ITEM_IDX).unique().alias("targets"))
@@ -48,9 +52,27 @@ def eval_task(held_out: pl.DataFrame, histories: UserHistories) -> EvalTask:
     users = grouped[s.USER_IDX].to_numpy().astype(np.int64)
     rows = grouped["first"].to_numpy().astype(np.int64)
     starts = histories.offsets[users]
-    seen_values = histories.items[ranges(starts, rows - starts)]
-    seen = CsrBags(np.concatenate([[0], np.cumsum(rows - starts)]).astype(np.int64), seen_values)
-    return EvalTask(users, rows, CsrBags.from_lists(grouped["targets"]), seen)
+    seen_items = histories.items[ranges(starts, rows - starts)]
+    seen = pl.DataFrame(
+        {"query": np.repeat(np.arange(len(users)), rows - starts), s.ITEM_IDX: seen_items}
+    )
+    targets = (
+        grouped.with_row_index("query")
+        .select(pl.col("query").cast(pl.Int64), pl.col("targets").alias(s.ITEM_IDX))
+        .explode(s.ITEM_IDX)
+        .with_columns(pl.col(s.ITEM_IDX).cast(pl.Int64))
+        .join(seen.cast({s.ITEM_IDX: pl.Int64}), on=["query", s.ITEM_IDX], how="anti")
+        .group_by("query")
+        .agg(pl.col(s.ITEM_IDX))
+        .sort("query")
+    )
+    keep = targets["query"].to_numpy()
+    lengths = (rows - starts)[keep]
+    seen_csr = CsrBags(
+        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        histories.items[ranges(starts[keep], lengths)],
+    )
+    return EvalTask(users[keep], rows[keep], CsrBags.from_lists(targets[s.ITEM_IDX]), seen_csr)
 
 
 def top_k_unseen(scores: np.ndarray, seen: CsrBags, query_index: np.ndarray, k: int) -> np.ndarray:
@@ -64,11 +86,18 @@ def top_k_unseen(scores: np.ndarray, seen: CsrBags, query_index: np.ndarray, k: 
     return np.take_along_axis(part, order, axis=1)
 
 
-def ranking_metrics(top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS) -> dict[str, float]:
+def ranking_metrics(
+    top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS
+) -> dict[str, float]:
     """Mean Recall, NDCG and HitRate at each K for ranked lists `top` (Q, >= max K)."""
     queries = len(top)
-    target_sets = [set(targets.values[targets.offsets[q] : targets.offsets[q + 1]].tolist()) for q in range(queries)]
-    hits = np.array([[item in target_sets[q] for item in top[q]] for q in range(queries)], dtype=bool)
+    target_sets = [
+        set(targets.values[targets.offsets[q] : targets.offsets[q + 1]].tolist())
+        for q in range(queries)
+    ]
+    hits = np.array(
+        [[item in target_sets[q] for item in top[q]] for q in range(queries)], dtype=bool
+    )
     discounts = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
     sizes = np.diff(targets.offsets)
     metrics = {}
@@ -78,11 +107,15 @@ def ranking_metrics(top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS)
         ideal = np.array([discounts[: min(int(n), k)].sum() for n in sizes])
         metrics[f"recall@{k}"] = float(np.mean(found / np.maximum(sizes, 1)))
         metrics[f"hit_rate@{k}"] = float(np.mean(found > 0))
-        metrics[f"ndcg@{k}"] = float(np.mean((hit_k * discounts[:k]).sum(axis=1) / np.maximum(ideal, 1e-12)))
+        metrics[f"ndcg@{k}"] = float(
+            np.mean((hit_k * discounts[:k]).sum(axis=1) / np.maximum(ideal, 1e-12))
+        )
     return metrics
 
 
-def evaluate(scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS, chunk: int = 1024) -> dict[str, float]:
+def evaluate(
+    scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS, chunk: int = 1024
+) -> dict[str, float]:
     """Score every item for every query in chunks, exclude seen items, rank, measure."""
     tops = []
     for start in range(0, len(task), chunk):

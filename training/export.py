@@ -30,6 +30,9 @@ def load_model(directory: Path) -> TwoTower:
     model = TwoTower(spec, device=torch.device("cpu"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ArtifactError(f"{directory}: weights do not match the model (missing {missing}, unexpected {unexpected})")
+        raise ArtifactError(
+            f"{directory}: weights do not match the model "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
     model.eval()
     return model

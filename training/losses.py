@@ -57,7 +57,9 @@ class TripletLoss(nn.Module):
     def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor) -> Tensor:
         sim = query_emb @ item_emb.T  # (B, B)
         positive = sim.diagonal()  # (B,)
-        invalid = accidental_hits(item_ids) | torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+        invalid = accidental_hits(item_ids) | torch.eye(
+            len(sim), dtype=torch.bool, device=sim.device
+        )
         negatives = sim.masked_fill(invalid, float("-inf"))
         hardest = negatives.max(dim=1).values  # (B,)
         if self.mining is Mining.SEMI_HARD:
@@ -92,6 +94,7 @@ class InBatchSoftmaxLoss(nn.Module):
         self.temperature = temperature
         self.mask_accidental_hits = mask_accidental_hits
         self.symmetric = symmetric
+        self.item_log_prob: Tensor | None
         self.register_buffer("item_log_prob", item_log_prob, persistent=False)
 
     def forward(
@@ -104,7 +107,7 @@ class InBatchSoftmaxLoss(nn.Module):
     ) -> Tensor:
         batch = len(query_emb)
         logits = query_emb @ item_emb.T / self.temperature  # (B, B)
-        log_prob: Tensor | None = self.item_log_prob
+        log_prob = self.item_log_prob
         if log_prob is not None:
             expected = log_prob[item_ids] + torch.log(torch.tensor(float(batch)))
             logits = logits - expected[None, :]
@@ -138,7 +141,9 @@ class CombinedLoss(nn.Module):
         self.weights = [w for w, _ in parts]
         self.parts = nn.ModuleList([loss for _, loss in parts])
 
-    def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor, **extra: Tensor) -> Tensor:
+    def forward(
+        self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor, **extra: Tensor
+    ) -> Tensor:
         total = query_emb.new_zeros(())
         for weight, loss in zip(self.weights, self.parts, strict=True):
             kwargs = extra if isinstance(loss, InBatchSoftmaxLoss) else {}

@@ -5,12 +5,18 @@ update in the backward pass; dense layers get AdamW."""
 import logging
 import os
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import get_unwrapped_module
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ModuleSharder, ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -52,16 +58,33 @@ def build_parallel(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> P
     apply_optimizer_in_backward(
         RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.embedding_learning_rate}
     )
-    parallel = DistributedModelParallel(model, device=device)
-    dense = {
-        name: p for name, p in parallel.named_parameters() if "ebc" not in name
-    }
+    parallel = DistributedModelParallel(
+        model, device=device, plan=_plan(model, device, dist.get_world_size())
+    )
+    dense = {name: p for name, p in parallel.named_parameters() if "ebc" not in name}
     dense_optimizer = torch.optim.AdamW(
         list(dense.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
     )
     keyed_dense = KeyedOptimizerWrapper(dense, lambda params: dense_optimizer)
     optimizer = CombinedOptimizer([parallel.fused_optimizer, keyed_dense])
     return ParallelModel(parallel, optimizer, dense_optimizer)
+
+
+def _plan(model: TwoTower, device: torch.device, world_size: int) -> ShardingPlan:
+    """Let TorchRec's planner place the tables (table-wise or row-wise as it sees fit), but
+    always on fused fbgemm kernels: the data-parallel "dense" kernel it picks for small
+    tables has no autograd registration in the CPU build of fbgemm and would not train."""
+    constraints = {
+        table.name: ParameterConstraints(
+            sharding_types=[ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value],
+            compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+        )
+        for table in model.ebc.embedding_bag_configs()
+    }
+    topology = Topology(world_size=world_size, compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharder = cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder())
+    return planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
 
 
 def full_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from features.feature_set import FeatureSet
 from features.splits import Split
 from training.batches import BatchBuilder
 from training.config import LossKind, TowerConfig, TrainConfig
-from training.evaluate import EvalTask, evaluate, eval_task
+from training.evaluate import EvalTask, eval_task, evaluate
 from training.losses import InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
 from training.model import ModelSpec
 from training.parallel import ParallelModel, build_parallel, full_state
@@ -73,7 +73,9 @@ class TowerScorer:
         return (user_emb @ self.item_emb.T).numpy()
 
 
-def item_embeddings(parallel: ParallelModel, builder: BatchBuilder, num_items: int, chunk: int = 8192) -> Tensor:
+def item_embeddings(
+    parallel: ParallelModel, builder: BatchBuilder, num_items: int, chunk: int = 8192
+) -> Tensor:
     parts = []
     with torch.no_grad():
         for start in range(0, num_items, chunk):
@@ -110,7 +112,9 @@ def train(
     builder = BatchBuilder(features, tower)
     item_counts = np.bincount(features.histories.items[train_rows], minlength=features.num_items)
     builder.known_items = item_counts > 0
-    builder.known_users = np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
+    builder.known_users = (
+        np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
+    )
     parallel = build_parallel(spec, cfg, device)
     loss_fn = make_loss(cfg, item_counts).to(device)
     valid: EvalTask = eval_task(split.valid, features.histories)
@@ -126,13 +130,17 @@ def train(
         losses, epoch_start = [], time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress, leave=False)
         for b in bar:
-            batch = builder.training_batch(order[b * cfg.batch_size : (b + 1) * cfg.batch_size], rng)
+            batch = builder.training_batch(
+                order[b * cfg.batch_size : (b + 1) * cfg.batch_size], rng
+            )
             for group in parallel.dense_optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(step, total_steps, warmup)
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
             if cfg.extra_negatives and isinstance(loss_fn, InBatchSoftmaxLoss):
-                extra_ids = torch.from_numpy(rng.integers(0, features.num_items, cfg.extra_negatives))
+                extra_ids = torch.from_numpy(
+                    rng.integers(0, features.num_items, cfg.extra_negatives)
+                )
                 _, extra_emb = parallel.model(builder.items(extra_ids.numpy()).to(device))
                 loss = loss_fn(user_emb, item_emb, item_ids, extra_emb, extra_ids.to(device))
             else:
@@ -149,8 +157,11 @@ def train(
         metrics = evaluate(TowerScorer(parallel, builder, features.num_items), valid)
         seconds = time.perf_counter() - epoch_start
         record = {
-            "epoch": epoch, "loss": float(np.mean(losses)), "examples_per_s": steps_per_epoch * cfg.batch_size / seconds,
-            "seconds": seconds, **{f"valid_{k}": v for k, v in metrics.items()},
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "examples_per_s": steps_per_epoch * cfg.batch_size / seconds,
+            "seconds": seconds,
+            **{f"valid_{k}": v for k, v in metrics.items()},
         }
         result.history.append(record)
         if metrics_path is not None:
@@ -159,7 +170,9 @@ def train(
         if on_epoch is not None:
             on_epoch(record)
         watched = metrics[f"recall@{cfg.eval_k}"]
-        log.info("epoch %d loss %.4f valid recall@%d %.4f", epoch, record["loss"], cfg.eval_k, watched)
+        log.info(
+            "epoch %d loss %.4f valid recall@%d %.4f", epoch, record["loss"], cfg.eval_k, watched
+        )
         if watched > best:
             best, waited = watched, 0
             result.best_epoch, result.best_metrics = epoch, metrics
