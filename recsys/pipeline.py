@@ -21,7 +21,7 @@ from recsys.versions import VersionStore
 from serving.index import IndexParams, build_annoy
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig
-from training.embed import item_embeddings, user_embeddings_now
+from training.embed import TowerScorer, item_embeddings, user_embeddings_now
 from training.export import load_model, save_model
 from training.trainer import TrainResult, train
 
@@ -112,13 +112,7 @@ def build(
 
         model = load_model(model_dir)
         builder = BatchBuilder(features, tower)
-        train_rows = split.train["row"].to_numpy()
-        builder.known_items = (
-            np.bincount(features.histories.items[train_rows], minlength=features.num_items) > 0
-        )
-        builder.known_users = (
-            np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
-        )
+        builder.mark_known(split.train["row"].to_numpy())
         items = item_embeddings(model, builder, features.num_items)
         users = user_embeddings_now(model, builder, np.arange(features.num_users))
         vocab = {
@@ -166,22 +160,17 @@ def build(
     )
 
 
-class _VersionScorer:
-    """Scores with a built version's towers: users as of a row, against stored item embeddings."""
-
-    def __init__(self, version_dir: Path, features: FeatureSet) -> None:
-        self.model = load_model(version_dir / MODEL_DIR)
-        self.builder = BatchBuilder(features, self.model.spec.tower)
-        items = pl.read_parquet(version_dir / EMBEDDINGS_DIR / "items.parquet")
-        users = pl.read_parquet(version_dir / EMBEDDINGS_DIR / "users.parquet")
-        self.builder.known_items = items["known"].to_numpy()
-        self.builder.known_users = users["known"].to_numpy()
-        self.item_emb = np.ascontiguousarray(items["embedding"].to_numpy(), dtype=np.float32)
-
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        from training.embed import user_embeddings_before
-
-        return user_embeddings_before(self.model, self.builder, rows) @ self.item_emb.T
+def version_scorer(version_dir: Path, features: FeatureSet) -> TowerScorer:
+    """A scorer with a built version's towers and its ID/feature masks."""
+    model = load_model(version_dir / MODEL_DIR)
+    builder = BatchBuilder(features, model.spec.tower)
+    builder.known_items = pl.read_parquet(version_dir / EMBEDDINGS_DIR / "items.parquet")[
+        "known"
+    ].to_numpy()
+    builder.known_users = pl.read_parquet(version_dir / EMBEDDINGS_DIR / "users.parquet")[
+        "known"
+    ].to_numpy()
+    return TowerScorer(model, builder, features.num_items)
 
 
 def evaluate_version(version_dir: Path) -> dict[str, float]:
@@ -191,5 +180,5 @@ def evaluate_version(version_dir: Path) -> dict[str, float]:
     features = FeatureSet.load(version_dir / DATA_DIR)
     split = leave_last_out(features.interactions, n_test=0, n_valid=1)
     return evaluate(
-        _VersionScorer(version_dir, features), eval_task(split.valid, features.histories)
+        version_scorer(version_dir, features), eval_task(split.valid, features.histories)
     )

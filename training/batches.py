@@ -62,6 +62,13 @@ class BatchBuilder:
         self.known_items = np.ones(features.num_items, dtype=bool)
         self.known_users = np.ones(features.num_users, dtype=bool)
 
+    def mark_known(self, train_rows: np.ndarray) -> None:
+        """Only users and items with training events use their ID rows; the others are
+        embedded from history and side features alone (cold start)."""
+        items = np.bincount(self.item_of_row[train_rows], minlength=len(self.known_items))
+        users = np.bincount(self.histories.user_of(train_rows), minlength=len(self.known_users))
+        self.known_items, self.known_users = items > 0, users > 0
+
     def _assemble(
         self, parts: dict[str, tuple[np.ndarray, np.ndarray]], size: int
     ) -> KeyedJaggedTensor:

@@ -56,6 +56,8 @@ class TrainConfig:
     embedding_learning_rate: float = 0.05  # embedding rows (fused row-wise Adagrad)
     warmup_fraction: float = 0.05
     eval_k: int = 20  # early stopping watches validation Recall@eval_k
+    max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
+    example_budget: int = 10_000_000  # default epochs: about this many training examples
     seed: int = 0
 
     def resolve(self, train_events: int) -> "TrainConfig":
@@ -63,6 +65,7 @@ class TrainConfig:
         batch = self.batch_size or int(
             min(4096, max(256, 2 ** round(math.log2(train_events / 100))))
         )
-        steps_per_epoch = max(1, train_events // batch)
-        epochs = self.max_epochs or int(min(50, max(3, 20_000 // steps_per_epoch)))
+        epochs = self.max_epochs or int(
+            min(50, max(3, self.example_budget // max(1, train_events)))
+        )
         return replace(self, batch_size=batch, max_epochs=epochs)

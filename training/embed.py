@@ -8,29 +8,40 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from training.batches import BatchBuilder
-from training.model import TwoTower
+
+Tower = Callable[[KeyedJaggedTensor], tuple[torch.Tensor, torch.Tensor]]  # TwoTower or its DMP
 
 CHUNK = 8192
 
 
 def _embed(
-    model: TwoTower, make: Callable[[np.ndarray], KeyedJaggedTensor], ids: np.ndarray, side: int
+    model: Tower, make: Callable[[np.ndarray], KeyedJaggedTensor], ids: np.ndarray, side: int
 ) -> np.ndarray:
     parts = []
     with torch.no_grad():
         for start in range(0, len(ids), CHUNK):
             parts.append(model(make(ids[start : start + CHUNK]))[side].numpy())
-    dim = model.spec.tower.embedding_dim
-    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def item_embeddings(model: TwoTower, builder: BatchBuilder, num_items: int) -> np.ndarray:
+def item_embeddings(model: Tower, builder: BatchBuilder, num_items: int) -> np.ndarray:
     return _embed(model, builder.items, np.arange(num_items), side=1)  # (I, D)
 
 
-def user_embeddings_now(model: TwoTower, builder: BatchBuilder, users: np.ndarray) -> np.ndarray:
+def user_embeddings_now(model: Tower, builder: BatchBuilder, users: np.ndarray) -> np.ndarray:
     return _embed(model, builder.users_now, users, side=0)  # (U, D)
 
 
-def user_embeddings_before(model: TwoTower, builder: BatchBuilder, rows: np.ndarray) -> np.ndarray:
+def user_embeddings_before(model: Tower, builder: BatchBuilder, rows: np.ndarray) -> np.ndarray:
     return _embed(model, builder.users_before, rows, side=0)  # (Q, D)
+
+
+class TowerScorer:
+    """`training.evaluate.Scorer` for a model: users as of a row against all items."""
+
+    def __init__(self, model: Tower, builder: BatchBuilder, num_items: int) -> None:
+        self.model, self.builder = model, builder
+        self.item_emb = item_embeddings(model, builder, num_items)  # (I, D)
+
+    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return user_embeddings_before(self.model, self.builder, rows) @ self.item_emb.T

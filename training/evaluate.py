@@ -113,15 +113,36 @@ def ranking_metrics(
     return metrics
 
 
-def evaluate(
-    scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS, chunk: int = 1024
-) -> dict[str, float]:
+def sample_task(task: EvalTask, max_users: int, seed: int = 0) -> EvalTask:
+    """At most `max_users` queries of a task, chosen at random but reproducibly."""
+    if len(task) <= max_users:
+        return task
+    keep = np.sort(np.random.default_rng(seed).choice(len(task), max_users, replace=False))
+    targets, target_lengths = task.targets.gather(keep)
+    seen, seen_lengths = task.seen.gather(keep)
+    return EvalTask(
+        task.users[keep],
+        task.rows[keep],
+        CsrBags(np.concatenate([[0], np.cumsum(target_lengths)]), targets),
+        CsrBags(np.concatenate([[0], np.cumsum(seen_lengths)]), seen),
+    )
+
+
+SCORE_BUDGET = 1 << 26  # floats in one chunk of the (queries x items) score matrix
+
+
+def evaluate(scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """Score every item for every query in chunks, exclude seen items, rank, measure."""
-    tops = []
-    for start in range(0, len(task), chunk):
+    if len(task) == 0:
+        empty = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "hit_rate", "ndcg")}
+        return {**empty, "users": 0.0}
+    tops, start, chunk = [], 0, 1  # the first chunk tells the catalogue size
+    while start < len(task):
         index = np.arange(start, min(start + chunk, len(task)))
         scores = scorer.scores(task.users[index], task.rows[index])
         tops.append(top_k_unseen(scores, task.seen, index, max(ks)))
+        start += len(index)
+        chunk = max(1, min(1024, SCORE_BUDGET // max(1, scores.shape[1])))
     metrics = ranking_metrics(np.concatenate(tops), task.targets, ks)
     metrics["users"] = float(len(task))
     return metrics

@@ -19,10 +19,11 @@ from features.feature_set import FeatureSet
 from features.splits import Split
 from training.batches import BatchBuilder
 from training.config import LossKind, TowerConfig, TrainConfig
-from training.evaluate import EvalTask, eval_task, evaluate
+from training.embed import TowerScorer
+from training.evaluate import eval_task, evaluate, sample_task
 from training.losses import InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
 from training.model import ModelSpec
-from training.parallel import ParallelModel, build_parallel, full_state
+from training.parallel import build_parallel, full_state
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +61,6 @@ def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
     )
 
 
-class TowerScorer:
-    """Scores all items for users as of given rows, through the trained towers."""
-
-    def __init__(self, parallel: ParallelModel, builder: BatchBuilder, num_items: int) -> None:
-        self.parallel, self.builder = parallel, builder
-        self.item_emb = item_embeddings(parallel, builder, num_items)
-
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            user_emb, _ = self.parallel.model(self.builder.users_before(rows))
-        return (user_emb @ self.item_emb.T).numpy()
-
-
-def item_embeddings(
-    parallel: ParallelModel, builder: BatchBuilder, num_items: int, chunk: int = 8192
-) -> Tensor:
-    parts = []
-    with torch.no_grad():
-        for start in range(0, num_items, chunk):
-            _, emb = parallel.model(builder.items(np.arange(start, min(start + chunk, num_items))))
-            parts.append(emb)
-    return torch.cat(parts)  # (I, D)
-
-
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10%."""
     if step < warmup:
@@ -110,14 +87,11 @@ def train(
     rng = np.random.default_rng(cfg.seed)
     spec = model_spec(features, tower)
     builder = BatchBuilder(features, tower)
+    builder.mark_known(train_rows)
     item_counts = np.bincount(features.histories.items[train_rows], minlength=features.num_items)
-    builder.known_items = item_counts > 0
-    builder.known_users = (
-        np.bincount(features.histories.user_of(train_rows), minlength=features.num_users) > 0
-    )
     parallel = build_parallel(spec, cfg, device)
     loss_fn = make_loss(cfg, item_counts).to(device)
-    valid: EvalTask = eval_task(split.valid, features.histories)
+    valid = sample_task(eval_task(split.valid, features.histories), cfg.max_valid_users, cfg.seed)
 
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
     total_steps = steps_per_epoch * cfg.max_epochs
@@ -154,7 +128,7 @@ def train(
                 rate = (b + 1) * cfg.batch_size / (time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", ex_s=f"{rate:,.0f}")
         parallel.model.eval()
-        metrics = evaluate(TowerScorer(parallel, builder, features.num_items), valid)
+        metrics = evaluate(TowerScorer(parallel.model, builder, features.num_items), valid)
         seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch,
