@@ -97,3 +97,37 @@ def test_training_batch_has_no_leakage(planted):
 def test_interactions_are_sorted_for_histories(planted):
     assert planted.interactions["user_idx"].is_sorted()
     assert isinstance(planted.interactions, pl.DataFrame)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(planted, tmp_path):
+    split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
+    config = TrainConfig(max_epochs=3, batch_size=512, patience=10, seed=6)
+    straight = train(planted, split, TOWER, config, checkpoint_dir=tmp_path / "a", progress=False)
+
+    def stop_in_epoch_three(record: dict) -> None:
+        if record["epoch"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(
+            planted,
+            split,
+            TOWER,
+            config,
+            checkpoint_dir=tmp_path / "b",
+            progress=False,
+            on_epoch=stop_in_epoch_three,
+        )
+    resumed = train(
+        planted, split, TOWER, config, checkpoint_dir=tmp_path / "b", resume=True, progress=False
+    )
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["loss"] == pytest.approx(straight.history[-1]["loss"], rel=1e-5)
+    assert resumed.best_epoch == straight.best_epoch
+    for name, value in straight.state.items():
+        torch.testing.assert_close(resumed.state[name], value, rtol=1e-5, atol=1e-6)
+    assert {p.suffix for p in (tmp_path / "b").iterdir()} <= {".safetensors", ".json"}

@@ -63,7 +63,7 @@ class TrainConfig:
     def resolve(self, train_events: int) -> "TrainConfig":
         """Fill data-dependent defaults: batches grow with the log, epochs shrink."""
         batch = self.batch_size or int(
-            min(4096, max(256, 2 ** round(math.log2(train_events / 100))))
+            min(2048, max(256, 2 ** round(math.log2(train_events / 100))))
         )
         epochs = self.max_epochs or int(
             min(50, max(3, self.example_budget // max(1, train_events)))

@@ -6,18 +6,21 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from features.feature_set import FeatureSet
 from features.splits import Split
+from recsys.artifacts import atomic_path
 from training.batches import BatchBuilder
+from training.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from training.config import LossKind, TowerConfig, TrainConfig
 from training.embed import TowerScorer
 from training.evaluate import eval_task, evaluate, sample_task
@@ -26,6 +29,8 @@ from training.model import ModelSpec
 from training.parallel import build_parallel, full_state
 
 log = logging.getLogger(__name__)
+
+BEST_WEIGHTS = "best.safetensors"
 
 
 @dataclass
@@ -37,6 +42,17 @@ class TrainResult:
     best_epoch: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass
+class Progress:
+    """Counters of a run, saved with each checkpoint."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    waited: int = 0
+    best_epoch: int = 0
 
 
 def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
@@ -76,9 +92,16 @@ def train(
     config: TrainConfig | None = None,
     device: torch.device | None = None,
     metrics_path: Path | None = None,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
+    """Train on `split.train`, early-stop on `split.valid`; return the best weights.
+
+    With `checkpoint_dir`, the full training state is saved after every epoch, and
+    `resume=True` continues an interrupted run from its last completed epoch.
+    """
     tower = tower or TowerConfig()
     train_rows = split.train["row"].to_numpy().astype(np.int64)
     cfg = (config or TrainConfig()).resolve(len(train_rows))
@@ -97,8 +120,19 @@ def train(
     total_steps = steps_per_epoch * cfg.max_epochs
     warmup = max(1, int(cfg.warmup_fraction * total_steps))
     result = TrainResult(state={}, spec=spec, config=cfg)
-    best, waited, step, started = -1.0, 0, 0, time.perf_counter()
-    for epoch in range(1, cfg.max_epochs + 1):
+    state = Progress()
+    if resume and checkpoint_dir is not None and (checkpoint_dir / TRAINER_STATE).is_file():
+        saved = load_checkpoint(checkpoint_dir, parallel)
+        rng.bit_generator.state = saved.pop("rng")
+        result.history, result.best_metrics = saved.pop("history"), saved.pop("best_metrics")
+        state = Progress(**saved)
+        result.best_epoch = state.best_epoch
+        result.state = load_file(str(checkpoint_dir / BEST_WEIGHTS))
+        log.info("resumed from epoch %d", state.epoch)
+    started = time.perf_counter()
+    for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
+        if state.waited >= cfg.patience:
+            break
         parallel.model.train()
         order = rng.permutation(train_rows)
         losses, epoch_start = [], time.perf_counter()
@@ -108,33 +142,32 @@ def train(
                 order[b * cfg.batch_size : (b + 1) * cfg.batch_size], rng
             )
             for group in parallel.dense_optimizer.param_groups:
-                group["lr"] = cfg.learning_rate * lr_factor(step, total_steps, warmup)
+                group["lr"] = cfg.learning_rate * lr_factor(state.step, total_steps, warmup)
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
             if cfg.extra_negatives and isinstance(loss_fn, InBatchSoftmaxLoss):
-                extra_ids = torch.from_numpy(
-                    rng.integers(0, features.num_items, cfg.extra_negatives)
-                )
-                _, extra_emb = parallel.model(builder.items(extra_ids.numpy()).to(device))
-                loss = loss_fn(user_emb, item_emb, item_ids, extra_emb, extra_ids.to(device))
+                extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
+                _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
+                extra = torch.from_numpy(extra_ids).to(device)
+                loss = loss_fn(user_emb, item_emb, item_ids, extra_emb, extra)
             else:
                 loss = loss_fn(user_emb, item_emb, item_ids)
             parallel.optimizer.zero_grad()
             loss.backward()
             parallel.optimizer.step()
             losses.append(loss.item())
-            step += 1
+            state.step += 1
             if b % 20 == 0:
                 rate = (b + 1) * cfg.batch_size / (time.perf_counter() - epoch_start)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", ex_s=f"{rate:,.0f}")
+        train_seconds = time.perf_counter() - epoch_start
         parallel.model.eval()
         metrics = evaluate(TowerScorer(parallel.model, builder, features.num_items), valid)
-        seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
-            "examples_per_s": steps_per_epoch * cfg.batch_size / seconds,
-            "seconds": seconds,
+            "examples_per_s": steps_per_epoch * cfg.batch_size / train_seconds,
+            "seconds": time.perf_counter() - epoch_start,
             **{f"valid_{k}": v for k, v in metrics.items()},
         }
         result.history.append(record)
@@ -147,13 +180,20 @@ def train(
         log.info(
             "epoch %d loss %.4f valid recall@%d %.4f", epoch, record["loss"], cfg.eval_k, watched
         )
-        if watched > best:
-            best, waited = watched, 0
+        state.epoch = epoch
+        if watched > state.best:
+            state.best, state.waited, state.best_epoch = watched, 0, epoch
             result.best_epoch, result.best_metrics = epoch, metrics
             result.state = full_state(parallel.model)
+            if checkpoint_dir is not None:
+                checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                with atomic_path(checkpoint_dir / BEST_WEIGHTS) as tmp:
+                    save_file(result.state, str(tmp))
         else:
-            waited += 1
-            if waited >= cfg.patience:
-                break
+            state.waited += 1
+        if checkpoint_dir is not None:
+            extra_state = {"rng": rng.bit_generator.state, "history": result.history}
+            extra_state["best_metrics"] = result.best_metrics
+            save_checkpoint(checkpoint_dir, parallel, {**asdict(state), **extra_state})
     result.seconds = time.perf_counter() - started
     return result
