@@ -1,10 +1,12 @@
 """`python -m recsys.bench [--quick]`: run every benchmark and write bench_results/."""
 
 import argparse
+import logging
 import time
+import warnings
 from pathlib import Path
 
-from recsys.bench import ingest
+from recsys.bench import build, ingest, quality, speed
 from recsys.settings import Settings
 
 
@@ -17,11 +19,22 @@ def main() -> None:
         default=None,
         help="where generated data and outputs go (default: <cache>/bench)",
     )
+    parser.add_argument("--only", nargs="*", help="ingest, quality, speed and/or build")
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    ingest.run(args.quick, work)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    for name, bench in (
+        ("ingest", ingest),
+        ("quality", quality),
+        ("speed", speed),
+        ("build", build),
+    ):
+        if args.only and name not in args.only:
+            continue
+        bench.run(args.quick, work)
     print(f"\nbenchmarks done in {time.perf_counter() - started:.0f}s; see bench_results/")
 
 

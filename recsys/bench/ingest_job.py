@@ -3,10 +3,11 @@ so that peak RSS belongs to that job alone. Prints one JSON line."""
 
 import argparse
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
+
+from recsys.bench.report import peak_rss_mb
 
 BATCH = 8192
 
@@ -72,7 +73,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     job = ours if args.engine == "ours" else pandas_peer
     result = job(args.data, args.out, args.history_length)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 

@@ -22,3 +22,14 @@ def save(name: str, title: str, table: str, notes: str = "") -> Path:
     path.write_text(f"## {title}\n\n{table}\n\n{notes}".rstrip() + "\n")
     print(f"\n## {title}\n\n{table}\n\n{notes}".rstrip() + "\n", flush=True)
     return path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Read from VmHWM, which starts afresh at exec,
+    unlike getrusage's ru_maxrss, which a child inherits from the process that forked it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

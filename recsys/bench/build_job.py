@@ -1,0 +1,58 @@
+"""One `recsys build` in a fresh process, so that peak RSS is this build's alone.
+Prints one JSON line."""
+
+import argparse
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from recsys.bench.report import peak_rss_mb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+
+    from features.sources import resolve_source
+    from recsys.pipeline import build
+    from training.config import TrainConfig
+
+    shutil.rmtree(args.artifacts, ignore_errors=True)
+    started = time.perf_counter()
+    report = build(
+        resolve_source(args.data),
+        args.artifacts,
+        config=TrainConfig(max_epochs=args.epochs),
+        progress=False,
+    )
+    print(
+        json.dumps(
+            {
+                "rows": report.ingest.read,
+                "users": report.ingest.users,
+                "items": report.ingest.items,
+                "epochs": len(report.train.history),
+                "batch": report.train.config.batch_size,
+                "train_s": report.train.seconds,
+                "total_s": time.perf_counter() - started,
+                "examples_per_s": max(h["examples_per_s"] for h in report.train.history),
+                "valid_hit_rate@10": report.train.best_metrics["hit_rate@10"],
+                "index_trees": report.index.n_trees,
+                "index_recall@100": report.index.recall_at_100,
+                "index_build_s": report.index.build_seconds,
+                "peak_rss_mb": peak_rss_mb(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
