@@ -142,7 +142,13 @@ def build(
         int | None, typer.Option(min=2, help="Default: scales with the data.")
     ] = None,
     embedding_dim: Annotated[int, typer.Option(min=2)] = 64,
-    loss: Annotated[str, typer.Option(help="softmax | npair | triplet")] = "softmax",
+    loss: Annotated[
+        list[str] | None,
+        typer.Option(help="softmax | npair | triplet, NAME[:WEIGHT]; repeat to combine."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(min=1e-4)] = 0.05,
+    extra_negatives: Annotated[int, typer.Option(min=0, help="Uniform negatives per batch.")] = 0,
+    symmetric: Annotated[bool, typer.Option(help="Add the item -> user softmax term.")] = False,
     similarity: Annotated[str, typer.Option(help="cosine | dot")] = "cosine",
     seed: int = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -150,12 +156,18 @@ def build(
     """Ingest, train, embed, index, and promote a new version to current."""
     from features.sources import resolve_source
     from recsys.pipeline import build as run_build
-    from training.config import LossKind, Similarity, TowerConfig, TrainConfig
+    from training.config import Similarity, TowerConfig, TrainConfig, parse_losses
 
     try:
         tower = TowerConfig(embedding_dim=embedding_dim, similarity=Similarity(similarity))
         config = TrainConfig(
-            loss=LossKind(loss), max_epochs=epochs, batch_size=batch_size, seed=seed
+            losses=parse_losses(loss or ["softmax"]),
+            temperature=temperature,
+            extra_negatives=extra_negatives,
+            symmetric=symmetric,
+            max_epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
         )
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
@@ -195,6 +207,7 @@ def recommend(
     out_file: Annotated[Path, typer.Option("--out", help="Output Parquet file.")],
     users: Annotated[str, typer.Option(help="'all' or a Parquet/CSV file with user_id.")] = "all",
     k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    show: Annotated[int, typer.Option(min=0, help="Print this many users' lists.")] = 0,
 ) -> None:
     """Batch top-k for users, seen items excluded, through the index the service uses."""
     import numpy as np
@@ -204,7 +217,8 @@ def recommend(
     from recsys.versions import VersionStore
     from serving.recommender import Recommender
 
-    rec = Recommender.load(VersionStore(artifacts).current())
+    version = VersionStore(artifacts).current()
+    rec = Recommender.load(version)
     if users == "all":
         wanted = rec.user_ids
     else:
@@ -244,10 +258,55 @@ def recommend(
         )
     table = pl.concat(frames, how="vertical_relaxed")
     write_parquet(table, out_file)
+    if show:
+        _show(table, version / "data" / "items.parquet", show)
     out.print(
         f"wrote {table.height} rows for {int(known.sum())} users (+{len(unknown)} unknown users "
         f"given the most popular items) from version {rec.version} to {out_file}"
     )
+
+
+@app.command()
+@friendly_errors
+def serve(
+    artifacts: ArtifactsOption,
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Serve the current version over HTTP (uvicorn; workers share the mmap'd index)."""
+    import os
+
+    import uvicorn
+
+    from recsys.versions import VersionStore
+
+    VersionStore(artifacts).current()  # fail now, clearly, if there is nothing to serve
+    os.environ["RECSYS_ARTIFACTS"] = str(artifacts.resolve())
+    uvicorn.run(
+        "serving.main:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="warning",
+    )
+
+
+def _show(recs: pl.DataFrame, items_path: Path, users: int) -> None:
+    """Print a few users' lists, with the item table's descriptive columns if there is one."""
+    if items_path.is_file():
+        items = pl.read_parquet(items_path).drop("item_idx", strict=False)
+        keep = [c for c, d in items.schema.items() if c == "item_id" or d in (pl.String, pl.Int32)]
+        recs = recs.join(items.select(keep), on="item_id", how="left", maintain_order="left")
+    for user in recs["user_id"].unique(maintain_order=True).head(users).to_list():
+        rows = recs.filter(pl.col("user_id") == user).drop("user_id")
+        table = Table(title=f"recommendations for user {user}")
+        for column in rows.columns:
+            table.add_column(column)
+        for row in rows.iter_rows():
+            table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
+        out.print(table)
 
 
 @app.command()

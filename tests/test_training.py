@@ -34,7 +34,7 @@ def planted(tmp_path_factory) -> FeatureSet:
 @pytest.mark.parametrize("loss", [LossKind.SOFTMAX, LossKind.NPAIR])
 def test_towers_find_planted_clusters(planted, loss):
     split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
-    config = TrainConfig(loss=loss, max_epochs=4, batch_size=256, patience=4, seed=1)
+    config = TrainConfig(losses=((loss, 1.0),), max_epochs=4, batch_size=256, patience=4, seed=1)
     result = train(planted, split, TOWER, config, progress=False)
     task = eval_task(split.valid, planted.histories)
     popularity = evaluate(Popularity.fit(split.train, planted.num_items), task)

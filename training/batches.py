@@ -139,6 +139,30 @@ class BatchBuilder:
             self._user_parts(users, history, recent, self.known_users[users]), len(users)
         )
 
+    def users_with_history(
+        self, users: np.ndarray, histories: list[np.ndarray]
+    ) -> KeyedJaggedTensor:
+        """Users given by the caller's own recent items (oldest first), as in a session.
+        A user of -1 is anonymous: no ID and no user features, only the history."""
+        users = np.asarray(users, dtype=np.int64)
+        anonymous = users < 0
+        safe = np.where(anonymous, 0, users)
+
+        def jagged(n: int) -> tuple[np.ndarray, np.ndarray]:
+            cut = [np.asarray(h, dtype=np.int64)[-n:] for h in histories]
+            values = np.concatenate(cut) if cut else np.zeros(0, dtype=np.int64)
+            return values, np.array([len(c) for c in cut], dtype=np.int64)
+
+        keep_id = ~anonymous & self.known_users[safe]
+        parts = self._user_parts(
+            safe, jagged(self.tower.history_length), jagged(self.tower.recent_length), keep_id
+        )
+        for key, (values, lengths) in list(parts.items()):
+            if key.startswith("user:") and anonymous.any():
+                keep = np.repeat(~anonymous, lengths)
+                parts[key] = (values[keep], np.where(anonymous, 0, lengths))
+        return self._assemble(parts, len(users))
+
     def items(self, items: np.ndarray) -> KeyedJaggedTensor:
         items = np.asarray(items, dtype=np.int64)
         return self._assemble(self._item_parts(items, self.known_items[items]), len(items))

@@ -39,11 +39,24 @@ class LossKind(enum.Enum):
     TRIPLET = "triplet"  # triplet margin with semi-hard in-batch mining
 
 
+def parse_losses(specs: list[str]) -> tuple[tuple[LossKind, float], ...]:
+    """["softmax", "triplet:0.5"] -> ((SOFTMAX, 1.0), (TRIPLET, 0.5))."""
+    parsed = []
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        try:
+            parsed.append((LossKind(name.strip()), float(weight) if weight else 1.0))
+        except ValueError as exc:
+            kinds = ", ".join(k.value for k in LossKind)
+            raise ValueError(f"bad loss '{spec}': use NAME[:WEIGHT] with NAME in {kinds}") from exc
+    return tuple(parsed)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings. `None` means "scale with the data" (see `resolve`)."""
 
-    loss: LossKind = LossKind.SOFTMAX
+    losses: tuple[tuple[LossKind, float], ...] = ((LossKind.SOFTMAX, 1.0),)  # weighted sum
     temperature: float = 0.05
     logq_correction: bool = True
     extra_negatives: int = 0  # uniformly sampled negatives per batch (mixed negative sampling)
@@ -59,6 +72,12 @@ class TrainConfig:
     max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
     example_budget: int = 10_000_000  # default epochs: about this many training examples
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.losses or any(weight <= 0 for _, weight in self.losses):
+            raise ValueError("losses need at least one entry, each with a positive weight")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
     def resolve(self, train_events: int) -> "TrainConfig":
         """Fill data-dependent defaults: batches grow with the log, epochs shrink."""

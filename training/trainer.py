@@ -24,7 +24,7 @@ from training.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from training.config import LossKind, TowerConfig, TrainConfig
 from training.embed import TowerScorer
 from training.evaluate import eval_task, evaluate, sample_task
-from training.losses import InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
+from training.losses import CombinedLoss, InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
 from training.model import ModelSpec
 from training.parallel import build_parallel, full_state
 
@@ -56,15 +56,24 @@ class Progress:
 
 
 def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
-    if cfg.loss is LossKind.NPAIR:
-        return NPairLoss()
-    if cfg.loss is LossKind.TRIPLET:
-        return TripletLoss(mining=Mining.SEMI_HARD)
+    """The configured loss, or a weighted sum of several."""
     log_prob = None
     if cfg.logq_correction:
         share = (item_counts + 1.0) / (item_counts.sum() + len(item_counts))
         log_prob = torch.from_numpy(np.log(share).astype(np.float32))
-    return InBatchSoftmaxLoss(cfg.temperature, log_prob, symmetric=cfg.symmetric)
+    parts: list[tuple[float, nn.Module]] = []
+    for kind, weight in cfg.losses:
+        if kind is LossKind.NPAIR:
+            parts.append((weight, NPairLoss()))
+        elif kind is LossKind.TRIPLET:
+            parts.append((weight, TripletLoss(mining=Mining.SEMI_HARD)))
+        else:
+            parts.append(
+                (weight, InBatchSoftmaxLoss(cfg.temperature, log_prob, symmetric=cfg.symmetric))
+            )
+    if len(parts) == 1 and parts[0][0] == 1.0:
+        return parts[0][1]
+    return CombinedLoss(parts)
 
 
 def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
@@ -145,11 +154,13 @@ def train(
                 group["lr"] = cfg.learning_rate * lr_factor(state.step, total_steps, warmup)
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
-            if cfg.extra_negatives and isinstance(loss_fn, InBatchSoftmaxLoss):
+            if cfg.extra_negatives and isinstance(loss_fn, InBatchSoftmaxLoss | CombinedLoss):
                 extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
                 _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
                 extra = torch.from_numpy(extra_ids).to(device)
-                loss = loss_fn(user_emb, item_emb, item_ids, extra_emb, extra)
+                loss = loss_fn(
+                    user_emb, item_emb, item_ids, extra_item_emb=extra_emb, extra_item_ids=extra
+                )
             else:
                 loss = loss_fn(user_emb, item_emb, item_ids)
             parallel.optimizer.zero_grad()

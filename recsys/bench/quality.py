@@ -21,7 +21,7 @@ from features.splits import leave_last_out
 from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from training.baselines import Ease, MatrixFactorization, Popularity
 from training.batches import BatchBuilder
-from training.config import TowerConfig, TrainConfig
+from training.config import LossKind, TowerConfig, TrainConfig
 from training.embed import TowerScorer
 from training.evaluate import KS, EvalTask, Scorer, eval_task, evaluate
 from training.export import load_model, save_model
@@ -117,18 +117,23 @@ def peers(
     return results
 
 
-def two_tower(features: FeatureSet, split, test: EvalTask, work: Path) -> dict[str, Any]:
+def two_tower(
+    features: FeatureSet, split, test: EvalTask, work: Path, loss: LossKind
+) -> dict[str, Any]:
+    """Default settings, only the loss varies."""
     tower = TowerConfig()
     started = time.perf_counter()
-    result = train(features, split, tower, TrainConfig(), progress=False)
+    config = TrainConfig(losses=((loss, 1.0),))
+    result = train(features, split, tower, config, progress=False)
     seconds = time.perf_counter() - started
-    save_model(result.state, result.spec, work / "two-tower")
+    save_model(result.state, result.spec, work / f"two-tower-{loss.value}")
     builder = BatchBuilder(features, tower)
     builder.mark_known(split.train["row"].to_numpy())
-    scorer = TowerScorer(load_model(work / "two-tower"), builder, features.num_items)
+    scorer = TowerScorer(load_model(work / f"two-tower-{loss.value}"), builder, features.num_items)
     metrics = evaluate(scorer, test)
     return {
-        "model": "two-tower (recsys, defaults)",
+        "model": f"two-tower, {loss.value} loss"
+        + (" (default)" if loss is LossKind.SOFTMAX else ""),
         "params": {
             "epochs": len(result.history),
             "best_epoch": result.best_epoch,
@@ -150,10 +155,15 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     valid = eval_task(split.valid, features.histories)
     test = eval_task(split.test, features.histories)
     all_events = pl.concat([split.train, split.valid])
-    results = [two_tower(features, split, test, work)]
-    results += peers(features, split.train, all_events, valid, test, quick)
-    best_peer = {k: max(r[k] for r in results[1:]) for k in ("hit_rate@10", "hit_rate@100")}
+    results = [two_tower(features, split, test, work, LossKind.SOFTMAX)]
+    if not quick:
+        results += [
+            two_tower(features, split, test, work, k) for k in (LossKind.NPAIR, LossKind.TRIPLET)
+        ]
     ours = results[0]
+    peer_results = peers(features, split.train, all_events, valid, test, quick)
+    results += peer_results
+    best_peer = {k: max(r[k] for r in peer_results) for k in ("hit_rate@10", "hit_rate@100")}
     headers = ["model", *[f"HR@{k}" for k in KS], "NDCG@10", "Recall@20", "fit s", "chosen"]
     rows = [
         [

@@ -1,0 +1,288 @@
+"""The HTTP service: `create_app(settings)` builds a FastAPI app whose lifespan loads the
+current version (manifest first, checksums verified, index mmap'd) and opens the cache.
+Routes are thin: parse, look up, answer with the model version and the cache state."""
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Query, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field, model_validator
+
+from recsys.versions import VersionStore
+from serving.cache import CACHE_EVENTS, Cache, make_cache, pack_results, unpack_results
+from serving.settings import ServiceSettings
+from serving.state import VersionState
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("recsys_http_requests_total", "HTTP requests", ["route", "method", "status"])
+LATENCY = Histogram(
+    "recsys_http_request_seconds",
+    "HTTP request latency",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+INDEX_SECONDS = Histogram(
+    "recsys_index_query_seconds",
+    "Index query time",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+)
+
+ItemId = int | str
+
+
+class ScoredItem(BaseModel):
+    item_id: ItemId
+    score: float
+
+
+class Recommendations(BaseModel):
+    model_version: str
+    user_id: ItemId | None = None
+    items: list[ScoredItem]
+    cached: bool = Field(description="True when the answer came from the cache")
+    fallback: bool = Field(
+        default=False, description="True when the user is unknown: popular items"
+    )
+    unknown_items: list[ItemId] = Field(
+        default_factory=list, description="History or exclude IDs not in the catalogue, ignored"
+    )
+
+
+class RecommendationRequest(BaseModel):
+    user_id: ItemId | None = None
+    history: list[ItemId] = Field(
+        default_factory=list, max_length=1000, description="Recent item IDs, oldest first"
+    )
+    k: int = Field(10, ge=1, le=1000)
+    exclude: list[ItemId] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _needs_someone(self) -> "RecommendationRequest":
+        if self.user_id is None and not self.history:
+            raise ValueError("give a user_id, a history of item IDs, or both")
+        return self
+
+
+class SimilarItems(BaseModel):
+    model_version: str
+    item_id: ItemId
+    items: list[ScoredItem]
+    cached: bool
+
+
+def _scored(state: VersionState, items: np.ndarray, scores: np.ndarray) -> list[ScoredItem]:
+    return [
+        ScoredItem(item_id=i, score=float(s))
+        for i, s in zip(state.item_ids(items), scores, strict=True)
+    ]
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    holder: dict[str, object] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        torch.set_num_threads(1)
+        holder["state"] = VersionState.load(VersionStore(settings.artifacts).current())
+        holder["cache"] = make_cache(
+            settings.redis_url,
+            settings.redis_timeout_ms,
+            settings.redis_retry_seconds,
+            settings.lru_entries,
+        )
+        log.info("serving version %s", holder["state"].version)  # type: ignore[attr-defined]
+        yield
+        holder.clear()
+
+    app = FastAPI(
+        title="recsys",
+        version="1",
+        description="Recommendations from a two-tower model over an Annoy index, cached in Redis.",
+        lifespan=lifespan,
+    )
+
+    def state() -> VersionState:
+        current = holder.get("state")
+        if not isinstance(current, VersionState):
+            raise HTTPException(503, "no model loaded yet")
+        return current
+
+    def cache() -> Cache:
+        return holder["cache"]  # type: ignore[return-value]
+
+    @app.middleware("http")
+    async def measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUESTS.labels(path, request.method, str(response.status_code)).inc()
+        LATENCY.labels(path).observe(time.perf_counter() - started)
+        return response
+
+    def cached_results(
+        key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        hit = cache().get(key)
+        if hit is not None:
+            CACHE_EVENTS.labels("hit").inc()
+            items, scores = unpack_results(hit)
+            return items, scores, True
+        CACHE_EVENTS.labels("miss").inc()
+        started = time.perf_counter()
+        items, scores = compute()
+        INDEX_SECONDS.observe(time.perf_counter() - started)
+        cache().set(key, pack_results(items, scores), settings.cache_ttl_seconds)
+        return items, scores, False
+
+    def for_user(
+        current: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
+    ) -> Recommendations:
+        user = current.user_index(raw_user)
+        rec = current.recommender
+        if user is None:
+            items, scores, cached = cached_results(
+                f"recsys:{current.version}:popular:{k}",
+                lambda: rec.popular(np.zeros(0, np.int64), k),
+            )
+            return Recommendations(
+                model_version=current.version,
+                user_id=raw_user,
+                items=_scored(current, items, scores),
+                cached=cached,
+                fallback=True,
+            )
+        exclude = current.seen(user) if exclude_seen else np.zeros(0, np.int64)
+        items, scores, cached = cached_results(
+            f"recsys:{current.version}:user:{user}:{k}:{int(exclude_seen)}",
+            lambda: rec.for_vector(rec.user_emb[user], exclude, k),
+        )
+        return Recommendations(
+            model_version=current.version,
+            user_id=raw_user,
+            items=_scored(current, items, scores),
+            cached=cached,
+        )
+
+    @app.get("/v1/users/{user_id}/recommendations", response_model=Recommendations)
+    def user_recommendations(
+        user_id: str,
+        k: Annotated[int, Query(ge=1, le=settings.max_k)] = 10,
+        exclude_seen: bool = True,
+    ) -> Recommendations:
+        """Top-k items for a known user; unknown users get the most popular items (fallback)."""
+        return for_user(state(), user_id, k, exclude_seen)
+
+    @app.post("/v1/recommendations", response_model=Recommendations)
+    def recommendations(body: RecommendationRequest) -> Recommendations:
+        """For a user, a session history (new or anonymous users), or both."""
+        current = state()
+        if body.k > settings.max_k:
+            raise HTTPException(422, f"k must be at most {settings.max_k}")
+        unknown = [i for i in [*body.history, *body.exclude] if current.item_index(i) is None]
+        if not body.history and not body.exclude and body.user_id is not None:
+            return for_user(current, body.user_id, body.k, True)
+        user = None if body.user_id is None else current.user_index(body.user_id)
+        history = [h for i in body.history if (h := current.item_index(i)) is not None]
+        excluded = [e for i in body.exclude if (e := current.item_index(i)) is not None]
+        rec = current.recommender
+        banned = np.unique(
+            np.concatenate(
+                [
+                    np.asarray(history + excluded, dtype=np.int64),
+                    current.seen(user) if user is not None else np.zeros(0, np.int64),
+                ]
+            )
+        )
+        if history:
+            query = current.embed_history(user, history)
+        elif user is not None:
+            query = rec.user_emb[user]
+        else:
+            items, scores = rec.popular(banned, body.k)
+            return Recommendations(
+                model_version=current.version,
+                user_id=body.user_id,
+                items=_scored(current, items, scores),
+                cached=False,
+                fallback=True,
+                unknown_items=unknown,
+            )
+        digest = hashlib.blake2b(query.tobytes() + banned.tobytes(), digest_size=12).hexdigest()
+        items, scores, cached = cached_results(
+            f"recsys:{current.version}:query:{digest}:{body.k}",
+            lambda: rec.for_vector(query, banned, body.k),
+        )
+        return Recommendations(
+            model_version=current.version,
+            user_id=body.user_id,
+            items=_scored(current, items, scores),
+            cached=cached,
+            unknown_items=unknown,
+        )
+
+    @app.get("/v1/items/{item_id}/similar", response_model=SimilarItems)
+    def similar_items(
+        item_id: str, k: Annotated[int, Query(ge=1, le=settings.max_k)] = 10
+    ) -> SimilarItems:
+        """Nearest items to an item in the embedding space (the item itself excluded)."""
+        current = state()
+        item = current.item_index(item_id)
+        if item is None:
+            raise HTTPException(404, f"unknown item_id {item_id!r}")
+        rec = current.recommender
+        items, scores, cached = cached_results(
+            f"recsys:{current.version}:similar:{item}:{k}",
+            lambda: rec.for_vector(rec.item_emb[item], np.array([item]), k),
+        )
+        return SimilarItems(
+            model_version=current.version,
+            item_id=current.item_ids(np.array([item]))[0],
+            items=_scored(current, items, scores),
+            cached=cached,
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict[str, object]:
+        """Model, index and cache state; 503 until a model is loaded."""
+        current = holder.get("state")
+        ready = isinstance(current, VersionState)
+        cache_state = (
+            {"backend": cache().backend, "healthy": cache().healthy()}
+            if "cache" in holder
+            else None
+        )
+        if not ready:
+            response.status_code = 503
+            return {"ready": False, "cache": cache_state}
+        assert isinstance(current, VersionState)
+        return {
+            "ready": True,
+            "model_version": current.version,
+            "items": len(current.recommender.item_ids),
+            "users": len(current.recommender.user_ids),
+            "index": current.recommender.retriever.params.__dict__,  # type: ignore[attr-defined]
+            "cache": cache_state,
+        }
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus metrics of this worker."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,128 @@
+"""Result and embedding cache: Redis when configured, an in-process LRU otherwise, with one
+interface. Keys carry the model version, so a new version never reads an old one's
+entries. Redis failures never fail a request: the call counts as a miss, the error is
+counted, and Redis is left alone for a short back-off before it is tried again."""
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Protocol
+
+import numpy as np
+import redis
+from prometheus_client import Counter
+
+log = logging.getLogger(__name__)
+
+CACHE_EVENTS = Counter("recsys_cache_events_total", "Cache lookups and failures", ["event"])
+
+
+class Cache(Protocol):
+    backend: str
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, ttl_seconds: int) -> None: ...
+
+    def healthy(self) -> bool: ...
+
+
+class LruCache:
+    """Bounded, thread-safe, with per-entry expiry."""
+
+    backend = "memory"
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is None or hit[0] < time.monotonic():
+                self._data.pop(key, None)
+                return None
+            self._data.move_to_end(key)
+            return hit[1]
+
+    def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        if self.entries == 0:
+            return
+        with self._lock:
+            self._data[key] = (time.monotonic() + ttl_seconds, value)
+            self._data.move_to_end(key)
+            while len(self._data) > self.entries:
+                self._data.popitem(last=False)
+
+    def healthy(self) -> bool:
+        return True
+
+
+class RedisCache:
+    """Redis with millisecond timeouts and a back-off after failures."""
+
+    backend = "redis"
+
+    def __init__(self, url: str, timeout_ms: int, retry_seconds: float) -> None:
+        timeout = timeout_ms / 1000
+        self.client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        )
+        self.retry_seconds = retry_seconds
+        self._down_until = 0.0
+
+    def _available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _failed(self, exc: Exception) -> None:
+        CACHE_EVENTS.labels("error").inc()
+        self._down_until = time.monotonic() + self.retry_seconds
+        log.warning("redis unavailable (%s); serving uncached for %.1fs", exc, self.retry_seconds)
+
+    def get(self, key: str) -> bytes | None:
+        if not self._available():
+            CACHE_EVENTS.labels("skipped").inc()
+            return None
+        try:
+            value = self.client.get(key)
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return None
+        return value if isinstance(value, bytes) else None
+
+    def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        if not self._available():
+            return
+        try:
+            self.client.set(key, value, ex=ttl_seconds)
+        except redis.RedisError as exc:
+            self._failed(exc)
+
+    def healthy(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
+
+def make_cache(
+    redis_url: str | None, timeout_ms: int, retry_seconds: float, lru_entries: int
+) -> Cache:
+    if redis_url:
+        return RedisCache(redis_url, timeout_ms, retry_seconds)
+    return LruCache(lru_entries)
+
+
+def pack_results(items: np.ndarray, scores: np.ndarray) -> bytes:
+    """Compact binary value: uint32 item indices followed by float32 scores."""
+    return items.astype("<u4").tobytes() + scores.astype("<f4").tobytes()
+
+
+def unpack_results(value: bytes) -> tuple[np.ndarray, np.ndarray]:
+    n = len(value) // 8
+    return (
+        np.frombuffer(value[: 4 * n], dtype="<u4").astype(np.int64),
+        np.frombuffer(value[4 * n :], dtype="<f4").copy(),
+    )

@@ -1,0 +1,32 @@
+"""Service settings from the environment (pydantic-settings), validated at start-up."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServiceSettings(BaseSettings):
+    """`RECSYS_*` variables; `REDIS_URL` selects the cache server (unset: in-process LRU)."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", frozen=True)
+
+    artifacts: Path = Path("artifacts")
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "RECSYS_REDIS_URL")
+    )
+    cache_ttl_seconds: int = Field(default=600, ge=1)
+    redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
+    redis_retry_seconds: float = Field(default=1.0, ge=0.0)  # back-off after a Redis failure
+    lru_entries: int = Field(default=100_000, ge=0)
+    max_k: int = Field(default=1000, ge=1)
+    max_history: int = Field(default=1000, ge=1)  # longest history accepted in a request
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+        return value

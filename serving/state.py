@@ -1,0 +1,76 @@
+"""What a service worker holds for one version: the recommender (embeddings, mmap'd index,
+seen items), the user tower for history-based requests, and ID lookups."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from features.feature_set import FeatureSet
+from serving.recommender import Recommender
+from training.batches import BatchBuilder
+from training.export import load_model
+from training.model import TwoTower
+
+
+@dataclass
+class VersionState:
+    version: str
+    path: Path
+    recommender: Recommender
+    model: TwoTower
+    builder: BatchBuilder
+    item_lookup: dict[object, int]  # raw item ID -> item_idx
+    user_lookup: dict[object, int]
+
+    @classmethod
+    def load(cls, path: Path) -> "VersionState":
+        recommender = Recommender.load(path)  # verifies the manifest and every checksum
+        model = load_model(path / "model")
+        features = FeatureSet.load(path / "data", verify=False)  # covered by the check above
+        builder = BatchBuilder(features, model.spec.tower)
+        items = pl.read_parquet(path / "embeddings" / "items.parquet", columns=["known"])
+        users = pl.read_parquet(path / "embeddings" / "users.parquet", columns=["known"])
+        builder.known_items = items["known"].to_numpy()
+        builder.known_users = users["known"].to_numpy()
+        return cls(
+            version=recommender.version,
+            path=path,
+            recommender=recommender,
+            model=model,
+            builder=builder,
+            item_lookup={v: i for i, v in enumerate(recommender.item_ids.to_list())},
+            user_lookup={v: i for i, v in enumerate(recommender.user_ids.to_list())},
+        )
+
+    def _raw(self, raw: object, dtype: pl.DataType) -> object:
+        """A request's ID (always text in a URL) in the vocabulary's own type."""
+        if dtype == pl.Int64:
+            try:
+                return int(str(raw))
+            except ValueError:
+                return None
+        return str(raw)
+
+    def user_index(self, raw: object) -> int | None:
+        return self.user_lookup.get(self._raw(raw, self.recommender.user_ids.dtype))
+
+    def item_index(self, raw: object) -> int | None:
+        return self.item_lookup.get(self._raw(raw, self.recommender.item_ids.dtype))
+
+    def seen(self, user: int) -> np.ndarray:
+        seen = self.recommender.seen
+        return seen.values[seen.offsets[user] : seen.offsets[user + 1]]
+
+    def embed_history(self, user: int | None, history: list[int]) -> np.ndarray:
+        """The user tower applied to a history given in the request (oldest first)."""
+        users = np.array([-1 if user is None else user], dtype=np.int64)
+        features = self.builder.users_with_history(users, [np.asarray(history, dtype=np.int64)])
+        with torch.no_grad():
+            user_emb, _ = self.model(features)
+        return user_emb[0].numpy()
+
+    def item_ids(self, indices: np.ndarray) -> list[int | str]:
+        return list(self.recommender.item_ids.gather(indices).to_list())

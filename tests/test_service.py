@@ -1,0 +1,214 @@
+"""The HTTP service against a real Redis: routes, cache behaviour, fallbacks, bad input,
+Redis outages, and `recsys serve` as a subprocess answering over real HTTP."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import polars as pl
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from data.synthetic import SyntheticConfig, generate
+from features.sources import resolve_source
+from recsys.pipeline import build
+from serving.app import create_app
+from serving.settings import ServiceSettings
+from training.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("service")
+    generate(root / "data", SyntheticConfig(rows=8_000, users=200, items=120, clusters=4, seed=9))
+    build(
+        resolve_source(root / "data"),
+        root / "artifacts",
+        config=TrainConfig(max_epochs=1),
+        progress=False,
+    )
+    return root / "artifacts"
+
+
+@pytest.fixture
+def client(artifacts, redis_url) -> Iterator[TestClient]:
+    app = create_app(ServiceSettings(artifacts=artifacts, redis_url=redis_url))
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def seen_items(artifacts: Path, user: int) -> set[int]:
+    log = pl.read_parquet(
+        next((artifacts / "versions").iterdir()) / "data" / "interactions.parquet"
+    )
+    vocab = pl.read_parquet(
+        next((artifacts / "versions").iterdir()) / "data" / "vocab" / "item_id.parquet"
+    )
+    items = log.filter(pl.col("user_idx") == user)["item_idx"].to_list()
+    return set(vocab["id"].gather(items).to_list())
+
+
+def test_known_user_is_answered_then_cached_in_redis(client, artifacts, redis_url):
+    first = client.get("/v1/users/0/recommendations", params={"k": 5})
+    assert first.status_code == 200
+    body = first.json()
+    assert len(body["items"]) == 5 and body["cached"] is False and body["fallback"] is False
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert not {item["item_id"] for item in body["items"]} & seen_items(artifacts, 0)
+    second = client.get("/v1/users/0/recommendations", params={"k": 5}).json()
+    assert second["cached"] is True and second["items"] == body["items"]
+    keys = redis.Redis.from_url(redis_url).keys("recsys:*")
+    assert keys and all(body["model_version"].encode() in key for key in keys)
+
+
+def test_unknown_user_gets_popular_items_flagged_as_fallback(client):
+    body = client.get("/v1/users/no-such-user/recommendations", params={"k": 3}).json()
+    assert body["fallback"] is True and len(body["items"]) == 3
+
+
+def test_history_request_for_an_anonymous_session(client):
+    response = client.post(
+        "/v1/recommendations", json={"history": [1, 2, 3, 987654], "k": 4, "exclude": [5]}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    returned = {item["item_id"] for item in body["items"]}
+    assert len(returned) == 4 and not returned & {1, 2, 3, 5}
+    assert body["unknown_items"] == [987654]
+
+
+def test_similar_items_exclude_the_item_itself(client):
+    body = client.get("/v1/items/7/similar", params={"k": 6}).json()
+    assert len(body["items"]) == 6 and 7 not in {i["item_id"] for i in body["items"]}
+    assert client.get("/v1/items/424242/similar").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "payload"),
+    [
+        ("get", "/v1/users/0/recommendations?k=0", None),
+        ("get", "/v1/users/0/recommendations?k=100000", None),
+        ("get", "/v1/users/0/recommendations?k=ten", None),
+        ("post", "/v1/recommendations", {}),
+        ("post", "/v1/recommendations", {"user_id": 0, "k": -1}),
+        ("post", "/v1/recommendations", {"history": "not a list"}),
+    ],
+)
+def test_bad_input_is_a_422_with_a_message(client, method, url, payload):
+    response = client.request(method.upper(), url, json=payload)
+    assert response.status_code == 422
+    assert response.json()["detail"]
+
+
+def test_health_readiness_and_metrics(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["cache"] == {"backend": "redis", "healthy": True}
+    assert ready["index"]["recall_at_100"] >= 0.95
+    client.get("/v1/users/1/recommendations")
+    client.get("/v1/users/1/recommendations")
+    metrics = client.get("/metrics").text
+    assert 'recsys_cache_events_total{event="hit"}' in metrics
+    assert 'route="/v1/users/{user_id}/recommendations"' in metrics
+
+
+def test_in_process_cache_when_no_redis_is_configured(artifacts):
+    with TestClient(create_app(ServiceSettings(artifacts=artifacts, redis_url=None))) as client:
+        assert client.get("/v1/users/2/recommendations").json()["cached"] is False
+        assert client.get("/v1/users/2/recommendations").json()["cached"] is True
+        assert client.get("/readyz").json()["cache"]["backend"] == "memory"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed (make redis)"
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=0.2)
+    for _ in range(100):
+        try:
+            if client.ping():
+                return process
+        except redis.RedisError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def test_redis_stopped_and_restarted_under_requests(artifacts):
+    port = free_port()
+    with tempfile.TemporaryDirectory() as workdir:
+        server = start_redis(port, workdir)
+        settings = ServiceSettings(
+            artifacts=artifacts,
+            redis_url=f"redis://127.0.0.1:{port}/0",
+            redis_timeout_ms=50,
+            redis_retry_seconds=0.2,
+        )
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/v1/users/3/recommendations").json()["cached"] is False
+            assert client.get("/v1/users/3/recommendations").json()["cached"] is True
+            server.terminate()
+            server.wait(timeout=10)
+            during = [client.get(f"/v1/users/{u}/recommendations") for u in range(10)]
+            assert all(r.status_code == 200 for r in during)
+            assert not any(r.json()["cached"] for r in during)
+            assert client.get("/readyz").json()["cache"]["healthy"] is False
+            assert 'recsys_cache_events_total{event="error"}' in client.get("/metrics").text
+            server = start_redis(port, workdir)
+            time.sleep(0.3)  # the back-off passes
+            client.get("/v1/users/4/recommendations")
+            assert client.get("/v1/users/4/recommendations").json()["cached"] is True
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_recsys_serve_answers_over_http(artifacts, redis_url):
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recsys",
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        response = httpx.get(f"{base}/v1/users/5/recommendations", params={"k": 4}, timeout=5)
+        assert response.status_code == 200 and len(response.json()["items"]) == 4
+        assert httpx.get(f"{base}/openapi.json", timeout=5).json()["info"]["title"] == "recsys"
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
