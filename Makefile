@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint format bench bench-quick redis clean
+.PHONY: setup demo test lint format bench bench-quick redis wrk clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,11 +45,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix recsys features training serving data tests
 	$(BIN)/ruff format recsys features training serving data tests
 
-bench: $(STAMP)  ## full benchmarks (tables + PNG plots in bench_results/)
+bench: $(STAMP) redis wrk  ## full benchmarks (tables + PNG plots in bench_results/)
 	$(BIN)/python -m recsys.bench
 
-bench-quick: $(STAMP)  ## the same benchmarks on smaller data, for everyday use
+bench-quick: $(STAMP) redis wrk  ## the same benchmarks on smaller data, for everyday use
 	$(BIN)/python -m recsys.bench --quick
+
+wrk:  ## the HTTP load generator used by the serving benchmark
+	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk)
 
 clean:
 	rm -rf $(ARTIFACTS) bench_results .pytest_cache .mypy_cache .ruff_cache

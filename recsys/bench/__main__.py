@@ -6,7 +6,7 @@ import time
 import warnings
 from pathlib import Path
 
-from recsys.bench import build, ingest, quality, speed
+from recsys.bench import build, index, ingest, quality, serving, speed
 from recsys.settings import Settings
 
 
@@ -19,19 +19,24 @@ def main() -> None:
         default=None,
         help="where generated data and outputs go (default: <cache>/bench)",
     )
-    parser.add_argument("--only", nargs="*", help="ingest, quality, speed and/or build")
+    parser.add_argument(
+        "--only", nargs="*", help="ingest, quality, speed, serving, index and/or build"
+    )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    for name, bench in (
+    benches = (
         ("ingest", ingest),
         ("quality", quality),
         ("speed", speed),
+        ("serving", serving),
+        ("index", index),
         ("build", build),
-    ):
+    )
+    for name, bench in benches:
         if args.only and name not in args.only:
             continue
         bench.run(args.quick, work)

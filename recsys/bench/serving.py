@@ -1,0 +1,220 @@
+"""The service under load on loopback: wrk for throughput and latency of cache hits and
+misses next to a bare FastAPI constant endpoint (the framework's ceiling), and a fixed-rate
+client for cache-miss latency at 200 requests/s. Also Annoy against exact search."""
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from recsys.bench.report import markdown_table, save
+
+WRK_SECONDS = 10
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} did not become ready")
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+_LUA_MISS = """
+math.randomseed(os.time())
+request = function()
+  local user = math.random(0, %d)
+  local k = math.random(1, 1000)
+  return wrk.format("GET", "/v1/users/" .. user .. "/recommendations?k=" .. k)
+end
+"""
+
+
+def _wrk(url: str, script: str | None, connections: int, seconds: int) -> dict[str, float]:
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as handle:
+        if script:
+            handle.write(script)
+            command += ["-s", handle.name]
+    output = subprocess.run([*command, url], capture_output=True, text=True, check=True).stdout
+    os.unlink(handle.name)
+
+    def latency(label: str) -> float:
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", output)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return {
+        "rps": rps,
+        "p50_ms": latency("50%"),
+        "p99_ms": latency("99%"),
+        "errors": float(errors.group(1)) if errors else 0.0,
+    }
+
+
+async def _fixed_rate(base: str, users: int, rate: int, seconds: int) -> dict[str, float]:
+    """Open-loop load: one request every 1/rate s whatever the answers do; all misses."""
+    rng = np.random.default_rng(0)
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(
+        base_url=base, timeout=5, limits=httpx.Limits(max_connections=64)
+    ) as client:
+
+        async def one(user: int, k: int) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            response = await client.get(f"/v1/users/{user}/recommendations", params={"k": k})
+            latencies.append((time.perf_counter() - started) * 1000)
+            errors += response.status_code != 200
+
+        tasks = []
+        start = time.perf_counter()
+        for n in range(rate * seconds):
+            delay = start + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(
+                asyncio.create_task(one(int(rng.integers(users)), int(rng.integers(1, 1000))))
+            )
+        await asyncio.gather(*tasks)
+    values = np.array(latencies)
+    return {
+        "rps": rate,
+        "p50_ms": float(np.percentile(values, 50)),
+        "p99_ms": float(np.percentile(values, 99)),
+        "errors": float(errors),
+    }
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is needed for the serving benchmark: apt-get install wrk")
+    from data import movielens
+    from features.sources import resolve_source
+    from recsys.pipeline import build
+    from recsys.settings import Settings
+    from recsys.versions import VersionStore
+
+    artifacts = work / "serving-ml-100k"
+    if VersionStore(artifacts).current_name() is None:
+        build(resolve_source(movielens.fetch(Settings().datasets_dir)), artifacts, progress=False)
+    users = 943
+    seconds = 5 if quick else WRK_SECONDS
+    env = {**os.environ, "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
+    results: list[dict[str, Any]] = []
+    port = _free_port()
+    ceiling = _start(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "recsys.bench.ceiling_app:app",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env,
+    )
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v1/users/1/recommendations")
+        results.append(
+            {
+                "case": "bare FastAPI constant (ceiling)",
+                **_wrk(f"http://127.0.0.1:{port}/v1/users/1/recommendations", None, 16, seconds),
+            }
+        )
+    finally:
+        ceiling.terminate()
+        ceiling.wait()
+    port = _free_port()
+    service = _start(
+        [
+            sys.executable,
+            "-m",
+            "recsys",
+            "serve",
+            "--artifacts",
+            str(artifacts),
+            "--port",
+            str(port),
+        ],
+        env,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(f"{base}/readyz")
+        hit_url = f"{base}/v1/users/1/recommendations?k=10"
+        httpx.get(hit_url)
+        results.append({"case": "recsys, cache hits (Redis)", **_wrk(hit_url, None, 16, seconds)})
+        results.append(
+            {
+                "case": "recsys, cache misses (random user and k), closed loop",
+                **_wrk(f"{base}/", _LUA_MISS % (users - 1), 16, seconds),
+            }
+        )
+        results.append(
+            {
+                "case": "recsys, cache misses at a fixed 200 requests/s",
+                **asyncio.run(_fixed_rate(base, users, 200, seconds)),
+            }
+        )
+    finally:
+        service.terminate()
+        service.wait()
+    ceiling_rps = float(results[0]["rps"])
+    rows = [
+        [
+            r["case"],
+            f"{r['rps']:,.0f}",
+            f"{r['p50_ms']:.2f}",
+            f"{r['p99_ms']:.2f}",
+            f"{float(r['errors']):.0f}",
+            f"{float(r['rps']) / ceiling_rps:.0%}",
+        ]
+        for r in results
+    ]
+    notes = (
+        f"MovieLens-100K version, one uvicorn worker, Redis on loopback, wrk -t1 -c16 for "
+        f"{seconds} s per row (closed loop), and an asyncio client sending 200 requests/s "
+        "(open loop) for the fixed-rate row. Targets: cache-hit throughput >= 50% of the "
+        "ceiling; cache-miss p99 <= 20 ms at 200 requests/s."
+    )
+    save(
+        "serving",
+        "HTTP service under load (2 cores, loopback)",
+        markdown_table(["case", "requests/s", "p50 ms", "p99 ms", "errors", "of ceiling"], rows),
+        notes,
+    )
+    print(json.dumps(results))
+    return results
