@@ -107,6 +107,7 @@ def build_annoy(
     items, dim = item_emb.shape
     exact = ExactRetriever(item_emb)
     trees = n_trees or int(min(100, max(10, 2 * np.log2(max(items, 2)))))
+    max_trees = 4 * trees  # bounded: a catalogue that needs more gets its measured recall
     while True:
         started = time.perf_counter()
         index = AnnoyIndex(dim, metric)  # type: ignore[arg-type]
@@ -123,7 +124,7 @@ def build_annoy(
             if recall >= target_recall or search_k >= 64 * 100 * trees:
                 break
             search_k *= 2
-        if recall >= target_recall or trees >= 400 or n_trees is not None:
+        if recall >= target_recall or trees >= max_trees or n_trees is not None:
             break
         index.unload()
         trees *= 2
