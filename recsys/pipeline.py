@@ -23,6 +23,7 @@ from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
 from training.export import load_model, save_model
+from training.model import TwoTower
 from training.trainer import TrainResult, train
 
 log = logging.getLogger(__name__)
@@ -160,16 +161,22 @@ def build(
     )
 
 
-def version_scorer(version_dir: Path, features: FeatureSet) -> TowerScorer:
-    """A scorer with a built version's towers and its ID/feature masks."""
+def version_towers(version_dir: Path, features: FeatureSet) -> tuple[TwoTower, BatchBuilder]:
+    """A built version's towers and a batch builder with the version's known-ID masks."""
     model = load_model(version_dir / MODEL_DIR)
     builder = BatchBuilder(features, model.spec.tower)
-    builder.known_items = pl.read_parquet(version_dir / EMBEDDINGS_DIR / "items.parquet")[
-        "known"
-    ].to_numpy()
-    builder.known_users = pl.read_parquet(version_dir / EMBEDDINGS_DIR / "users.parquet")[
-        "known"
-    ].to_numpy()
+    known = {
+        side: pl.read_parquet(version_dir / EMBEDDINGS_DIR / f"{side}.parquet", columns=["known"])
+        for side in ("items", "users")
+    }
+    builder.known_items = known["items"]["known"].to_numpy()
+    builder.known_users = known["users"]["known"].to_numpy()
+    return model, builder
+
+
+def version_scorer(version_dir: Path, features: FeatureSet) -> TowerScorer:
+    """A scorer with a built version's towers and its ID/feature masks."""
+    model, builder = version_towers(version_dir, features)
     return TowerScorer(model, builder, features.num_items)
 
 

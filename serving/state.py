@@ -9,9 +9,9 @@ import polars as pl
 import torch
 
 from features.feature_set import FeatureSet
+from recsys.pipeline import version_towers
 from serving.recommender import Recommender
 from training.batches import BatchBuilder
-from training.export import load_model
 from training.model import TwoTower
 
 
@@ -28,13 +28,8 @@ class VersionState:
     @classmethod
     def load(cls, path: Path) -> "VersionState":
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
-        model = load_model(path / "model")
         features = FeatureSet.load(path / "data", verify=False)  # covered by the check above
-        builder = BatchBuilder(features, model.spec.tower)
-        items = pl.read_parquet(path / "embeddings" / "items.parquet", columns=["known"])
-        users = pl.read_parquet(path / "embeddings" / "users.parquet", columns=["known"])
-        builder.known_items = items["known"].to_numpy()
-        builder.known_users = users["known"].to_numpy()
+        model, builder = version_towers(path, features)
         return cls(
             version=recommender.version,
             path=path,
