@@ -22,12 +22,9 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)  ## create .venv with `recsys` on its PATH
 
-demo: $(STAMP)  ## fetch MovieLens-100K, build a version, print one user's recommendations
-	$(BIN)/recsys data fetch ml-100k
-	$(BIN)/recsys ingest --data "$$($(BIN)/recsys data fetch ml-100k)" --out $(ARTIFACTS)/ml-100k/ingest
+demo: $(STAMP)  ## fetch MovieLens-100K, build a version, serve it, ask it over HTTP
 	$(BIN)/recsys build --data "$$($(BIN)/recsys data fetch ml-100k)" --artifacts $(ARTIFACTS)/ml-100k --no-progress
-	printf 'user_id\n1\n' > $(ARTIFACTS)/demo-users.csv
-	$(BIN)/recsys recommend --artifacts $(ARTIFACTS)/ml-100k --users $(ARTIFACTS)/demo-users.csv --k 10 --show 1 --out $(ARTIFACTS)/demo-recommendations.parquet
+	$(BIN)/python -m recsys.demo --artifacts $(ARTIFACTS)/ml-100k --user 1 --k 10
 
 redis:  ## make sure a redis-server binary exists (tests start one if none answers)
 	@command -v redis-server >/dev/null 2>&1 || redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 \

@@ -152,9 +152,30 @@ def build(
     similarity: Annotated[str, typer.Option(help="cosine | dot")] = "cosine",
     seed: int = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    from_scratch: Annotated[
+        bool, typer.Option(help="Do not warm-start from the current version.")
+    ] = False,
+    warm_epochs: Annotated[
+        int | None,
+        typer.Option(min=1, help="Epoch budget of a warm-started rebuild. Default: a third."),
+    ] = None,
+    gate_margin: Annotated[
+        float,
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="Promote a rebuild only if its validation recall@20 is at least "
+            "(1 - margin) x the current version's, on the same recent slice.",
+        ),
+    ] = 0.05,
+    gate: Annotated[bool, typer.Option(help="Apply the quality gate to rebuilds.")] = True,
+    keep: Annotated[int, typer.Option(min=1, help="Versions kept on disk.")] = 5,
 ) -> None:
-    """Ingest, train, embed, index, and promote a new version to current."""
+    """Ingest, train, embed, index, and promote a new version to current. A rebuild
+    warm-starts from the current version and must pass the quality gate (exit status 3
+    when the candidate is rejected; the current version stays)."""
     from features.sources import resolve_source
+    from recsys.pipeline import RebuildPolicy
     from recsys.pipeline import build as run_build
     from training.config import Similarity, TowerConfig, TrainConfig, parse_losses
 
@@ -168,11 +189,13 @@ def build(
             max_epochs=epochs,
             batch_size=batch_size,
             seed=seed,
+            warm_epochs=warm_epochs,
         )
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
     source = resolve_source(data, items=items, users=users)
-    report = run_build(source, artifacts, tower, config, progress=progress)
+    policy = RebuildPolicy(from_scratch, gate_margin if gate else None, keep)
+    report = run_build(source, artifacts, tower, config, progress=progress, policy=policy)
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)
     for name, value in [
@@ -193,11 +216,17 @@ def build(
             f"search_k {report.index.search_k}, "
             f"recall@100 vs exact {report.index.recall_at_100:.3f}",
         ),
+        ("warm start from", report.warm_start_from or "no (trained from scratch)"),
+        ("quality gate", report.gate.reason if report.gate else "none (first build)"),
+        ("pruned versions", ", ".join(report.pruned) or "none"),
         ("seconds", f"{report.seconds:.1f}"),
-        ("current", str(report.path)),
+        ("current" if report.promoted else "NOT PROMOTED", str(report.path)),
     ]:
         table.add_row(name, str(value))
     out.print(table)
+    if not report.promoted:
+        err.print(f"candidate {report.version} rejected by the quality gate; current unchanged")
+        raise typer.Exit(code=3)
 
 
 @app.command()
@@ -259,7 +288,7 @@ def recommend(
     table = pl.concat(frames, how="vertical_relaxed")
     write_parquet(table, out_file)
     if show:
-        _show(table, version / "data" / "items.parquet", show)
+        show_recommendations(table, version / "data" / "items.parquet", show)
     out.print(
         f"wrote {table.height} rows for {int(known.sum())} users (+{len(unknown)} unknown users "
         f"given the most popular items) from version {rec.version} to {out_file}"
@@ -293,7 +322,7 @@ def serve(
     )
 
 
-def _show(recs: pl.DataFrame, items_path: Path, users: int) -> None:
+def show_recommendations(recs: pl.DataFrame, items_path: Path, users: int) -> None:
     """Print a few users' lists, with the item table's descriptive columns if there is one."""
     if items_path.is_file():
         items = pl.read_parquet(items_path).drop("item_idx", strict=False)

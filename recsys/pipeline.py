@@ -1,30 +1,40 @@
 """`recsys build`: ingest -> train -> embed items and users -> build the index -> seal a new
-version -> promote it to current. Every step writes into the staging directory, so a
-failure anywhere leaves the current version untouched."""
+version -> quality gate -> promote it to current -> prune old versions.
+
+Every step writes into a staging directory, so a failure or a kill anywhere leaves the
+current version untouched; a lock keeps two builds of one artifacts directory apart. A
+rebuild on a grown log warm-starts from the current version and is promoted only if it
+passes the quality gate against it (`recsys.gate`); a rejected candidate stays on disk,
+committed but not current, for inspection."""
 
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+from safetensors.torch import load_file, save_file
 
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
 from features.sources import DataSource
 from features.splits import leave_last_out
 from recsys import schema as s
+from recsys.errors import ArtifactError
+from recsys.gate import GateDecision, last_timestamp, quality_gate, skipped
+from recsys.lock import build_lock
 from recsys.versions import VersionStore
 from serving.index import IndexParams, build_annoy
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
-from training.export import load_model, save_model
-from training.model import TwoTower
-from training.trainer import TrainResult, train
+from training.export import SPEC, WEIGHTS, load_model, save_model
+from training.model import ModelSpec, TwoTower
+from training.trainer import TrainResult, model_spec, train
+from training.warm_start import WarmStart, warm_start_problem
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +43,7 @@ MODEL_DIR = "model"
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 INDEX_QUERY_SAMPLE = 1000
+ROW_STATE = "row_state.safetensors"  # embedding optimizer state, for warm starts
 
 
 @dataclass
@@ -43,6 +54,19 @@ class BuildReport:
     train: TrainResult
     index: IndexParams
     seconds: float
+    promoted: bool = True
+    warm_start_from: str | None = None
+    gate: GateDecision | None = None
+    pruned: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RebuildPolicy:
+    """How a build relates to the current version (all ignored for a first build)."""
+
+    from_scratch: bool = False  # else warm-start from the current version when possible
+    gate_margin: float | None = 0.05  # None: no quality gate
+    keep_versions: int = 5  # versions kept on disk, the current one included
 
 
 def _embedding_frame(
@@ -83,10 +107,45 @@ def build(
     tower: TowerConfig | None = None,
     config: TrainConfig | None = None,
     progress: bool = True,
+    policy: RebuildPolicy | None = None,
+) -> BuildReport:
+    """One build under the artifacts directory's lock; see the module docstring."""
+    with build_lock(root) as died:
+        store = VersionStore(root)
+        abandoned = store.discard_abandoned_staging()
+        if died or abandoned:
+            log.warning("cleaned up after a build that died: removed %s", abandoned or "nothing")
+        return _build_locked(
+            source, store, tower or TowerConfig(), config, progress, policy or RebuildPolicy()
+        )
+
+
+def _warm_start(
+    previous: Path | None, features: FeatureSet, tower: TowerConfig, policy: RebuildPolicy
+) -> WarmStart | None:
+    if previous is None or policy.from_scratch:
+        return None
+    old = ModelSpec.from_dict(json.loads((previous / MODEL_DIR / SPEC).read_text()))
+    problem = warm_start_problem(old, model_spec(features, tower))
+    if problem:
+        log.warning("training from scratch: cannot warm-start from %s (%s)", previous.name, problem)
+        return None
+    row_state = previous / MODEL_DIR / ROW_STATE
+    return WarmStart(
+        load_file(str(previous / MODEL_DIR / WEIGHTS)),
+        load_file(str(row_state)) if row_state.is_file() else {},
+    )
+
+
+def _build_locked(
+    source: DataSource,
+    store: VersionStore,
+    tower: TowerConfig,
+    config: TrainConfig | None,
+    progress: bool,
+    policy: RebuildPolicy,
 ) -> BuildReport:
     started = time.perf_counter()
-    tower = tower or TowerConfig()
-    store = VersionStore(root)
     previous = store.current() if store.current_name() else None
     name, staging = store.stage()
     try:
@@ -95,6 +154,8 @@ def build(
         )
         features = FeatureSet.load(staging / DATA_DIR)
         split = leave_last_out(features.interactions, n_test=0, n_valid=1)
+        warm = _warm_start(previous, features, tower, policy)
+        warm_from = previous.name if previous is not None and warm is not None else None
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
         result = train(
@@ -104,8 +165,10 @@ def build(
             config,
             metrics_path=model_dir / "metrics.jsonl",
             progress=progress,
+            warm_start=warm,
         )
         save_model(result.state, result.spec, model_dir)
+        save_file(result.row_state, str(model_dir / ROW_STATE))
         (model_dir / "train_config.json").write_text(
             json.dumps(asdict(result.config), default=lambda v: v.value, indent=2) + "\n"
         )
@@ -132,6 +195,13 @@ def build(
         sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
         metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
         index = build_annoy(items, sample, staging / INDEX_DIR, metric)
+        gate = None
+        if previous is not None and policy.gate_margin is not None:
+            candidate = TowerScorer(model, builder, features.num_items)
+            gate = _gate(
+                previous, candidate, features, split.valid, result.config, policy.gate_margin
+            )
+            log.warning("quality gate: %s", gate.reason)
         store.commit(
             name,
             staging,
@@ -148,30 +218,84 @@ def build(
                     "seconds": round(result.seconds, 2),
                     "seed": result.config.seed,
                     "valid_metrics": result.best_metrics,
+                    "warm_start_from": warm_from,
                 },
+                "gate": asdict(gate) if gate else None,
                 "previous_version": previous.name if previous else None,
             },
         )
     except BaseException:
         store.discard(staging)
         raise
-    store.promote(name)
+    promoted = gate is None or gate.promoted
+    if promoted:
+        store.promote(name)
     return BuildReport(
-        name, store.versions / name, ingest_report, result, index, time.perf_counter() - started
+        name,
+        store.versions / name,
+        ingest_report,
+        result,
+        index,
+        time.perf_counter() - started,
+        promoted=promoted,
+        warm_start_from=warm_from,
+        gate=gate,
+        pruned=store.prune(policy.keep_versions),
+    )
+
+
+def _gate(
+    previous: Path,
+    candidate: TowerScorer,
+    features: FeatureSet,
+    valid: pl.DataFrame,
+    config: TrainConfig,
+    margin: float,
+) -> GateDecision:
+    try:
+        model, builder = version_towers(previous, features)
+    except ArtifactError as exc:
+        return skipped(f"current version {previous.name} not comparable: {exc}")
+    current = TowerScorer(model, builder, model.spec.num_items, catalogue=features.num_items)
+    return quality_gate(
+        candidate,
+        current,
+        features,
+        valid,
+        last_timestamp(previous),
+        margin,
+        metric=f"recall@{config.eval_k}",
+        max_users=config.max_valid_users,
+        seed=config.seed,
     )
 
 
 def version_towers(version_dir: Path, features: FeatureSet) -> tuple[TwoTower, BatchBuilder]:
-    """A built version's towers and a batch builder with the version's known-ID masks."""
+    """A built version's towers and a batch builder with the version's known-ID masks.
+
+    `features` may be a grown log (a newer version's data): users, items and categories
+    the version never saw are then left out, as the version would have to."""
     model = load_model(version_dir / MODEL_DIR)
     builder = BatchBuilder(features, model.spec.tower)
+    if builder.keys.order != model.spec.keys.order:
+        raise ArtifactError(
+            f"{version_dir}: the model reads features {list(model.spec.keys.order)}, "
+            f"the data has {list(builder.keys.order)}"
+        )
     known = {
         side: pl.read_parquet(version_dir / EMBEDDINGS_DIR / f"{side}.parquet", columns=["known"])
         for side in ("items", "users")
     }
-    builder.known_items = known["items"]["known"].to_numpy()
-    builder.known_users = known["users"]["known"].to_numpy()
+    builder.known_items = _padded(known["items"]["known"].to_numpy(), features.num_items)
+    builder.known_users = _padded(known["users"]["known"].to_numpy(), features.num_users)
+    model_rows = model.spec.table_rows()
+    if model_rows != model_spec(features, model.spec.tower).table_rows():
+        builder.limit_to(model_rows)
     return model, builder
+
+
+def _padded(known: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([known, np.zeros(max(0, size - len(known)), dtype=bool)])[:size]
 
 
 def version_scorer(version_dir: Path, features: FeatureSet) -> TowerScorer:

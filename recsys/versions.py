@@ -9,6 +9,7 @@ directory into place, verifies it, and only then swaps the `current` symlink wit
 atomic rename. A crash at any point leaves `current` on a complete version.
 """
 
+import builtins
 import os
 import secrets
 import shutil
@@ -79,3 +80,24 @@ class VersionStore:
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
+
+    def discard_abandoned_staging(self) -> builtins.list[str]:
+        """Remove staging directories left by builds that died (call with the build lock)."""
+        if not self.versions.is_dir():
+            return []
+        abandoned = [p for p in self.versions.iterdir() if p.name.startswith(_STAGING_PREFIX)]
+        for path in abandoned:
+            shutil.rmtree(path, ignore_errors=True)
+        return [p.name for p in abandoned]
+
+    def prune(self, keep: int) -> builtins.list[str]:
+        """Delete the oldest versions beyond the newest `keep`; never the current one."""
+        if keep < 1:
+            raise ValueError("keep at least one version")
+        current = self.current_name()
+        removable = [name for name in self.list() if name != current]
+        excess = len(removable) - (keep - (1 if current else 0))
+        doomed = removable[: max(0, excess)]
+        for name in doomed:
+            shutil.rmtree(self.versions / name)
+        return doomed

@@ -1,8 +1,11 @@
 """The HTTP service: `create_app(settings)` builds a FastAPI app whose lifespan loads the
-current version (manifest first, checksums verified, index mmap'd) and opens the cache.
+current version (manifest first, checksums verified, index mmap'd), opens the cache and
+watches for newly promoted versions (serving.live).
 Routes are thin: parse, look up, answer with the model version and the cache state."""
 
+import asyncio
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -11,12 +14,14 @@ from typing import Annotated
 
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 
+from recsys.errors import RecsysError
 from recsys.versions import VersionStore
 from serving.cache import CACHE_EVENTS, Cache, make_cache, pack_results, unpack_results
+from serving.live import LiveVersion
 from serving.settings import ServiceSettings
 from serving.state import VersionState
 
@@ -87,19 +92,25 @@ def _scored(state: VersionState, items: np.ndarray, scores: np.ndarray) -> list[
 
 def create_app(settings: ServiceSettings) -> FastAPI:
     holder: dict[str, object] = {}
+    live = LiveVersion(VersionStore(settings.artifacts))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         torch.set_num_threads(1)
-        holder["state"] = VersionState.load(VersionStore(settings.artifacts).current())
+        live.load_now()
         holder["cache"] = make_cache(
             settings.redis_url,
             settings.redis_timeout_ms,
             settings.redis_retry_seconds,
             settings.lru_entries,
         )
-        log.info("serving version %s", holder["state"].version)  # type: ignore[attr-defined]
+        log.info("serving version %s", live.version)
+        watcher = None
+        if settings.reload_poll_seconds > 0:
+            watcher = asyncio.create_task(live.watch(settings.reload_poll_seconds))
         yield
+        if watcher is not None:
+            watcher.cancel()
         holder.clear()
 
     app = FastAPI(
@@ -110,10 +121,19 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     )
 
     def state() -> VersionState:
-        current = holder.get("state")
-        if not isinstance(current, VersionState):
+        """The version this request uses from start to end (read once: see serving.live)."""
+        current = live.state
+        if current is None:
             raise HTTPException(503, "no model loaded yet")
         return current
+
+    def require_admin(x_api_key: Annotated[str | None, Header()] = None) -> None:
+        expected = settings.admin_api_key
+        if expected is None:
+            raise HTTPException(403, "admin routes are disabled: set RECSYS_ADMIN_API_KEY")
+        given = (x_api_key or "").encode()
+        if not hmac.compare_digest(given, expected.get_secret_value().encode()):
+            raise HTTPException(401, "missing or wrong X-API-Key header")
 
     def cache() -> Cache:
         return holder["cache"]  # type: ignore[return-value]
@@ -149,6 +169,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         current: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
     ) -> Recommendations:
         user = current.user_index(raw_user)
+        raw_user = current.user_key(raw_user)
         rec = current.recommender
         if user is None:
             items, scores, cached = cached_results(
@@ -252,6 +273,16 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             cached=cached,
         )
 
+    @app.post("/admin/reload", dependencies=[Depends(require_admin)])
+    async def admin_reload() -> dict[str, object]:
+        """Switch to the version `current` points at now (workers also poll it)."""
+        before = live.version
+        try:
+            switched = await live.refresh(force=True)
+        except (RecsysError, OSError, ValueError) as exc:
+            raise HTTPException(409, f"kept version {before}: {exc}") from exc
+        return {"model_version": live.version, "previous_version": before, "switched": switched}
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         """The process is alive."""
@@ -260,8 +291,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.get("/readyz")
     def readyz(response: Response) -> dict[str, object]:
         """Model, index and cache state; 503 until a model is loaded."""
-        current = holder.get("state")
-        ready = isinstance(current, VersionState)
+        current = live.state
+        ready = current is not None
         cache_state = (
             {"backend": cache().backend, "healthy": cache().healthy()}
             if "cache" in holder

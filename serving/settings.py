@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,8 @@ class ServiceSettings(BaseSettings):
     lru_entries: int = Field(default=100_000, ge=0)
     max_k: int = Field(default=1000, ge=1)
     max_history: int = Field(default=1000, ge=1)  # longest history accepted in a request
+    reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
+    admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
 
     @field_validator("redis_url")
     @classmethod

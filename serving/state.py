@@ -40,7 +40,7 @@ class VersionState:
             user_lookup={v: i for i, v in enumerate(recommender.user_ids.to_list())},
         )
 
-    def _raw(self, raw: object, dtype: pl.DataType) -> object:
+    def _raw(self, raw: object, dtype: pl.DataType) -> int | str | None:
         """A request's ID (always text in a URL) in the vocabulary's own type."""
         if dtype == pl.Int64:
             try:
@@ -49,10 +49,15 @@ class VersionState:
                 return None
         return str(raw)
 
-    def user_index(self, raw: object) -> int | None:
-        return self.user_lookup.get(self._raw(raw, self.recommender.user_ids.dtype))
+    def user_key(self, raw: int | str) -> int | str:
+        """The user ID in the vocabulary's type ("7" in a URL is user 7), as answered."""
+        key = self._raw(raw, self.recommender.user_ids.dtype)
+        return raw if key is None else key
 
-    def item_index(self, raw: object) -> int | None:
+    def user_index(self, raw: int | str) -> int | None:
+        return self.user_lookup.get(self.user_key(raw))
+
+    def item_index(self, raw: int | str) -> int | None:
         return self.item_lookup.get(self._raw(raw, self.recommender.item_ids.dtype))
 
     def seen(self, user: int) -> np.ndarray:

@@ -3,7 +3,6 @@ loopback port when none answers; each test gets a flushed database of its own nu
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -14,6 +13,8 @@ import polars as pl
 import pytest
 import redis
 
+from recsys.processes import free_port
+
 TEST_DB = 15  # keep tests away from database 0, which a developer may be using
 
 
@@ -22,12 +23,6 @@ def _answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
     except redis.RedisError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +36,7 @@ def redis_server_url() -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("no Redis answers at REDIS_URL and redis-server is not installed (make redis)")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
         process = subprocess.Popen(
             [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],

@@ -1,18 +1,9 @@
 """The `recsys` command as a user runs it: a subprocess, its output and its exit code."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
-
-RECSYS = [sys.executable, "-m", "recsys"]
-
-
-def recsys(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*RECSYS, *map(str, args)], capture_output=True, text=True, check=False, timeout=120
-    )
+from helpers import recsys
 
 
 def test_ingest_prints_read_kept_rejected(tmp_path: Path):

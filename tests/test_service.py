@@ -1,11 +1,8 @@
 """The HTTP service against a real Redis: routes, cache behaviour, fallbacks, bad input,
 Redis outages, and `recsys serve` as a subprocess answering over real HTTP."""
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,6 +17,7 @@ from fastapi.testclient import TestClient
 from data.synthetic import SyntheticConfig, generate
 from features.sources import resolve_source
 from recsys.pipeline import build
+from recsys.processes import free_port, served
 from serving.app import create_app
 from serving.settings import ServiceSettings
 from training.config import TrainConfig
@@ -128,12 +126,6 @@ def test_in_process_cache_when_no_redis_is_configured(artifacts):
         assert client.get("/readyz").json()["cache"]["backend"] == "memory"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     assert binary, "redis-server is needed (make redis)"
@@ -180,35 +172,12 @@ def test_redis_stopped_and_restarted_under_requests(artifacts):
 
 
 def test_recsys_serve_answers_over_http(artifacts, redis_url):
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "recsys",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--port",
-            str(port),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with served(artifacts, env={"REDIS_URL": redis_url}, workers=2) as base:
         response = httpx.get(f"{base}/v1/users/5/recommendations", params={"k": 4}, timeout=5)
         assert response.status_code == 200 and len(response.json()["items"]) == 4
+        assert response.json()["user_id"] == 5  # the vocabulary's type, not the URL's text
         assert httpx.get(f"{base}/openapi.json", timeout=5).json()["info"]["title"] == "recsys"
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+        versions = {
+            httpx.get(f"{base}/readyz", timeout=5).json()["model_version"] for _ in range(6)
+        }
+        assert len(versions) == 1

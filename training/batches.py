@@ -61,6 +61,13 @@ class BatchBuilder:
         # Items and users seen in training keep their ID; others are embedded from features.
         self.known_items = np.ones(features.num_items, dtype=bool)
         self.known_users = np.ones(features.num_users, dtype=bool)
+        self.table_rows: np.ndarray | None = None  # per key in `keys.order`; see limit_to
+
+    def limit_to(self, table_rows: dict[str, int]) -> None:
+        """Let a model with smaller tables (an older version) read these grown features:
+        indices past its tables (new items in histories, new categories) are left out of
+        the bags, as if absent. IDs of new users and items must be marked unknown too."""
+        self.table_rows = np.array([table_rows[k] for k in self.keys.order], dtype=np.int64)
 
     def mark_known(self, train_rows: np.ndarray) -> None:
         """Only users and items with training events use their ID rows; the others are
@@ -74,6 +81,14 @@ class BatchBuilder:
     ) -> KeyedJaggedTensor:
         empty = (np.zeros(0, dtype=np.int64), np.zeros(size, dtype=np.int64))
         values, lengths = zip(*(parts.get(k, empty) for k in self.keys.order), strict=True)
+        if self.table_rows is not None:
+            values, lengths = zip(
+                *(
+                    _within(v, n, rows)
+                    for v, n, rows in zip(values, lengths, self.table_rows, strict=True)
+                ),
+                strict=True,
+            )
         return KeyedJaggedTensor.from_lengths_sync(
             keys=list(self.keys.order),
             values=torch.from_numpy(np.concatenate(values)),
@@ -166,6 +181,15 @@ class BatchBuilder:
     def items(self, items: np.ndarray) -> KeyedJaggedTensor:
         items = np.asarray(items, dtype=np.int64)
         return self._assemble(self._item_parts(items, self.known_items[items]), len(items))
+
+
+def _within(values: np.ndarray, lengths: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A jagged feature without the values that are not rows of a `rows`-row table."""
+    keep = values < rows
+    if keep.all():
+        return values, lengths
+    bag = np.repeat(np.arange(len(lengths)), lengths)
+    return values[keep], np.bincount(bag[keep], minlength=len(lengths)).astype(np.int64)
 
 
 def _side_bags(table, rows: int) -> dict[str, CsrBags]:

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_k: int = 20  # early stopping watches validation Recall@eval_k
     max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
     example_budget: int = 10_000_000  # default epochs: about this many training examples
+    warm_epochs: int | None = None  # budget of a warm-started rebuild (default: a third)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,12 +80,15 @@ class TrainConfig:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
-    def resolve(self, train_events: int) -> "TrainConfig":
-        """Fill data-dependent defaults: batches grow with the log, epochs shrink."""
+    def resolve(self, train_events: int, warm: bool = False) -> "TrainConfig":
+        """Fill data-dependent defaults: batches grow with the log, epochs shrink; a
+        warm-started run continues for `warm_epochs` (default a third of a full run)."""
         batch = self.batch_size or int(
             min(2048, max(256, 2 ** round(math.log2(train_events / 100))))
         )
         epochs = self.max_epochs or int(
             min(50, max(3, self.example_budget // max(1, train_events)))
         )
+        if warm:
+            epochs = self.warm_epochs or max(1, math.ceil(epochs / 3))
         return replace(self, batch_size=batch, max_epochs=epochs)

@@ -37,11 +37,20 @@ def user_embeddings_before(model: Tower, builder: BatchBuilder, rows: np.ndarray
 
 
 class TowerScorer:
-    """`training.evaluate.Scorer` for a model: users as of a row against all items."""
+    """`training.evaluate.Scorer` for a model: users as of a row against all items.
 
-    def __init__(self, model: Tower, builder: BatchBuilder, num_items: int) -> None:
+    `catalogue` larger than `num_items` scores an older model on a grown catalogue: the
+    items it does not know get -inf, as it could never recommend them."""
+
+    def __init__(
+        self, model: Tower, builder: BatchBuilder, num_items: int, catalogue: int | None = None
+    ) -> None:
         self.model, self.builder = model, builder
         self.item_emb = item_embeddings(model, builder, num_items)  # (I, D)
+        self.missing = max(0, (catalogue or num_items) - num_items)
 
     def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        return user_embeddings_before(self.model, self.builder, rows) @ self.item_emb.T
+        scores = user_embeddings_before(self.model, self.builder, rows) @ self.item_emb.T
+        if self.missing:
+            scores = np.pad(scores, ((0, 0), (0, self.missing)), constant_values=-np.inf)
+        return scores

@@ -29,6 +29,14 @@ class ModelSpec:
     def keys(self) -> FeatureKeys:
         return feature_keys(list(self.user_categories), list(self.item_categories))
 
+    def table_rows(self) -> dict[str, int]:
+        """Rows of the table each feature key looks up."""
+        rows = {s.ITEM_ID: self.num_items, HISTORY: self.num_items, RECENT: self.num_items}
+        rows[s.USER_ID] = self.num_users
+        for side, categories in (("user", self.user_categories), ("item", self.item_categories)):
+            rows.update({side_key(side, column): size for column, size in categories.items()})
+        return rows
+
     def to_dict(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["tower"]["similarity"] = self.tower.similarity.value

@@ -5,7 +5,7 @@ update in the backward pass; dense layers get AdamW."""
 import logging
 import os
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -87,17 +87,32 @@ def _plan(model: TwoTower, device: torch.device, world_size: int) -> ShardingPla
     return planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
 
 
-def full_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:
-    """Plain, unsharded tensors of every parameter, for safetensors (gathered on all ranks)."""
+def _gathered(entries: dict[str, Any]) -> dict[str, Tensor]:
+    """Plain tensors of a state dict, sharded entries gathered whole onto rank 0 (the other
+    ranks take part in the gather and get only the unsharded entries)."""
     state = {}
-    for name, value in parallel.state_dict().items():
-        key = name.removeprefix("module.")
+    for name, value in entries.items():
         if hasattr(value, "local_shards"):
             full = torch.zeros(value.size(), dtype=value.dtype) if dist.get_rank() == 0 else None
             value.gather(dst=0, out=full)
-            if full is None:
-                continue
-            state[key] = full
-        else:
-            state[key] = value.detach().cpu().clone()
+            if full is not None:
+                state[name] = full
+        elif isinstance(value, Tensor):
+            state[name] = value.detach().cpu().clone()
+    return state
+
+
+def full_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:
+    """Plain, unsharded tensors of every parameter, for safetensors."""
+    state = _gathered(parallel.state_dict())
+    return {name.removeprefix("module."): value for name, value in state.items()}
+
+
+def embedding_optimizer_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:
+    """The fused optimizer's per-row state (row-wise Adagrad's accumulators), unsharded and
+    keyed by table (`item_table.momentum1`): kept with a version so that a warm-started
+    rebuild continues with the step sizes the rows had, not fresh large ones."""
+    state: dict[str, Tensor] = {}
+    for entries in parallel.fused_optimizer.state_dict()["state"].values():
+        state.update(_gathered(entries))
     return state

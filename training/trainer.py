@@ -26,11 +26,13 @@ from training.embed import TowerScorer
 from training.evaluate import eval_task, evaluate, sample_task
 from training.losses import CombinedLoss, InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
 from training.model import ModelSpec
-from training.parallel import build_parallel, full_state
+from training.parallel import build_parallel, embedding_optimizer_state, full_state
+from training.warm_start import WarmStart, apply_warm_start
 
 log = logging.getLogger(__name__)
 
 BEST_WEIGHTS = "best.safetensors"
+BEST_ROW_STATE = "best_row_state.safetensors"
 
 
 @dataclass
@@ -42,6 +44,7 @@ class TrainResult:
     best_epoch: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    row_state: dict[str, Tensor] = field(default_factory=dict)  # embedding optimizer, at best
 
 
 @dataclass
@@ -105,15 +108,18 @@ def train(
     resume: bool = False,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    warm_start: WarmStart | None = None,
 ) -> TrainResult:
     """Train on `split.train`, early-stop on `split.valid`; return the best weights.
 
     With `checkpoint_dir`, the full training state is saved after every epoch, and
     `resume=True` continues an interrupted run from its last completed epoch.
+    `warm_start` (a previous version's weights, checked with `warm_start_problem`) seeds
+    the model, and the epoch budget becomes `config.warm_epochs`.
     """
     tower = tower or TowerConfig()
     train_rows = split.train["row"].to_numpy().astype(np.int64)
-    cfg = (config or TrainConfig()).resolve(len(train_rows))
+    cfg = (config or TrainConfig()).resolve(len(train_rows), warm=warm_start is not None)
     assert cfg.batch_size is not None and cfg.max_epochs is not None
     device = device or torch.device("cpu")
     rng = np.random.default_rng(cfg.seed)
@@ -122,6 +128,8 @@ def train(
     builder.mark_known(train_rows)
     item_counts = np.bincount(features.histories.items[train_rows], minlength=features.num_items)
     parallel = build_parallel(spec, cfg, device)
+    if warm_start is not None:
+        apply_warm_start(parallel, warm_start)
     loss_fn = make_loss(cfg, item_counts).to(device)
     valid = sample_task(eval_task(split.valid, features.histories), cfg.max_valid_users, cfg.seed)
 
@@ -137,6 +145,7 @@ def train(
         state = Progress(**saved)
         result.best_epoch = state.best_epoch
         result.state = load_file(str(checkpoint_dir / BEST_WEIGHTS))
+        result.row_state = load_file(str(checkpoint_dir / BEST_ROW_STATE))
         log.info("resumed from epoch %d", state.epoch)
     started = time.perf_counter()
     for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
@@ -196,10 +205,13 @@ def train(
             state.best, state.waited, state.best_epoch = watched, 0, epoch
             result.best_epoch, result.best_metrics = epoch, metrics
             result.state = full_state(parallel.model)
+            result.row_state = embedding_optimizer_state(parallel.model)
             if checkpoint_dir is not None:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 with atomic_path(checkpoint_dir / BEST_WEIGHTS) as tmp:
                     save_file(result.state, str(tmp))
+                with atomic_path(checkpoint_dir / BEST_ROW_STATE) as tmp:
+                    save_file(result.row_state, str(tmp))
         else:
             state.waited += 1
         if checkpoint_dir is not None:

@@ -23,19 +23,37 @@ def _job(data: Path, artifacts: Path, epochs: int | None) -> dict[str, Any]:
     return dict(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
+HUGE = SyntheticConfig(rows=3_000_000, users=1_000_000, items=1_000_000, seed=2)
+
+
+def _data(work: Path, cfg: SyntheticConfig) -> Path:
+    data = work / f"build-{cfg.rows}-{cfg.n_users}-{cfg.n_items}"
+    if not (data / "users.parquet").is_file():
+        generate(data, cfg)
+    return data
+
+
+def _artifacts(work: Path, cfg: SyntheticConfig) -> Path:
+    return work / f"artifacts-{cfg.rows}-{cfg.n_items}"
+
+
+def huge_version(work: Path) -> Path:
+    """The 1M-user x 1M-item version (built here if the build benchmark has not)."""
+    artifacts = _artifacts(work, HUGE)
+    if not (artifacts / "current").exists():
+        _job(_data(work, HUGE), artifacts, 1)
+    return artifacts
+
+
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     cases: list[tuple[str, SyntheticConfig, int | None]] = [
         ("default build", SyntheticConfig(rows=200_000 if quick else 1_000_000, seed=2), None)
     ]
     if not quick:
-        huge = SyntheticConfig(rows=3_000_000, users=1_000_000, items=1_000_000, seed=2)
-        cases.append(("1M users x 1M items, 1 epoch", huge, 1))
+        cases.append(("1M users x 1M items, 1 epoch", HUGE, 1))
     results = []
     for label, cfg, epochs in cases:
-        data = work / f"build-{cfg.rows}-{cfg.n_users}-{cfg.n_items}"
-        if not (data / "users.parquet").is_file():
-            generate(data, cfg)
-        measured = _job(data, work / f"artifacts-{cfg.rows}-{cfg.n_items}", epochs)
+        measured = _job(_data(work, cfg), _artifacts(work, cfg), epochs)
         measured["case"] = label
         results.append(measured)
         print(json.dumps(measured), flush=True)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,28 +16,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import polars as pl
 
 from recsys.bench.report import markdown_table, save
+from recsys.processes import free_port, served, wait_ready
+from recsys.versions import VersionStore
 
 WRK_SECONDS = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(url: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} did not become ready")
 
 
 def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -48,7 +32,7 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 _LUA_MISS = """
 math.randomseed(os.time())
 request = function()
-  local user = math.random(0, %d)
+  local user = math.random(%d, %d)
   local k = math.random(1, 1000)
   return wrk.format("GET", "/v1/users/" .. user .. "/recommendations?k=" .. k)
 end
@@ -81,7 +65,9 @@ def _wrk(url: str, script: str | None, connections: int, seconds: int) -> dict[s
     }
 
 
-async def _fixed_rate(base: str, users: int, rate: int, seconds: int) -> dict[str, float]:
+async def _fixed_rate(
+    base: str, users: tuple[int, int], rate: int, seconds: int
+) -> dict[str, float]:
     """Open-loop load: one request every 1/rate s whatever the answers do; all misses."""
     rng = np.random.default_rng(0)
     latencies: list[float] = []
@@ -104,7 +90,9 @@ async def _fixed_rate(base: str, users: int, rate: int, seconds: int) -> dict[st
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(
-                asyncio.create_task(one(int(rng.integers(users)), int(rng.integers(1, 1000))))
+                asyncio.create_task(
+                    one(int(rng.integers(users[0], users[1] + 1)), int(rng.integers(1, 1001)))
+                )
             )
         await asyncio.gather(*tasks)
     values = np.array(latencies)
@@ -116,85 +104,74 @@ async def _fixed_rate(base: str, users: int, rate: int, seconds: int) -> dict[st
     }
 
 
+def _user_range(version: Path) -> tuple[int, int]:
+    ids = pl.read_parquet(version / "data" / "vocab" / "user_id.parquet")["id"]
+    return int(ids.min()), int(ids.max())  # type: ignore[arg-type]
+
+
+def _ceiling(seconds: int) -> dict[str, Any]:
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "recsys.bench.ceiling_app:app"]
+    ceiling = _start([*command, "--port", str(port), "--log-level", "warning"], dict(os.environ))
+    url = f"http://127.0.0.1:{port}/v1/users/1/recommendations"
+    try:
+        wait_ready(url)
+        return {
+            "version": "-",
+            "case": "bare FastAPI constant (ceiling)",
+            **_wrk(url, None, 16, seconds),
+        }
+    finally:
+        ceiling.terminate()
+        ceiling.wait()
+
+
+def _service_rows(label: str, artifacts: Path, seconds: int) -> list[dict[str, Any]]:
+    low, high = _user_range(VersionStore(artifacts).current())
+    env = {"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
+    rows = []
+    with served(artifacts, env=env) as base:
+        hit_url = f"{base}/v1/users/{low}/recommendations?k=10"
+        httpx.get(hit_url, timeout=30)
+        rows.append({"case": "cache hits (Redis)", **_wrk(hit_url, None, 16, seconds)})
+        miss = _LUA_MISS % (low, high)
+        rows.append(
+            {
+                "case": "cache misses (random user and k), closed loop",
+                **_wrk(f"{base}/", miss, 16, seconds),
+            }
+        )
+        rows.append(
+            {
+                "case": "cache misses at a fixed 200 requests/s",
+                **asyncio.run(_fixed_rate(base, (low, high), 200, seconds)),
+            }
+        )
+    return [{"version": label, **row} for row in rows]
+
+
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is needed for the serving benchmark: apt-get install wrk")
     from data import movielens
     from features.sources import resolve_source
+    from recsys.bench.build import huge_version
     from recsys.pipeline import build
     from recsys.settings import Settings
-    from recsys.versions import VersionStore
 
-    artifacts = work / "serving-ml-100k"
-    if VersionStore(artifacts).current_name() is None:
-        build(resolve_source(movielens.fetch(Settings().datasets_dir)), artifacts, progress=False)
-    users = 943
+    movielens_artifacts = work / "serving-ml-100k"
+    if VersionStore(movielens_artifacts).current_name() is None:
+        source = resolve_source(movielens.fetch(Settings().datasets_dir))
+        build(source, movielens_artifacts, progress=False)
     seconds = 5 if quick else WRK_SECONDS
-    env = {**os.environ, "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
-    results: list[dict[str, Any]] = []
-    port = _free_port()
-    ceiling = _start(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "recsys.bench.ceiling_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env,
-    )
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/v1/users/1/recommendations")
-        results.append(
-            {
-                "case": "bare FastAPI constant (ceiling)",
-                **_wrk(f"http://127.0.0.1:{port}/v1/users/1/recommendations", None, 16, seconds),
-            }
-        )
-    finally:
-        ceiling.terminate()
-        ceiling.wait()
-    port = _free_port()
-    service = _start(
-        [
-            sys.executable,
-            "-m",
-            "recsys",
-            "serve",
-            "--artifacts",
-            str(artifacts),
-            "--port",
-            str(port),
-        ],
-        env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_ready(f"{base}/readyz")
-        hit_url = f"{base}/v1/users/1/recommendations?k=10"
-        httpx.get(hit_url)
-        results.append({"case": "recsys, cache hits (Redis)", **_wrk(hit_url, None, 16, seconds)})
-        results.append(
-            {
-                "case": "recsys, cache misses (random user and k), closed loop",
-                **_wrk(f"{base}/", _LUA_MISS % (users - 1), 16, seconds),
-            }
-        )
-        results.append(
-            {
-                "case": "recsys, cache misses at a fixed 200 requests/s",
-                **asyncio.run(_fixed_rate(base, users, 200, seconds)),
-            }
-        )
-    finally:
-        service.terminate()
-        service.wait()
+    results = [_ceiling(seconds)]
+    results += _service_rows("MovieLens-100K", movielens_artifacts, seconds)
+    if not quick:
+        results += _service_rows("synthetic, 1M items", huge_version(work), seconds)
     ceiling_rps = float(results[0]["rps"])
     rows = [
         [
+            r["version"],
             r["case"],
             f"{r['rps']:,.0f}",
             f"{r['p50_ms']:.2f}",
@@ -205,15 +182,16 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         for r in results
     ]
     notes = (
-        f"MovieLens-100K version, one uvicorn worker, Redis on loopback, wrk -t1 -c16 for "
-        f"{seconds} s per row (closed loop), and an asyncio client sending 200 requests/s "
-        "(open loop) for the fixed-rate row. Targets: cache-hit throughput >= 50% of the "
-        "ceiling; cache-miss p99 <= 20 ms at 200 requests/s."
+        f"One uvicorn worker, Redis on loopback, wrk -t1 -c16 for {seconds} s per row "
+        "(closed loop), and an asyncio client sending 200 requests/s (open loop) for the "
+        "fixed-rate rows; every miss is a random user with a random k in 1-1000. Targets: "
+        "cache-hit throughput >= 50% of the ceiling; cache-miss p99 <= 20 ms at 200 requests/s."
     )
+    headers = ["version", "case", "requests/s", "p50 ms", "p99 ms", "errors", "of ceiling"]
     save(
         "serving",
         "HTTP service under load (2 cores, loopback)",
-        markdown_table(["case", "requests/s", "p50 ms", "p99 ms", "errors", "of ceiling"], rows),
+        markdown_table(headers, rows),
         notes,
     )
     print(json.dumps(results))

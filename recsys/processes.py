@@ -1,0 +1,65 @@
+"""Run `recsys serve` as a child process and wait until it answers: shared by the demo, the
+end-to-end tests and the benchmarks, which all talk to the service over real HTTP."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(
+    url: str, timeout: float = 180, process: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Poll `url` until it answers 200; fail early if `process` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not become ready within {timeout:.0f}s")
+
+
+@contextmanager
+def served(
+    artifacts: Path,
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+    port: int | None = None,
+    quiet: bool = True,
+) -> Iterator[str]:
+    """`recsys serve` on a free loopback port; yields its base URL, stops it on exit."""
+    port = port or free_port()
+    command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
+    command += ["--port", str(port), "--workers", str(workers)]
+    output = subprocess.DEVNULL if quiet else None
+    process = subprocess.Popen(
+        command, env={**os.environ, **(env or {})}, stdout=output, stderr=output
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(f"{base}/readyz", process=process)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,72 @@
+"""The version a service worker answers with, swapped atomically when `current` moves.
+
+Each worker watches the `current` pointer (and `POST /admin/reload` asks it directly),
+loads a newly promoted version in a background thread while the old one keeps answering,
+then replaces one reference. A request reads that reference once and uses the version it
+got to the end, so no request mixes two versions; the old version's index and arrays are
+released when the last request holding it finishes. Cache keys carry the version, so
+results cached for the old version are never served for the new one. A version that fails
+to load (corrupt, incomplete) is logged and skipped; the worker keeps the one it has.
+"""
+
+import asyncio
+import logging
+
+from prometheus_client import Counter
+
+from recsys.errors import RecsysError
+from recsys.versions import VersionStore
+from serving.state import VersionState
+
+log = logging.getLogger(__name__)
+
+RELOADS = Counter("recsys_model_reloads_total", "Version switches by outcome", ["outcome"])
+
+
+class LiveVersion:
+    def __init__(self, store: VersionStore) -> None:
+        self.store = store
+        self.state: VersionState | None = None
+        self.failed: str | None = None  # last version that could not be loaded
+        self._lock = asyncio.Lock()
+
+    def load_now(self) -> VersionState:
+        """The first load, at start-up: without a version there is nothing to serve."""
+        self.state = VersionState.load(self.store.current())
+        return self.state
+
+    async def refresh(self, force: bool = False) -> bool:
+        """Switch to the version `current` points at if it is new; True if switched.
+        With `force`, a version that failed before is tried again and failures raise."""
+        async with self._lock:
+            name = self.store.current_name()
+            if name is None or (self.state is not None and name == self.state.version):
+                return False
+            if name == self.failed and not force:
+                return False
+            try:
+                loaded = await asyncio.to_thread(VersionState.load, self.store.versions / name)
+            except (RecsysError, OSError, ValueError) as exc:
+                RELOADS.labels("failed").inc()
+                self.failed = name
+                log.error("keeping version %s: cannot load %s (%s)", self.version, name, exc)
+                if force:
+                    raise
+                return False
+            previous, self.state, self.failed = self.version, loaded, None
+            RELOADS.labels("switched").inc()
+            log.warning("switched from version %s to %s", previous, name)
+            return True
+
+    @property
+    def version(self) -> str | None:
+        return None if self.state is None else self.state.version
+
+    async def watch(self, interval: float) -> None:
+        """Poll the pointer every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # never let the watcher die; the next poll tries again
+                log.exception("version watcher")

@@ -1,0 +1,264 @@
+"""Nightly rebuilds: warm start on a grown log, the quality gate, the build lock, pruning,
+a rebuild killed part-way, and a served endpoint that switches versions under load."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from helpers import recsys
+from safetensors.torch import load_file
+
+from data.daily import write_days
+from data.synthetic import SyntheticConfig, generate
+from features.sources import resolve_source
+from recsys.artifacts import read_manifest
+from recsys.lock import LOCK_FILE, BuildLockedError, build_lock
+from recsys.pipeline import RebuildPolicy, build
+from recsys.processes import served
+from recsys.versions import VersionStore
+from serving.app import create_app
+from serving.settings import ServiceSettings
+from training.config import TrainConfig
+
+FAST = TrainConfig(max_epochs=2, warm_epochs=1)
+ITEM_ROWS = "ebc.embedding_bags.item_table.weight"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nightly")
+    cfg = SyntheticConfig(rows=12_000, users=300, items=150, clusters=4, taste=0.9, seed=5)
+    generate(root / "full", cfg)
+    return root / "full"
+
+
+def grown_log(dataset: Path, where: Path, days: int | None) -> Path:
+    write_days(dataset, where, days)
+    return where
+
+
+def first_build(dataset: Path, tmp_path: Path) -> tuple[Path, Path, str]:
+    data = grown_log(dataset, tmp_path / "data", 24)
+    artifacts = tmp_path / "artifacts"
+    build(resolve_source(data), artifacts, config=FAST, progress=False)
+    name = VersionStore(artifacts).current_name()
+    assert name is not None
+    return data, artifacts, name
+
+
+def _row_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float(np.mean(np.sum(a * b, axis=1)))
+
+
+def test_warm_rebuild_on_a_grown_log_starts_from_the_current_rows(dataset, tmp_path):
+    data, artifacts, first = first_build(dataset, tmp_path)
+    store = VersionStore(artifacts)
+    old_rows = load_file(str(store.current() / "model/weights.safetensors"))[ITEM_ROWS].numpy()
+    grown_log(dataset, data, None)
+    warm = build(resolve_source(data), artifacts, config=FAST, progress=False)
+    assert warm.warm_start_from == first and warm.promoted
+    assert warm.ingest.new_users + warm.ingest.new_items > 0 or warm.ingest.kept > 0
+    manifest = read_manifest(store.current())
+    assert manifest["train"]["warm_start_from"] == first
+    assert manifest["gate"]["slice"] == "recent" and manifest["gate"]["users"] >= 100
+    assert len(warm.train.history) == 1  # the warm budget, not a full run
+    warm_rows = load_file(str(warm.path / "model/weights.safetensors"))[ITEM_ROWS].numpy()
+    known = len(old_rows)
+    scratch = build(
+        resolve_source(data),
+        artifacts,
+        config=replace(FAST, seed=1),  # the same seed would start from the same rows
+        progress=False,
+        policy=RebuildPolicy(from_scratch=True, gate_margin=None),
+    )
+    assert scratch.warm_start_from is None
+    scratch_rows = load_file(str(scratch.path / "model/weights.safetensors"))[ITEM_ROWS].numpy()
+    # Known rows continue from where they were; a fresh start shares nothing with them.
+    assert _row_similarity(warm_rows[:known], old_rows) > 0.8
+    assert abs(_row_similarity(scratch_rows[:known], old_rows)) < 0.3
+
+
+def test_quality_gate_rejects_a_worse_candidate_and_keeps_current(dataset, tmp_path):
+    data, artifacts, first = first_build(dataset, tmp_path)
+    grown_log(dataset, data, None)
+    # A negative margin demands an improvement of 50%: this candidate cannot pass.
+    result = recsys(
+        "build",
+        "--data",
+        data,
+        "--artifacts",
+        artifacts,
+        "--epochs",
+        "1",
+        "--gate-margin",
+        "-0.5",
+        "--no-progress",
+    )
+    assert result.returncode == 3, result.stderr
+    assert "rejected by the quality gate" in result.stderr
+    store = VersionStore(artifacts)
+    assert store.current_name() == first
+    rejected = [v for v in store.list() if v != first]
+    assert len(rejected) == 1
+    gate = read_manifest(store.versions / rejected[0])["gate"]
+    assert gate["promoted"] is False and gate["candidate"] < 1.5 * gate["current"]
+
+
+def test_a_second_build_is_refused_while_one_holds_the_lock(dataset, tmp_path):
+    data = grown_log(dataset, tmp_path / "data", 24)
+    artifacts = tmp_path / "artifacts"
+    with build_lock(artifacts):
+        with pytest.raises(BuildLockedError, match=f"pid {os.getpid()}"):
+            build(resolve_source(data), artifacts, config=FAST, progress=False)
+        result = recsys("build", "--data", data, "--artifacts", artifacts, "--no-progress")
+        assert result.returncode == 2 and "another build is running" in result.stderr
+    assert VersionStore(artifacts).list() == []
+
+
+def test_a_lock_left_by_a_dead_build_is_detected_and_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text('{"pid": 999999, "host": "gone", "started": "then"}')
+    with build_lock(tmp_path) as stale:
+        assert stale["pid"] == 999999
+    with build_lock(tmp_path) as stale:
+        assert stale == {}  # released cleanly: nothing stale the next time
+
+
+def test_old_versions_are_pruned_but_never_the_current_one(dataset, tmp_path):
+    data, artifacts, _ = first_build(dataset, tmp_path)
+    policy = RebuildPolicy(gate_margin=None, keep_versions=2)
+    for _ in range(2):
+        report = build(resolve_source(data), artifacts, config=FAST, progress=False, policy=policy)
+    store = VersionStore(artifacts)
+    assert len(store.list()) == 2 and store.current_name() == report.version
+    assert len(report.pruned) == 1
+    with pytest.raises(ValueError):
+        store.prune(0)
+
+
+def test_a_killed_rebuild_leaves_current_serving_and_the_next_one_succeeds(dataset, tmp_path):
+    data, artifacts, first = first_build(dataset, tmp_path)
+    grown_log(dataset, data, None)
+    store = VersionStore(artifacts)
+    command = [sys.executable, "-m", "recsys", "build", "--data", str(data)]
+    command += ["--artifacts", str(artifacts), "--epochs", "50", "--no-progress", "--no-gate"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(store.versions.glob(".staging-*/model/metrics.jsonl")):  # mid-training
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert store.current_name() == first and store.list() == [first]
+    assert list(store.versions.glob(".staging-*"))  # the dead build's leftovers
+    with TestClient(create_app(ServiceSettings(artifacts=artifacts, redis_url=None))) as client:
+        answer = client.get("/v1/users/3/recommendations")
+        assert answer.status_code == 200 and answer.json()["model_version"] == first
+    result = recsys("build", "--data", data, "--artifacts", artifacts, "--epochs", "1")
+    assert result.returncode in (0, 3), result.stderr
+    assert not list(store.versions.glob(".staging-*"))
+    assert len(store.list()) == 2
+
+
+def test_service_switches_to_a_promoted_version_under_load(dataset, tmp_path, redis_url):
+    data, artifacts, first = first_build(dataset, tmp_path)
+    env = {"REDIS_URL": redis_url, "RECSYS_RELOAD_POLL_SECONDS": "0.3"}
+    with served(artifacts, env=env, workers=2) as base:
+        answers: list[tuple[int, str]] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            with httpx.Client(base_url=base, timeout=10) as client:
+                while not stop.is_set():
+                    user = int(np.random.default_rng().integers(0, 300))
+                    response = client.get(f"/v1/users/{user}/recommendations", params={"k": 5})
+                    version = (
+                        response.json().get("model_version", "") if response.is_success else ""
+                    )
+                    answers.append((response.status_code, version))
+
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(0.5)
+            policy = RebuildPolicy(gate_margin=None)
+            new = build(resolve_source(data), artifacts, config=FAST, progress=False, policy=policy)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                recent = answers[-20:]
+                if len(recent) == 20 and all(v == new.version for _, v in recent):
+                    break
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    statuses = [status for status, _ in answers]
+    versions = [version for _, version in answers]
+    assert statuses.count(200) == len(statuses), f"non-2xx answers: {set(statuses)}"
+    assert versions[0] == first and versions[-1] == new.version
+    assert set(versions) == {first, new.version}
+
+
+def test_admin_reload_needs_the_key_and_never_serves_old_cache(dataset, tmp_path):
+    data, artifacts, first = first_build(dataset, tmp_path)
+    second = build(
+        resolve_source(data),
+        artifacts,
+        config=FAST,
+        progress=False,
+        policy=RebuildPolicy(gate_margin=None),
+    ).version
+    store = VersionStore(artifacts)
+    store.promote(first)
+    settings = ServiceSettings(
+        artifacts=artifacts, redis_url=None, reload_poll_seconds=0, admin_api_key="s3cret"
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/users/4/recommendations").json()["model_version"] == first
+        assert client.get("/v1/users/4/recommendations").json()["cached"] is True
+        store.promote(second)
+        assert client.post("/admin/reload").status_code == 401
+        assert client.post("/admin/reload", headers={"X-API-Key": "wrong"}).status_code == 401
+        switched = client.post("/admin/reload", headers={"X-API-Key": "s3cret"}).json()
+        assert switched == {"model_version": second, "previous_version": first, "switched": True}
+        answer = client.get("/v1/users/4/recommendations").json()
+        assert answer["model_version"] == second and answer["cached"] is False
+    disabled = ServiceSettings(artifacts=artifacts, redis_url=None, reload_poll_seconds=0)
+    with TestClient(create_app(disabled)) as client:
+        assert client.post("/admin/reload", headers={"X-API-Key": "x"}).status_code == 403
+
+
+def test_a_corrupt_new_version_is_refused_and_the_old_one_kept(dataset, tmp_path):
+    data, artifacts, first = first_build(dataset, tmp_path)
+    second = build(
+        resolve_source(data),
+        artifacts,
+        config=FAST,
+        progress=False,
+        policy=RebuildPolicy(gate_margin=None),
+    ).version
+    store = VersionStore(artifacts)
+    store.promote(first)
+    settings = ServiceSettings(
+        artifacts=artifacts, redis_url=None, reload_poll_seconds=0, admin_api_key="k"
+    )
+    with TestClient(create_app(settings)) as client:
+        weights = store.versions / second / "model/weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
+        os.replace(store.root / "current", store.root / "current.bak")
+        (store.root / "current").symlink_to(Path("versions") / second)
+        refused = client.post("/admin/reload", headers={"X-API-Key": "k"})
+        assert refused.status_code == 409 and "checksum" in refused.json()["detail"]
+        assert client.get("/v1/users/4/recommendations").json()["model_version"] == first
