@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo test lint format bench bench-quick redis wrk clean
+.PHONY: setup demo nightly test lint format bench bench-quick redis wrk clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ setup: $(STAMP)  ## create .venv with `recsys` on its PATH
 demo: $(STAMP)  ## fetch MovieLens-100K, build a version, serve it, ask it over HTTP
 	$(BIN)/recsys build --data "$$($(BIN)/recsys data fetch ml-100k)" --artifacts $(ARTIFACTS)/ml-100k --no-progress
 	$(BIN)/python -m recsys.demo --artifacts $(ARTIFACTS)/ml-100k --user 1 --k 10
+
+# `make nightly DATA=/srv/logs ARTIFACTS=/srv/recsys`: DATA is the grown log (e.g. a directory
+# with one Parquet file per day); by default the MovieLens-100K version of `make demo`.
+DATA ?=
+KEEP ?= 5
+nightly: $(STAMP)  ## one nightly rebuild: warm start, quality gate, atomic promotion, pruning
+	$(BIN)/recsys build --data "$(if $(DATA),$(DATA),$$($(BIN)/recsys data fetch ml-100k))" \
+	  --artifacts $(if $(DATA),$(ARTIFACTS),$(ARTIFACTS)/ml-100k) --keep $(KEEP) --no-progress
 
 redis:  ## make sure a redis-server binary exists (tests start one if none answers)
 	@command -v redis-server >/dev/null 2>&1 || redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 \

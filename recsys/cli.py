@@ -157,7 +157,11 @@ def build(
     ] = False,
     warm_epochs: Annotated[
         int | None,
-        typer.Option(min=1, help="Epoch budget of a warm-started rebuild. Default: a third."),
+        typer.Option(
+            min=1,
+            help="Epoch budget of a warm-started rebuild. "
+            "Default: a third of the epochs the last from-scratch build ran.",
+        ),
     ] = None,
     gate_margin: Annotated[
         float,
@@ -170,6 +174,14 @@ def build(
     ] = 0.05,
     gate: Annotated[bool, typer.Option(help="Apply the quality gate to rebuilds.")] = True,
     keep: Annotated[int, typer.Option(min=1, help="Versions kept on disk.")] = 5,
+    index_recall: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0, help="Target recall@100 of the index against exact."),
+    ] = 0.95,
+    index_max_query_ms: Annotated[
+        float,
+        typer.Option(min=0.1, help="Index tuning stops widening the search past this."),
+    ] = 5.0,
 ) -> None:
     """Ingest, train, embed, index, and promote a new version to current. A rebuild
     warm-starts from the current version and must pass the quality gate (exit status 3
@@ -177,6 +189,7 @@ def build(
     from features.sources import resolve_source
     from recsys.pipeline import RebuildPolicy
     from recsys.pipeline import build as run_build
+    from serving.index import IndexTargets
     from training.config import Similarity, TowerConfig, TrainConfig, parse_losses
 
     try:
@@ -195,7 +208,10 @@ def build(
         raise RecsysError(str(exc)) from exc
     source = resolve_source(data, items=items, users=users)
     policy = RebuildPolicy(from_scratch, gate_margin if gate else None, keep)
-    report = run_build(source, artifacts, tower, config, progress=progress, policy=policy)
+    targets = IndexTargets(index_recall, index_max_query_ms)
+    report = run_build(
+        source, artifacts, tower, config, progress=progress, policy=policy, index_targets=targets
+    )
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)
     for name, value in [
@@ -214,7 +230,8 @@ def build(
             "index",
             f"{report.index.metric}, {report.index.n_trees} trees, "
             f"search_k {report.index.search_k}, "
-            f"recall@100 vs exact {report.index.recall_at_100:.3f}",
+            f"recall@100 vs exact {report.index.recall_at_100:.3f}, "
+            f"{report.index.query_ms:.2f} ms/query",
         ),
         ("warm start from", report.warm_start_from or "no (trained from scratch)"),
         ("quality gate", report.gate.reason if report.gate else "none (first build)"),

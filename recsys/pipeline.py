@@ -9,8 +9,9 @@ committed but not current, for inspection."""
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from features.ingest import IngestReport, ingest
 from features.sources import DataSource
 from features.splits import leave_last_out
 from recsys import schema as s
+from recsys.artifacts import read_manifest
 from recsys.errors import ArtifactError
 from recsys.gate import GateDecision, last_timestamp, quality_gate, skipped
 from recsys.lock import build_lock
 from recsys.versions import VersionStore
-from serving.index import IndexParams, build_annoy
+from serving.index import IndexParams, IndexTargets, build_annoy
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
@@ -108,6 +110,7 @@ def build(
     config: TrainConfig | None = None,
     progress: bool = True,
     policy: RebuildPolicy | None = None,
+    index_targets: IndexTargets | None = None,
 ) -> BuildReport:
     """One build under the artifacts directory's lock; see the module docstring."""
     with build_lock(root) as died:
@@ -116,7 +119,13 @@ def build(
         if died or abandoned:
             log.warning("cleaned up after a build that died: removed %s", abandoned or "nothing")
         return _build_locked(
-            source, store, tower or TowerConfig(), config, progress, policy or RebuildPolicy()
+            source,
+            store,
+            tower or TowerConfig(),
+            config,
+            progress,
+            policy or RebuildPolicy(),
+            index_targets or IndexTargets(),
         )
 
 
@@ -137,6 +146,21 @@ def _warm_start(
     )
 
 
+def _full_run_epochs(manifest: dict[str, Any]) -> int:
+    """Epochs of the last from-scratch run in a version's lineage."""
+    train = manifest.get("train", {})
+    return int(train.get("full_run_epochs") or train.get("epochs_run") or 1)
+
+
+def _warm_budget(config: TrainConfig, previous: Path) -> TrainConfig:
+    """Default warm budget: a third of the epochs the last full run took (early stopping
+    included), so that it follows what this data set needs, not the example budget."""
+    if config.warm_epochs is not None:
+        return config
+    full = _full_run_epochs(read_manifest(previous, verify=False))
+    return replace(config, warm_epochs=max(1, math.ceil(full / 3)))
+
+
 def _build_locked(
     source: DataSource,
     store: VersionStore,
@@ -144,6 +168,7 @@ def _build_locked(
     config: TrainConfig | None,
     progress: bool,
     policy: RebuildPolicy,
+    index_targets: IndexTargets,
 ) -> BuildReport:
     started = time.perf_counter()
     previous = store.current() if store.current_name() else None
@@ -155,6 +180,8 @@ def _build_locked(
         features = FeatureSet.load(staging / DATA_DIR)
         split = leave_last_out(features.interactions, n_test=0, n_valid=1)
         warm = _warm_start(previous, features, tower, policy)
+        if warm is not None and previous is not None:
+            config = _warm_budget(config or TrainConfig(), previous)
         warm_from = previous.name if previous is not None and warm is not None else None
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
@@ -194,7 +221,7 @@ def _build_locked(
         rng = np.random.default_rng(result.config.seed)
         sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
         metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
-        index = build_annoy(items, sample, staging / INDEX_DIR, metric)
+        index = build_annoy(items, sample, staging / INDEX_DIR, metric, index_targets)
         gate = None
         if previous is not None and policy.gate_margin is not None:
             candidate = TowerScorer(model, builder, features.num_items)
@@ -219,6 +246,11 @@ def _build_locked(
                     "seed": result.config.seed,
                     "valid_metrics": result.best_metrics,
                     "warm_start_from": warm_from,
+                    "full_run_epochs": (
+                        _full_run_epochs(read_manifest(previous, verify=False))
+                        if warm_from and previous is not None
+                        else len(result.history)
+                    ),
                 },
                 "gate": asdict(gate) if gate else None,
                 "previous_version": previous.name if previous else None,

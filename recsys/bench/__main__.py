@@ -6,7 +6,7 @@ import time
 import warnings
 from pathlib import Path
 
-from recsys.bench import build, index, ingest, quality, serving, speed
+from recsys.bench import build, index, ingest, nightly, quality, serving, speed
 from recsys.settings import Settings
 
 
@@ -20,7 +20,7 @@ def main() -> None:
         help="where generated data and outputs go (default: <cache>/bench)",
     )
     parser.add_argument(
-        "--only", nargs="*", help="ingest, quality, speed, serving, index and/or build"
+        "--only", nargs="*", help="ingest, quality, speed, build, index, serving and/or nightly"
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -35,6 +35,7 @@ def main() -> None:
         ("build", build),  # before serving, which reuses its 1M-item version
         ("index", index),
         ("serving", serving),
+        ("nightly", nightly),
     )
     for name, bench in benches:
         if args.only and name not in args.only:

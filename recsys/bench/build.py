@@ -14,9 +14,10 @@ from recsys.bench.report import markdown_table, save
 TARGET_MINUTES = 15
 
 
-def _job(data: Path, artifacts: Path, epochs: int | None) -> dict[str, Any]:
+def job(data: Path, artifacts: Path, epochs: int | None, *flags: str) -> dict[str, Any]:
+    """One `recsys build` in a fresh process (its own peak RSS); `flags` go to build_job."""
     command = [sys.executable, "-m", "recsys.bench.build_job", "--data", str(data)]
-    command += ["--artifacts", str(artifacts)]
+    command += ["--artifacts", str(artifacts), *flags]
     if epochs is not None:
         command += ["--epochs", str(epochs)]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -41,7 +42,7 @@ def huge_version(work: Path) -> Path:
     """The 1M-user x 1M-item version (built here if the build benchmark has not)."""
     artifacts = _artifacts(work, HUGE)
     if not (artifacts / "current").exists():
-        _job(_data(work, HUGE), artifacts, 1)
+        job(_data(work, HUGE), artifacts, 1)
     return artifacts
 
 
@@ -53,7 +54,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         cases.append(("1M users x 1M items, 1 epoch", HUGE, 1))
     results = []
     for label, cfg, epochs in cases:
-        measured = _job(_data(work, cfg), _artifacts(work, cfg), epochs)
+        measured = job(_data(work, cfg), _artifacts(work, cfg), epochs)
         measured["case"] = label
         results.append(measured)
         print(json.dumps(measured), flush=True)

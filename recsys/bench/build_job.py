@@ -7,6 +7,7 @@ import logging
 import shutil
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 from recsys.bench.report import peak_rss_mb
@@ -17,21 +18,25 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--from-scratch", action="store_true")
+    parser.add_argument("--keep-artifacts", action="store_true", help="rebuild on top of them")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
 
     from features.sources import resolve_source
-    from recsys.pipeline import build
+    from recsys.pipeline import RebuildPolicy, build
     from training.config import TrainConfig
 
-    shutil.rmtree(args.artifacts, ignore_errors=True)
+    if not args.keep_artifacts:
+        shutil.rmtree(args.artifacts, ignore_errors=True)
     started = time.perf_counter()
     report = build(
         resolve_source(args.data),
         args.artifacts,
         config=TrainConfig(max_epochs=args.epochs),
         progress=False,
+        policy=RebuildPolicy(from_scratch=args.from_scratch),
     )
     print(
         json.dumps(
@@ -49,6 +54,9 @@ def main() -> None:
                 "index_recall@100": report.index.recall_at_100,
                 "index_build_s": report.index.build_seconds,
                 "peak_rss_mb": peak_rss_mb(),
+                "warm_start_from": report.warm_start_from,
+                "promoted": report.promoted,
+                "gate": asdict(report.gate) if report.gate else None,
             }
         )
     )

@@ -33,3 +33,35 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bar_chart(
+    name: str, title: str, groups: dict[str, dict[str, float]], ylabel: str, log: bool = False
+) -> Path:
+    """Grouped bars: `groups` maps an x label to {series: value}; saved as <name>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = list(dict.fromkeys(s for values in groups.values() for s in values))
+    width = 0.8 / max(1, len(series))
+    fig, axis = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
+    for n, label in enumerate(series):
+        xs = [x + n * width for x in range(len(groups))]
+        axis.bar(xs, [values.get(label, 0.0) for values in groups.values()], width, label=label)
+    axis.set_xticks(
+        [x + width * (len(series) - 1) / 2 for x in range(len(groups))], list(groups), fontsize=8
+    )
+    axis.set(ylabel=ylabel, title=title)
+    if log:
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3, axis="y")
+    if len(series) > 1:
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
