@@ -182,12 +182,22 @@ def build(
         float,
         typer.Option(min=0.1, help="Index tuning stops widening the search past this."),
     ] = 5.0,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Training ranks on this machine, under torchrun.")
+    ] = 1,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    sharding: Annotated[
+        str,
+        typer.Option(
+            help="Embedding tables over ranks: auto | table_wise | column_wise | row_wise (GPU)."
+        ),
+    ] = "auto",
 ) -> None:
     """Ingest, train, embed, index, and promote a new version to current. A rebuild
     warm-starts from the current version and must pass the quality gate (exit status 3
     when the candidate is rejected; the current version stays)."""
     from features.sources import resolve_source
-    from recsys.pipeline import RebuildPolicy
+    from recsys.pipeline import Compute, RebuildPolicy
     from recsys.pipeline import build as run_build
     from serving.index import IndexTargets
     from training.config import Similarity, TowerConfig, TrainConfig, parse_losses
@@ -203,14 +213,29 @@ def build(
             batch_size=batch_size,
             seed=seed,
             warm_epochs=warm_epochs,
+            sharding=sharding,
         )
     except ValueError as exc:
         raise RecsysError(str(exc)) from exc
+    if device not in ("cpu", "cuda"):
+        raise RecsysError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecsysError("--device cuda: PyTorch sees no CUDA device on this machine")
     source = resolve_source(data, items=items, users=users)
     policy = RebuildPolicy(from_scratch, gate_margin if gate else None, keep)
     targets = IndexTargets(index_recall, index_max_query_ms)
     report = run_build(
-        source, artifacts, tower, config, progress=progress, policy=policy, index_targets=targets
+        source,
+        artifacts,
+        tower,
+        config,
+        progress=progress,
+        policy=policy,
+        index_targets=targets,
+        compute=Compute(nproc, device),
     )
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from safetensors.torch import load_file, save_file
+import torch
 
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
@@ -32,11 +32,13 @@ from recsys.versions import VersionStore
 from serving.index import IndexParams, IndexTargets, build_annoy
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig
+from training.distributed import train_with_torchrun
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
-from training.export import SPEC, WEIGHTS, load_model, save_model
+from training.export import ROW_STATE, SPEC, WEIGHTS, load_model, save_model
 from training.model import ModelSpec, TwoTower
+from training.parallel import check_sharding
 from training.trainer import TrainResult, model_spec, train
-from training.warm_start import WarmStart, warm_start_problem
+from training.warm_start import WarmStart, load_warm_start, warm_start_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,6 @@ MODEL_DIR = "model"
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 INDEX_QUERY_SAMPLE = 1000
-ROW_STATE = "row_state.safetensors"  # embedding optimizer state, for warm starts
 
 
 @dataclass
@@ -69,6 +70,14 @@ class RebuildPolicy:
     from_scratch: bool = False  # else warm-start from the current version when possible
     gate_margin: float | None = 0.05  # None: no quality gate
     keep_versions: int = 5  # versions kept on disk, the current one included
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where training runs: `nproc` local ranks under torchrun (1: in this process)."""
+
+    nproc: int = 1
+    device: str = "cpu"  # or "cuda"
 
 
 def _embedding_frame(
@@ -111,6 +120,7 @@ def build(
     progress: bool = True,
     policy: RebuildPolicy | None = None,
     index_targets: IndexTargets | None = None,
+    compute: Compute | None = None,
 ) -> BuildReport:
     """One build under the artifacts directory's lock; see the module docstring."""
     with build_lock(root) as died:
@@ -126,6 +136,7 @@ def build(
             progress,
             policy or RebuildPolicy(),
             index_targets or IndexTargets(),
+            compute or Compute(),
         )
 
 
@@ -139,11 +150,7 @@ def _warm_start(
     if problem:
         log.warning("training from scratch: cannot warm-start from %s (%s)", previous.name, problem)
         return None
-    row_state = previous / MODEL_DIR / ROW_STATE
-    return WarmStart(
-        load_file(str(previous / MODEL_DIR / WEIGHTS)),
-        load_file(str(row_state)) if row_state.is_file() else {},
-    )
+    return load_warm_start(previous / MODEL_DIR, WEIGHTS, ROW_STATE)
 
 
 def _full_run_epochs(manifest: dict[str, Any]) -> int:
@@ -169,6 +176,7 @@ def _build_locked(
     progress: bool,
     policy: RebuildPolicy,
     index_targets: IndexTargets,
+    compute: Compute,
 ) -> BuildReport:
     started = time.perf_counter()
     previous = store.current() if store.current_name() else None
@@ -185,19 +193,31 @@ def _build_locked(
         warm_from = previous.name if previous is not None and warm is not None else None
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
-        result = train(
-            features,
-            split,
-            tower,
-            config,
-            metrics_path=model_dir / "metrics.jsonl",
-            progress=progress,
-            warm_start=warm,
-        )
-        save_model(result.state, result.spec, model_dir)
-        save_file(result.row_state, str(model_dir / ROW_STATE))
+        if compute.nproc > 1:
+            check_sharding((config or TrainConfig()).sharding, compute.device)
+            result = train_with_torchrun(
+                staging / DATA_DIR,
+                model_dir,
+                compute.nproc,
+                tower,
+                config or TrainConfig(),
+                warm_start=previous / MODEL_DIR if warm_from and previous else None,
+                device=compute.device,
+            )
+        else:
+            result = train(
+                features,
+                split,
+                tower,
+                config,
+                device=torch.device(compute.device),
+                metrics_path=model_dir / "metrics.jsonl",
+                progress=progress,
+                warm_start=warm,
+            )
+            save_model(result.state, result.spec, model_dir, result.row_state)
         (model_dir / "train_config.json").write_text(
-            json.dumps(asdict(result.config), default=lambda v: v.value, indent=2) + "\n"
+            json.dumps(result.config.to_dict(), indent=2) + "\n"
         )
         _save_curve(result.history, model_dir / "training_curve.png", result.config.eval_k)
 
@@ -244,6 +264,9 @@ def _build_locked(
                     "epochs_run": len(result.history),
                     "seconds": round(result.seconds, 2),
                     "seed": result.config.seed,
+                    "ranks": compute.nproc,
+                    "device": compute.device,
+                    "sharding": result.sharding,
                     "valid_metrics": result.best_metrics,
                     "warm_start_from": warm_from,
                     "full_run_epochs": (

@@ -14,6 +14,7 @@ from torchrec import KeyedJaggedTensor
 from features.feature_set import FeatureSet
 from features.jagged import CsrBags
 from recsys import schema as s
+from training.collective import all_sum
 from training.config import TowerConfig
 
 HISTORY = "history"
@@ -71,10 +72,11 @@ class BatchBuilder:
 
     def mark_known(self, train_rows: np.ndarray) -> None:
         """Only users and items with training events use their ID rows; the others are
-        embedded from history and side features alone (cold start)."""
+        embedded from history and side features alone (cold start). Counted over every
+        rank's training rows, so all ranks agree."""
         items = np.bincount(self.item_of_row[train_rows], minlength=len(self.known_items))
         users = np.bincount(self.histories.user_of(train_rows), minlength=len(self.known_users))
-        self.known_items, self.known_users = items > 0, users > 0
+        self.known_items, self.known_users = all_sum(items) > 0, all_sum(users) > 0
 
     def _assemble(
         self, parts: dict[str, tuple[np.ndarray, np.ndarray]], size: int

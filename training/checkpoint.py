@@ -39,6 +39,12 @@ def _flatten(parallel: ParallelModel) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous().clone() for k, v in flat.items()}
 
 
+def _state_file(directory: Path) -> Path:
+    """Trainer counters and RNG state, one file per rank (each rank has its own RNG)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return directory / (TRAINER_STATE if rank == 0 else f"trainer-rank{rank}.json")
+
+
 def _rank_file(directory: Path) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     return directory / f"rank{rank}.safetensors"
@@ -54,7 +60,7 @@ def save_checkpoint(
     trainer_state = {**trainer_state, "dense_param_groups": groups}
     with atomic_path(_rank_file(directory)) as tmp:
         save_file(tensors, str(tmp))
-    with atomic_path(directory / TRAINER_STATE) as tmp:
+    with atomic_path(_state_file(directory)) as tmp:
         tmp.write_text(json.dumps(trainer_state))
 
 
@@ -72,7 +78,7 @@ def _copy_into(value: Any, saved: Tensor, key: str) -> None:
 def load_checkpoint(directory: Path, parallel: ParallelModel) -> dict[str, Any]:
     """Restore weights and optimizer state in place; return the trainer's counters."""
     path = _rank_file(directory)
-    if not path.is_file() or not (directory / TRAINER_STATE).is_file():
+    if not path.is_file() or not _state_file(directory).is_file():
         raise ArtifactError(f"{directory}: no complete checkpoint to resume from")
     saved = load_file(str(path))
     model_state = parallel.model.state_dict()
@@ -87,7 +93,7 @@ def load_checkpoint(directory: Path, parallel: ParallelModel) -> dict[str, Any]:
             if f"fused/{param}/{name}" in saved:
                 _copy_into(value, saved[f"fused/{param}/{name}"], name)
     fused.load_state_dict(fused_state)
-    trainer_state = dict(json.loads((directory / TRAINER_STATE).read_text()))
+    trainer_state = dict(json.loads(_state_file(directory).read_text()))
     dense_state: dict[int, dict[str, Tensor]] = {}
     for key, tensor in saved.items():
         if key.startswith("dense/"):

@@ -3,7 +3,8 @@ them, resolved against the data (sizes that scale with it) and written into each
 
 import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 
 class Similarity(enum.Enum):
@@ -32,6 +33,13 @@ class TowerConfig:
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError("id_dropout must be in [0, 1)")
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "similarity": self.similarity.value}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "TowerConfig":
+        return cls(**{**payload, "similarity": Similarity(payload["similarity"])})
+
 
 class LossKind(enum.Enum):
     SOFTMAX = "softmax"  # in-batch sampled softmax with logQ correction
@@ -50,6 +58,9 @@ def parse_losses(specs: list[str]) -> tuple[tuple[LossKind, float], ...]:
             kinds = ", ".join(k.value for k in LossKind)
             raise ValueError(f"bad loss '{spec}': use NAME[:WEIGHT] with NAME in {kinds}") from exc
     return tuple(parsed)
+
+
+SHARDINGS = ("auto", "table_wise", "column_wise", "row_wise")  # row_wise: GPUs only
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,7 @@ class TrainConfig:
     max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
     example_budget: int = 10_000_000  # default epochs: about this many training examples
     warm_epochs: int | None = None  # budget of a warm-started rebuild (default: a third)
+    sharding: str = "auto"  # embedding tables over ranks: auto (the planner) or one of SHARDINGS
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -79,6 +91,18 @@ class TrainConfig:
             raise ValueError("losses need at least one entry, each with a positive weight")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["losses"] = [[kind.value, weight] for kind, weight in self.losses]
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any]) -> "TrainConfig":
+        losses = tuple((LossKind(kind), float(weight)) for kind, weight in payload["losses"])
+        return cls(**{**payload, "losses": losses})
 
     def resolve(self, train_events: int, warm: bool = False) -> "TrainConfig":
         """Fill data-dependent defaults: batches grow with the log, epochs shrink; a

@@ -15,25 +15,63 @@ CHUNK = 8192
 
 
 def _embed(
-    model: Tower, make: Callable[[np.ndarray], KeyedJaggedTensor], ids: np.ndarray, side: int
+    model: Tower,
+    make: Callable[[np.ndarray], KeyedJaggedTensor],
+    ids: np.ndarray,
+    side: int,
+    device: torch.device | None = None,
+    chunks: int = 0,
 ) -> np.ndarray:
+    """Embeddings in chunks of CHUNK ids. A sharded model needs every rank to run the same
+    number of forward passes: `chunks` pads with passes over the first id, discarded."""
     parts = []
+    device = device or torch.device("cpu")
+    starts = range(0, len(ids), CHUNK)
     with torch.no_grad():
-        for start in range(0, len(ids), CHUNK):
-            parts.append(model(make(ids[start : start + CHUNK]))[side].numpy())
+        for start in starts:
+            parts.append(model(make(ids[start : start + CHUNK]).to(device))[side].cpu().numpy())
+        for _ in range(chunks - len(starts)):
+            model(make(ids[:1] if len(ids) else np.zeros(1, np.int64)).to(device))
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
-def item_embeddings(model: Tower, builder: BatchBuilder, num_items: int) -> np.ndarray:
-    return _embed(model, builder.items, np.arange(num_items), side=1)  # (I, D)
+def item_embeddings(
+    model: Tower, builder: BatchBuilder, num_items: int, device: torch.device | None = None
+) -> np.ndarray:
+    return _embed(model, builder.items, np.arange(num_items), 1, device)  # (I, D)
 
 
-def user_embeddings_now(model: Tower, builder: BatchBuilder, users: np.ndarray) -> np.ndarray:
-    return _embed(model, builder.users_now, users, side=0)  # (U, D)
+def user_embeddings_now(
+    model: Tower, builder: BatchBuilder, users: np.ndarray, device: torch.device | None = None
+) -> np.ndarray:
+    return _embed(model, builder.users_now, users, 0, device)  # (U, D)
 
 
-def user_embeddings_before(model: Tower, builder: BatchBuilder, rows: np.ndarray) -> np.ndarray:
-    return _embed(model, builder.users_before, rows, side=0)  # (Q, D)
+def user_embeddings_before(
+    model: Tower,
+    builder: BatchBuilder,
+    rows: np.ndarray,
+    device: torch.device | None = None,
+    chunks: int = 0,
+) -> np.ndarray:
+    return _embed(model, builder.users_before, rows, 0, device, chunks)  # (Q, D)
+
+
+def chunks_needed(count: int) -> int:
+    return -(-count // CHUNK)
+
+
+class PrecomputedScorer:
+    """`training.evaluate.Scorer` over user embeddings computed up front for known rows
+    (all collective work done before scoring, which then runs locally on each rank)."""
+
+    def __init__(self, rows: np.ndarray, user_emb: np.ndarray, item_emb: np.ndarray) -> None:
+        self.order = np.argsort(rows, kind="stable")
+        self.rows, self.user_emb, self.item_emb = rows[self.order], user_emb, item_emb
+
+    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        where = self.order[np.searchsorted(self.rows, rows)]
+        return self.user_emb[where] @ self.item_emb.T
 
 
 class TowerScorer:

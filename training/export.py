@@ -12,11 +12,19 @@ from training.model import ModelSpec, TwoTower
 
 WEIGHTS = "weights.safetensors"
 SPEC = "model.json"
+ROW_STATE = "row_state.safetensors"  # embedding optimizer's per-row state, for warm starts
 
 
-def save_model(state: dict[str, torch.Tensor], spec: ModelSpec, directory: Path) -> None:
+def save_model(
+    state: dict[str, torch.Tensor],
+    spec: ModelSpec,
+    directory: Path,
+    row_state: dict[str, torch.Tensor] | None = None,
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS))
+    if row_state is not None:
+        save_file({k: v.contiguous() for k, v in row_state.items()}, str(directory / ROW_STATE))
     (directory / SPEC).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
 
 

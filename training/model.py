@@ -38,20 +38,16 @@ class ModelSpec:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
-        payload = asdict(self)
-        payload["tower"]["similarity"] = self.tower.similarity.value
-        return payload
+        return {**asdict(self), "tower": self.tower.to_dict()}
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "ModelSpec":
-        tower = dict(payload["tower"])
-        tower["similarity"] = Similarity(tower["similarity"])
         return cls(
             num_users=payload["num_users"],
             num_items=payload["num_items"],
             user_categories=dict(payload["user_categories"]),
             item_categories=dict(payload["item_categories"]),
-            tower=TowerConfig(**tower),
+            tower=TowerConfig.from_dict(payload["tower"]),
         )
 
 

@@ -21,6 +21,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
+from recsys.errors import RecsysError
 from training.config import TrainConfig
 from training.model import ModelSpec, TwoTower
 
@@ -58,9 +59,8 @@ def build_parallel(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> P
     apply_optimizer_in_backward(
         RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.embedding_learning_rate}
     )
-    parallel = DistributedModelParallel(
-        model, device=device, plan=_plan(model, device, dist.get_world_size())
-    )
+    plan = _plan(model, device, dist.get_world_size(), cfg.sharding)
+    parallel = DistributedModelParallel(model, device=device, plan=plan)
     dense = {name: p for name, p in parallel.named_parameters() if "ebc" not in name}
     dense_optimizer = torch.optim.AdamW(
         list(dense.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
@@ -70,20 +70,38 @@ def build_parallel(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> P
     return ParallelModel(parallel, optimizer, dense_optimizer)
 
 
-def _plan(model: TwoTower, device: torch.device, world_size: int) -> ShardingPlan:
-    """Let TorchRec's planner place the tables (table-wise or row-wise as it sees fit), but
-    always on fused fbgemm kernels: the data-parallel "dense" kernel it picks for small
-    tables has no autograd registration in the CPU build of fbgemm and would not train."""
+_AUTO = (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE)
+
+
+def check_sharding(sharding: str, device_type: str) -> None:
+    """A clear error for a sharding TorchRec does not offer on this device (on CPU there
+    is no row-wise sharding: table-wise and column-wise are)."""
+    available = EmbeddingBagCollectionSharder().sharding_types(device_type)
+    if sharding != "auto" and sharding not in available:
+        offered = ", ".join(t for t in available if t != ShardingType.DATA_PARALLEL.value)
+        raise RecsysError(
+            f"sharding {sharding} is not available on {device_type} (TorchRec offers {offered})"
+        )
+
+
+def _plan(model: TwoTower, device: torch.device, world_size: int, sharding: str) -> ShardingPlan:
+    """Let TorchRec's planner place the tables (table-wise or row-wise as it sees fit, or
+    as `sharding` demands), always on fused fbgemm kernels: the data-parallel "dense"
+    kernel it picks for small tables has no autograd registration in the CPU build of
+    fbgemm and would not train."""
+    sharder = cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder())
+    check_sharding(sharding, device.type)
+    available = sharder.sharding_types(device.type)
+    types = [t.value for t in _AUTO if t.value in available] if sharding == "auto" else [sharding]
     constraints = {
         table.name: ParameterConstraints(
-            sharding_types=[ShardingType.TABLE_WISE.value, ShardingType.ROW_WISE.value],
+            sharding_types=types,
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
         )
         for table in model.ebc.embedding_bag_configs()
     }
     topology = Topology(world_size=world_size, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharder = cast(ModuleSharder[nn.Module], EmbeddingBagCollectionSharder())
     return planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
 
 
@@ -110,9 +128,44 @@ def full_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:
 
 def embedding_optimizer_state(parallel: DistributedModelParallel) -> dict[str, Tensor]:
     """The fused optimizer's per-row state (row-wise Adagrad's accumulators), unsharded and
-    keyed by table (`item_table.momentum1`): kept with a version so that a warm-started
-    rebuild continues with the step sizes the rows had, not fresh large ones."""
-    state: dict[str, Tensor] = {}
+    keyed by table (`item_table.momentum1`), on rank 0: kept with a version so that a
+    warm-started rebuild continues with the step sizes the rows had, not fresh large ones.
+
+    Each rank's fused optimizer lists only the tables it holds, so this gathers plain
+    (offset, rows) pieces with one `all_gather_object` rather than per-table collectives."""
+    local: dict[str, tuple[list[int], list[tuple[int, Tensor]]]] = {}
     for entries in parallel.fused_optimizer.state_dict()["state"].values():
-        state.update(_gathered(entries))
+        for name, value in entries.items():
+            if hasattr(value, "local_shards"):
+                pieces = [
+                    (int(shard.metadata.shard_offsets[0]), shard.tensor.detach().cpu().clone())
+                    for shard in value.local_shards()
+                ]
+                local[name] = (list(value.size()), pieces)
+    parts: list[Any] = [local]
+    if dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        if dist.get_rank() != 0:
+            return {}
+    state: dict[str, Tensor] = {}
+    for part in parts:
+        for name, (size, pieces) in part.items():
+            full = state.setdefault(name, torch.zeros(size))
+            for offset, rows in pieces:
+                full[offset : offset + len(rows)] = rows
     return state
+
+
+def weights_per_rank(parallel: DistributedModelParallel) -> dict[str, list[int]]:
+    """How many weights of each embedding table every rank holds (the sharding, as placed:
+    a whole table on one rank, or rows or columns split over several)."""
+    local: dict[str, int] = {}
+    for name, value in parallel.state_dict().items():
+        if hasattr(value, "local_shards"):
+            table = name.split(".")[-2]  # ...embedding_bags.<table>.weight
+            local[table] = sum(int(shard.tensor.numel()) for shard in value.local_shards())
+    gathered: list[dict[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    tables = sorted({t for part in gathered if part for t in part})
+    return {t: [(part or {}).get(t, 0) for part in gathered] for t in tables}

@@ -21,12 +21,25 @@ from features.splits import Split
 from recsys.artifacts import atomic_path
 from training.batches import BatchBuilder
 from training.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
+from training.collective import all_max, all_mean, all_min, all_sum
 from training.config import LossKind, TowerConfig, TrainConfig
-from training.embed import TowerScorer
-from training.evaluate import eval_task, evaluate, sample_task
+from training.embed import (
+    PrecomputedScorer,
+    Tower,
+    chunks_needed,
+    item_embeddings,
+    user_embeddings_before,
+)
+from training.evaluate import EvalTask, eval_task, evaluate, sample_task
 from training.losses import CombinedLoss, InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
 from training.model import ModelSpec
-from training.parallel import build_parallel, embedding_optimizer_state, full_state
+from training.parallel import (
+    build_parallel,
+    embedding_optimizer_state,
+    ensure_process_group,
+    full_state,
+    weights_per_rank,
+)
 from training.warm_start import WarmStart, apply_warm_start
 
 log = logging.getLogger(__name__)
@@ -45,6 +58,7 @@ class TrainResult:
     best_metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     row_state: dict[str, Tensor] = field(default_factory=dict)  # embedding optimizer, at best
+    sharding: dict[str, list[int]] = field(default_factory=dict)  # table -> weights per rank
 
 
 @dataclass
@@ -56,6 +70,19 @@ class Progress:
     best: float = -1.0
     waited: int = 0
     best_epoch: int = 0
+
+
+def validate(
+    model: Tower, builder: BatchBuilder, num_items: int, task: EvalTask, device: torch.device
+) -> dict[str, float]:
+    """Full-ranking metrics of each rank's own validation users, averaged over ranks. All
+    forward passes come first, the same number on every rank; scoring is local."""
+    item_emb = item_embeddings(model, builder, num_items, device)
+    chunks = all_max(chunks_needed(len(task)))
+    user_emb = user_embeddings_before(model, builder, task.rows, device, chunks)
+    metrics = evaluate(PrecomputedScorer(task.rows, user_emb, item_emb), task)
+    users = metrics.pop("users")
+    return {**all_mean(metrics, users), "users": float(all_sum(np.array([users]))[0])}
 
 
 def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
@@ -118,25 +145,37 @@ def train(
     the model, and the epoch budget becomes `config.warm_epochs`.
     """
     tower = tower or TowerConfig()
-    train_rows = split.train["row"].to_numpy().astype(np.int64)
-    cfg = (config or TrainConfig()).resolve(len(train_rows), warm=warm_start is not None)
-    assert cfg.batch_size is not None and cfg.max_epochs is not None
     device = device or torch.device("cpu")
-    rng = np.random.default_rng(cfg.seed)
+    rank, world_size = ensure_process_group(device)
+    train_rows = split.train["row"].to_numpy().astype(np.int64)
+    total_rows = int(all_sum(np.array([len(train_rows)]))[0])
+    cfg = (config or TrainConfig()).resolve(total_rows, warm=warm_start is not None)
+    assert cfg.batch_size is not None and cfg.max_epochs is not None
+    batch_size = max(1, cfg.batch_size // world_size)  # per rank; the global batch is the same
+    rng = np.random.default_rng(cfg.seed + rank)
     spec = model_spec(features, tower)
     builder = BatchBuilder(features, tower)
     builder.mark_known(train_rows)
-    item_counts = np.bincount(features.histories.items[train_rows], minlength=features.num_items)
+    item_counts = all_sum(
+        np.bincount(features.histories.items[train_rows], minlength=features.num_items)
+    )
     parallel = build_parallel(spec, cfg, device)
     if warm_start is not None:
         apply_warm_start(parallel, warm_start)
     loss_fn = make_loss(cfg, item_counts).to(device)
-    valid = sample_task(eval_task(split.valid, features.histories), cfg.max_valid_users, cfg.seed)
+    valid = sample_task(
+        eval_task(split.valid, features.histories),
+        max(1, cfg.max_valid_users // world_size),
+        cfg.seed,
+    )
+    progress = progress and rank == 0
+    writer = rank == 0  # files shared by all ranks are written once
 
-    steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    # Every rank must run the same number of steps (the sharded tables exchange data).
+    steps_per_epoch = all_min(max(1, len(train_rows) // batch_size))
     total_steps = steps_per_epoch * cfg.max_epochs
     warmup = max(1, int(cfg.warmup_fraction * total_steps))
-    result = TrainResult(state={}, spec=spec, config=cfg)
+    result = TrainResult(state={}, spec=spec, config=cfg, sharding=weights_per_rank(parallel.model))
     state = Progress()
     if resume and checkpoint_dir is not None and (checkpoint_dir / TRAINER_STATE).is_file():
         saved = load_checkpoint(checkpoint_dir, parallel)
@@ -156,9 +195,7 @@ def train(
         losses, epoch_start = [], time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress, leave=False)
         for b in bar:
-            batch = builder.training_batch(
-                order[b * cfg.batch_size : (b + 1) * cfg.batch_size], rng
-            )
+            batch = builder.training_batch(order[b * batch_size : (b + 1) * batch_size], rng)
             for group in parallel.dense_optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(state.step, total_steps, warmup)
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
@@ -178,11 +215,11 @@ def train(
             losses.append(loss.item())
             state.step += 1
             if b % 20 == 0:
-                rate = (b + 1) * cfg.batch_size / (time.perf_counter() - epoch_start)
+                rate = (b + 1) * cfg.batch_size / (time.perf_counter() - epoch_start)  # global
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", ex_s=f"{rate:,.0f}")
         train_seconds = time.perf_counter() - epoch_start
         parallel.model.eval()
-        metrics = evaluate(TowerScorer(parallel.model, builder, features.num_items), valid)
+        metrics = validate(parallel.model, builder, features.num_items, valid, device)
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
@@ -191,7 +228,7 @@ def train(
             **{f"valid_{k}": v for k, v in metrics.items()},
         }
         result.history.append(record)
-        if metrics_path is not None:
+        if metrics_path is not None and writer:
             with metrics_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         if on_epoch is not None:
@@ -206,7 +243,7 @@ def train(
             result.best_epoch, result.best_metrics = epoch, metrics
             result.state = full_state(parallel.model)
             result.row_state = embedding_optimizer_state(parallel.model)
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and writer:
                 checkpoint_dir.mkdir(parents=True, exist_ok=True)
                 with atomic_path(checkpoint_dir / BEST_WEIGHTS) as tmp:
                     save_file(result.state, str(tmp))

@@ -6,8 +6,10 @@ initialisation, and the MLPs start where they were. This works whatever the shar
 because each rank copies the rows of its own shards."""
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import Tensor
 
 from training.model import ModelSpec
@@ -79,3 +81,11 @@ def apply_warm_start(parallel: ParallelModel, warm: WarmStart) -> int:
                 _copy_rows(value, warm.row_state[name])
     fused.load_state_dict(fused_state)
     return seeded
+
+
+def load_warm_start(model_dir: Path, weights: str, row_state: str) -> WarmStart:
+    """A saved version's weights and (when saved) its per-row optimizer state."""
+    rows = model_dir / row_state
+    return WarmStart(
+        load_file(str(model_dir / weights)), load_file(str(rows)) if rows.is_file() else {}
+    )

@@ -6,7 +6,7 @@ import time
 import warnings
 from pathlib import Path
 
-from recsys.bench import build, index, ingest, nightly, quality, serving, speed
+from recsys.bench import build, index, ingest, nightly, quality, ranks, serving, speed
 from recsys.settings import Settings
 
 
@@ -20,7 +20,9 @@ def main() -> None:
         help="where generated data and outputs go (default: <cache>/bench)",
     )
     parser.add_argument(
-        "--only", nargs="*", help="ingest, quality, speed, build, index, serving and/or nightly"
+        "--only",
+        nargs="*",
+        help="ingest, quality, speed, ranks, build, index, serving and/or nightly",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -32,6 +34,7 @@ def main() -> None:
         ("ingest", ingest),
         ("quality", quality),
         ("speed", speed),
+        ("ranks", ranks),
         ("build", build),  # before serving, which reuses its 1M-item version
         ("index", index),
         ("serving", serving),

@@ -27,6 +27,11 @@ def job(data: Path, artifacts: Path, epochs: int | None, *flags: str) -> dict[st
 HUGE = SyntheticConfig(rows=3_000_000, users=1_000_000, items=1_000_000, seed=2)
 
 
+def synthetic_data(work: Path, rows: int) -> Path:
+    """The default-build synthetic log of `rows` events (generated once, cached)."""
+    return _data(work, SyntheticConfig(rows=rows, seed=2))
+
+
 def _data(work: Path, cfg: SyntheticConfig) -> Path:
     data = work / f"build-{cfg.rows}-{cfg.n_users}-{cfg.n_items}"
     if not (data / "users.parquet").is_file():

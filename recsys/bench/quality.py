@@ -21,7 +21,7 @@ from features.splits import leave_last_out
 from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from training.baselines import Ease, MatrixFactorization, Popularity
 from training.batches import BatchBuilder
-from training.config import LossKind, TowerConfig, TrainConfig
+from training.config import LossKind, Similarity, TowerConfig, TrainConfig
 from training.embed import TowerScorer
 from training.evaluate import KS, EvalTask, Scorer, eval_task, evaluate
 from training.export import load_model, save_model
@@ -120,8 +120,10 @@ def peers(
 def two_tower(
     features: FeatureSet, split, test: EvalTask, work: Path, loss: LossKind
 ) -> dict[str, Any]:
-    """Default settings, only the loss varies."""
-    tower = TowerConfig()
+    """Default settings, only the loss varies. N-pair runs on raw dot products, its own
+    setting (Sohn 2016: unnormalised embeddings held back by an L2 penalty); on cosine
+    similarities its logits stay within [-1, 1] and its softmax barely separates items."""
+    tower = TowerConfig(similarity=Similarity.DOT if loss is LossKind.NPAIR else Similarity.COSINE)
     started = time.perf_counter()
     config = TrainConfig(losses=((loss, 1.0),))
     result = train(features, split, tower, config, progress=False)
@@ -133,7 +135,8 @@ def two_tower(
     metrics = evaluate(scorer, test)
     return {
         "model": f"two-tower, {loss.value} loss"
-        + (" (default)" if loss is LossKind.SOFTMAX else ""),
+        + (" (default)" if loss is LossKind.SOFTMAX else "")
+        + (", dot product" if tower.similarity is Similarity.DOT else ""),
         "params": {
             "epochs": len(result.history),
             "best_epoch": result.best_epoch,

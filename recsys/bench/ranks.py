@@ -1,0 +1,70 @@
+"""Training throughput on 1 and 2 ranks of this machine (TorchRec sharded embeddings,
+gloo), with the same job `recsys build --nproc N` runs, on the same data."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from features.ingest import ingest
+from features.sources import resolve_source
+from recsys.bench.build import synthetic_data
+from recsys.bench.report import bar_chart, markdown_table, save
+from training.config import TowerConfig, TrainConfig
+from training.distributed import train_with_torchrun
+
+BATCH = 2048
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    data = synthetic_data(work, rows=200_000 if quick else 1_000_000)
+    features = work / f"ranks-ingest-{data.name}"
+    if not (features / "manifest.json").is_file():
+        ingest(resolve_source(data), features)
+    results = []
+    for nproc in (1, 2):
+        out = work / f"ranks-model-{nproc}"
+        shutil.rmtree(out, ignore_errors=True)
+        config = TrainConfig(max_epochs=1, batch_size=BATCH)
+        result = train_with_torchrun(features, out, nproc, TowerConfig(), config)
+        epoch = result.history[0]
+        results.append(
+            {
+                "ranks": nproc,
+                "examples_per_s": epoch["examples_per_s"],
+                "epoch_s": epoch["seconds"],
+                "recall@20": epoch["valid_recall@20"],
+                "sharding": result.sharding,
+            }
+        )
+        print(json.dumps(results[-1]), flush=True)
+    base = results[0]["examples_per_s"]
+    rows = [
+        [
+            r["ranks"],
+            f"{r['examples_per_s']:,.0f}",
+            f"{r['examples_per_s'] / base:.2f}x",
+            f"{r['epoch_s']:.0f}",
+            f"{r['recall@20']:.4f}",
+            ", ".join(f"{t}: {w}" for t, w in r["sharding"].items() if len(w) > 1) or "one rank",
+        ]
+        for r in results
+    ]
+    notes = (
+        f"One epoch of the `recsys build` defaults at a global batch of {BATCH} (each of N "
+        "ranks takes batch/N), synthetic log of "
+        f"{data.name.split('-')[1]} events, this 2-core machine: the cores are shared, so "
+        "each rank gets 2/N threads (OMP_NUM_THREADS) and the ranks talk over gloo on "
+        "loopback. Reproduce: `python -m recsys.bench --only ranks`."
+    )
+    headers = ["ranks", "examples/s", "vs 1 rank", "epoch s", "valid recall@20", "weights/rank"]
+    save(
+        "ranks", "Training on 1 and 2 ranks (torchrun, gloo)", markdown_table(headers, rows), notes
+    )
+    bar_chart(
+        "ranks",
+        "Training throughput by ranks",
+        {f"{r['ranks']} rank(s)": {"examples/s": r["examples_per_s"]} for r in results},
+        "examples/s",
+    )
+    return results
