@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 import numpy as np
+import redis
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -21,6 +22,7 @@ from pydantic import BaseModel, Field, model_validator
 from recsys.errors import RecsysError
 from recsys.versions import VersionStore
 from serving.cache import CACHE_EVENTS, Cache, make_cache, pack_results, unpack_results
+from serving.limits import BodyLimit
 from serving.live import LiveVersion
 from serving.settings import ServiceSettings
 from serving.state import VersionState
@@ -119,6 +121,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         description="Recommendations from a two-tower model over an Annoy index, cached in Redis.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     def state() -> VersionState:
         """The version this request uses from start to end (read once: see serving.live)."""
@@ -126,6 +129,17 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if current is None:
             raise HTTPException(503, "no model loaded yet")
         return current
+
+    client_keys = settings.client_keys()
+
+    def require_client(x_api_key: Annotated[str | None, Header()] = None) -> None:
+        """With RECSYS_API_KEYS set, the /v1 routes need one of them (constant-time check
+        against every key, so timing tells nothing about which prefix matched)."""
+        if not client_keys:
+            return
+        given = (x_api_key or "").encode()
+        if not any([hmac.compare_digest(given, key) for key in client_keys]):
+            raise HTTPException(401, "missing or wrong X-API-Key header")
 
     def require_admin(x_api_key: Annotated[str | None, Header()] = None) -> None:
         expected = settings.admin_api_key
@@ -195,7 +209,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             cached=cached,
         )
 
-    @app.get("/v1/users/{user_id}/recommendations", response_model=Recommendations)
+    @app.get(
+        "/v1/users/{user_id}/recommendations",
+        response_model=Recommendations,
+        dependencies=[Depends(require_client)],
+    )
     def user_recommendations(
         user_id: str,
         k: Annotated[int, Query(ge=1, le=settings.max_k)] = 10,
@@ -204,7 +222,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         """Top-k items for a known user; unknown users get the most popular items (fallback)."""
         return for_user(state(), user_id, k, exclude_seen)
 
-    @app.post("/v1/recommendations", response_model=Recommendations)
+    @app.post(
+        "/v1/recommendations",
+        response_model=Recommendations,
+        dependencies=[Depends(require_client)],
+    )
     def recommendations(body: RecommendationRequest) -> Recommendations:
         """For a user, a session history (new or anonymous users), or both."""
         current = state()
@@ -252,7 +274,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             unknown_items=unknown,
         )
 
-    @app.get("/v1/items/{item_id}/similar", response_model=SimilarItems)
+    @app.get(
+        "/v1/items/{item_id}/similar",
+        response_model=SimilarItems,
+        dependencies=[Depends(require_client)],
+    )
     def similar_items(
         item_id: str, k: Annotated[int, Query(ge=1, le=settings.max_k)] = 10
     ) -> SimilarItems:
@@ -282,6 +308,15 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         except (RecsysError, OSError, ValueError) as exc:
             raise HTTPException(409, f"kept version {before}: {exc}") from exc
         return {"model_version": live.version, "previous_version": before, "switched": switched}
+
+    @app.post("/admin/cache/flush", dependencies=[Depends(require_admin)])
+    def admin_cache_flush() -> dict[str, object]:
+        """Delete every cached answer and embedding of every version."""
+        try:
+            deleted = cache().flush("recsys:")
+        except redis.RedisError as exc:
+            raise HTTPException(503, f"cache unavailable: {exc}") from exc
+        return {"deleted": deleted, "backend": cache().backend}
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

@@ -27,6 +27,10 @@ class Cache(Protocol):
 
     def healthy(self) -> bool: ...
 
+    def flush(self, prefix: str) -> int:
+        """Delete every key starting with `prefix`; how many were deleted."""
+        ...
+
 
 class LruCache:
     """Bounded, thread-safe, with per-entry expiry."""
@@ -58,6 +62,13 @@ class LruCache:
 
     def healthy(self) -> bool:
         return True
+
+    def flush(self, prefix: str) -> int:
+        with self._lock:
+            doomed = [key for key in self._data if key.startswith(prefix)]
+            for key in doomed:
+                del self._data[key]
+        return len(doomed)
 
 
 class RedisCache:
@@ -105,6 +116,19 @@ class RedisCache:
             return bool(self.client.ping())
         except redis.RedisError:
             return False
+
+    def flush(self, prefix: str) -> int:
+        """SCAN + UNLINK in batches (never KEYS, which blocks the server); raises
+        redis.RedisError when Redis is unavailable."""
+        deleted, batch = 0, []
+        for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) == 1000:
+                deleted += int(self.client.unlink(*batch))
+                batch = []
+        if batch:
+            deleted += int(self.client.unlink(*batch))
+        return deleted
 
 
 def make_cache(

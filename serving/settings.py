@@ -12,8 +12,8 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", frozen=True)
 
     artifacts: Path = Path("artifacts")
-    redis_url: str | None = Field(
-        default=None, validation_alias=AliasChoices("REDIS_URL", "RECSYS_REDIS_URL")
+    redis_url: str | None = Field(  # may hold a password: kept out of repr and logs
+        default=None, validation_alias=AliasChoices("REDIS_URL", "RECSYS_REDIS_URL"), repr=False
     )
     cache_ttl_seconds: int = Field(default=600, ge=1)
     redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
@@ -23,6 +23,15 @@ class ServiceSettings(BaseSettings):
     max_history: int = Field(default=1000, ge=1)  # longest history accepted in a request
     reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
+    api_keys: SecretStr | None = None  # comma-separated; set: /v1 routes need X-API-Key
+    max_body_bytes: int = Field(default=1_000_000, ge=1_000)  # larger request bodies: 413
+
+    def client_keys(self) -> list[bytes]:
+        if self.api_keys is None:
+            return []
+        return [
+            k.strip().encode() for k in self.api_keys.get_secret_value().split(",") if k.strip()
+        ]
 
     @field_validator("redis_url")
     @classmethod

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recsys.errors import ArtifactError
@@ -22,10 +23,19 @@ def save_model(
     row_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / WEIGHTS))
+    _save(state, directory / WEIGHTS)
     if row_state is not None:
-        save_file({k: v.contiguous() for k, v in row_state.items()}, str(directory / ROW_STATE))
+        _save(row_state, directory / ROW_STATE)
     (directory / SPEC).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors reports I/O failures (a full disk) as its own error type: turn them into
+    the one-line error every command prints."""
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as exc:
+        raise ArtifactError(f"{path}: cannot write ({exc})") from exc
 
 
 def load_model(directory: Path) -> TwoTower:
@@ -33,7 +43,7 @@ def load_model(directory: Path) -> TwoTower:
     try:
         spec = ModelSpec.from_dict(json.loads((directory / SPEC).read_text()))
         state = load_file(str(directory / WEIGHTS))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ArtifactError(f"{directory}: cannot load the model ({exc})") from exc
     model = TwoTower(spec, device=torch.device("cpu"))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -6,7 +6,7 @@ import time
 import warnings
 from pathlib import Path
 
-from recsys.bench import build, index, ingest, nightly, quality, ranks, serving, speed
+from recsys.bench import build, index, ingest, nightly, quality, ranks, serving, soak, speed
 from recsys.settings import Settings
 
 
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="ingest, quality, speed, ranks, build, index, serving and/or nightly",
+        help="ingest, quality, speed, ranks, build, index, serving, nightly and/or soak",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -39,6 +39,7 @@ def main() -> None:
         ("index", index),
         ("serving", serving),
         ("nightly", nightly),
+        ("soak", soak),
     )
     for name, bench in benches:
         if args.only and name not in args.only:

@@ -4,13 +4,20 @@ chooses them (by measured recall on sample queries)."""
 
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from recsys.bench.report import bar_chart, markdown_table, save
-from serving.index import AnnoyRetriever, ExactRetriever, build_annoy, recall_against_exact
+from recsys.bench.report import RESULTS_DIR, markdown_table, save
+from serving.index import (
+    AnnoyRetriever,
+    ExactRetriever,
+    IndexParams,
+    build_annoy,
+    recall_against_exact,
+)
 
 DIM = 64
 
@@ -62,9 +69,26 @@ def _case(
             "recall@100": recall_against_exact(retriever, exact, held_out),
             "annoy_qps": _qps(retriever.search, held_out),
             "exact_qps": _qps(exact.search, held_out[:100]),
+            "curve": _curve(retriever, exact, held_out[:100], params),
         }
-    print(result, flush=True)
+    print({k: v for k, v in result.items() if k != "curve"}, flush=True)
     return result
+
+
+def _curve(
+    retriever: AnnoyRetriever, exact: ExactRetriever, queries: np.ndarray, params: IndexParams
+) -> list[tuple[int, float, float]]:
+    """(search_k, recall@100, queries/s) around the chosen setting, on the same trees: the
+    trade-off a user moves along with `--index-max-query-ms`."""
+    points = []
+    for factor in (0.25, 0.5, 1, 2, 4, 8, 16):
+        search_k = max(100, int(params.search_k * factor))
+        wider = AnnoyRetriever(
+            retriever.index, retriever.item_emb, replace(params, search_k=search_k)
+        )
+        recall = recall_against_exact(wider, exact, queries)
+        points.append((search_k, recall, _qps(wider.search, queries)))
+    return points
 
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
@@ -104,17 +128,17 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         "on 1,000 tuning queries, search widened only while a query takes <= 5 ms), then "
         "measured on 300 other queries, one at a time (k = 100, tie-aware recall). Build "
         "uses Annoy's on-disk build with all cores; exact search is a NumPy matrix product "
-        "with argpartition over the same embeddings."
+        "with argpartition over the same embeddings. Second table: the same trees at other "
+        "search_k values (100 queries each), the trade-off `--index-max-query-ms` moves along."
     )
-    bar_chart(
-        "index",
-        "Annoy against exact search, queries/s (k = 100)",
-        {
-            f"{r['case']}, {r['items']:,}": {"Annoy": r["annoy_qps"], "exact": r["exact_qps"]}
+    _plot_curves(results)
+    curve = markdown_table(
+        ["embeddings", "items", "search_k", "recall@100", "Annoy q/s"],
+        [
+            [r["case"], f"{r['items']:,}", k, f"{recall:.3f}", f"{qps:,.0f}"]
             for r in results
-        },
-        "queries/s",
-        log=True,
+            for k, recall, qps in r["curve"]
+        ],
     )
     save(
         "index",
@@ -133,7 +157,37 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
                 "speed-up",
             ],
             rows,
-        ),
+        )
+        + "\n\n"
+        + curve,
         notes,
     )
     return results
+
+
+def _plot_curves(results: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(7, 4.5))
+    for n, r in enumerate(results):
+        colour = f"C{n}"
+        label = f"{r['case']}, {r['items']:,}"
+        _, recalls, qps = zip(*r["curve"], strict=True)
+        axis.plot(recalls, qps, "o-", color=colour, label=f"Annoy, {label}")
+        axis.plot([1.0], [r["exact_qps"]], "*", color=colour, markersize=12)
+        axis.plot([r["recall@100"]], [r["annoy_qps"]], "s", color=colour, fillstyle="none")
+    axis.set(
+        xlabel="recall@100 against exact search",
+        ylabel="queries/s (one at a time)",
+        yscale="log",
+        title="Annoy: recall against speed (square: chosen, star: exact search)",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS_DIR.mkdir(exist_ok=True)
+    fig.savefig(RESULTS_DIR / "index.png", dpi=120)
+    plt.close(fig)

@@ -104,7 +104,7 @@ async def _fixed_rate(
     }
 
 
-def _user_range(version: Path) -> tuple[int, int]:
+def user_range(version: Path) -> tuple[int, int]:
     ids = pl.read_parquet(version / "data" / "vocab" / "user_id.parquet")["id"]
     return int(ids.min()), int(ids.max())  # type: ignore[arg-type]
 
@@ -127,7 +127,7 @@ def _ceiling(seconds: int) -> dict[str, Any]:
 
 
 def _service_rows(label: str, artifacts: Path, seconds: int) -> list[dict[str, Any]]:
-    low, high = _user_range(VersionStore(artifacts).current())
+    low, high = user_range(VersionStore(artifacts).current())
     env = {"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
     rows = []
     with served(artifacts, env=env) as base:
@@ -150,19 +150,25 @@ def _service_rows(label: str, artifacts: Path, seconds: int) -> list[dict[str, A
     return [{"version": label, **row} for row in rows]
 
 
-def run(quick: bool, work: Path) -> list[dict[str, Any]]:
-    if shutil.which("wrk") is None:
-        raise RuntimeError("wrk is needed for the serving benchmark: apt-get install wrk")
+def movielens_version(work: Path) -> Path:
+    """Artifacts with a MovieLens-100K version (built on first use)."""
     from data import movielens
     from features.sources import resolve_source
-    from recsys.bench.build import huge_version
     from recsys.pipeline import build
     from recsys.settings import Settings
 
-    movielens_artifacts = work / "serving-ml-100k"
-    if VersionStore(movielens_artifacts).current_name() is None:
-        source = resolve_source(movielens.fetch(Settings().datasets_dir))
-        build(source, movielens_artifacts, progress=False)
+    artifacts = work / "serving-ml-100k"
+    if VersionStore(artifacts).current_name() is None:
+        build(resolve_source(movielens.fetch(Settings().datasets_dir)), artifacts, progress=False)
+    return artifacts
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    if shutil.which("wrk") is None:
+        raise RuntimeError("wrk is needed for the serving benchmark: apt-get install wrk")
+    from recsys.bench.build import huge_version
+
+    movielens_artifacts = movielens_version(work)
     seconds = 5 if quick else WRK_SECONDS
     results = [_ceiling(seconds)]
     results += _service_rows("MovieLens-100K", movielens_artifacts, seconds)
