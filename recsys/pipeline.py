@@ -332,7 +332,7 @@ def version_towers(version_dir: Path, features: FeatureSet) -> tuple[TwoTower, B
     the version never saw are then left out, as the version would have to."""
     model = load_model(version_dir / MODEL_DIR)
     builder = BatchBuilder(features, model.spec.tower)
-    if builder.keys.order != model.spec.keys.order:
+    if set(builder.keys.order) != set(model.spec.keys.order):  # the model looks keys up by name
         raise ArtifactError(
             f"{version_dir}: the model reads features {list(model.spec.keys.order)}, "
             f"the data has {list(builder.keys.order)}"

@@ -342,7 +342,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             "model_version": current.version,
             "items": len(current.recommender.item_ids),
             "users": len(current.recommender.user_ids),
-            "index": current.recommender.retriever.params.__dict__,  # type: ignore[attr-defined]
+            "index": getattr(current.recommender.retriever, "params", None),
             "cache": cache_state,
         }
 

@@ -32,6 +32,7 @@ class Retriever(Protocol):
 @dataclass
 class ExactRetriever:
     item_emb: np.ndarray  # (I, D)
+    params: "IndexParams | None" = None  # the build's measurements, when serving a version
 
     def search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         scores = self.item_emb @ query  # (I,)
@@ -50,6 +51,8 @@ class IndexParams:
     recall_at_100: float  # measured against exact search at build time
     build_seconds: float
     query_ms: float = 0.0  # mean time of one k = 100 query at these settings, at build time
+    exact_query_ms: float = 0.0  # the same for exact search over the same embeddings
+    backend: str = "annoy"  # what serves: "exact" when brute force is as fast (recall 1.0)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,24 @@ def _measure(
     return replace(params, recall_at_100=round(recall, 4), query_ms=round(query_ms, 3))
 
 
+def _exact_query_ms(item_emb: np.ndarray, queries: np.ndarray) -> float:
+    exact = ExactRetriever(item_emb)
+    started = time.perf_counter()
+    for query in queries:
+        exact.search(query, 100)
+    return (time.perf_counter() - started) * 1000 / max(1, len(queries))
+
+
+def load_retriever(directory: Path, item_emb: np.ndarray) -> Retriever:
+    """The retriever a version serves with: its Annoy index (always loaded, so a damaged
+    index is refused either way), or exact search where the build measured it to be at
+    least as fast (small catalogues: a matrix product beats tree walks and is exact)."""
+    annoy = AnnoyRetriever.load(directory, item_emb)
+    if annoy.params.backend == "exact":
+        return ExactRetriever(item_emb, annoy.params)
+    return annoy
+
+
 def build_annoy(
     item_emb: np.ndarray,
     queries: np.ndarray,
@@ -146,7 +167,8 @@ def build_annoy(
     seed: int = 0,
 ) -> IndexParams:
     """Build the index, then choose `search_k` (and more trees if needed) by measuring
-    recall@100 against exact search on real user queries.
+    recall@100 against exact search on real user queries; finally time exact search on
+    the same queries and record which of the two serves (`backend`).
 
     `search_k` doubles until the recall target is met or a query (k = 100, re-scoring
     included) would take longer than `max_query_ms`; trees double up to 4x the starting
@@ -181,7 +203,14 @@ def build_annoy(
             break
         index.unload()
         trees *= 2
-    params = replace(best, build_seconds=round(best.build_seconds, 3))
+    exact_ms = _exact_query_ms(item_emb, queries[:200])
+    backend = "exact" if exact_ms <= best.query_ms else "annoy"
+    params = replace(
+        best,
+        build_seconds=round(best.build_seconds, 3),
+        exact_query_ms=round(exact_ms, 3),
+        backend=backend,
+    )
     (directory / PARAMS_FILE).write_text(json.dumps(asdict(params), indent=2) + "\n")
     index.unload()
     return params

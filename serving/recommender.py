@@ -10,7 +10,7 @@ import polars as pl
 from features.jagged import CsrBags
 from recsys import schema as s
 from recsys.artifacts import read_manifest
-from serving.index import AnnoyRetriever, Retriever
+from serving.index import Retriever, load_retriever
 
 OVERFETCH = 1.5  # extra candidates beyond k + seen, since ANN may miss a few
 
@@ -51,7 +51,7 @@ class Recommender:
             popularity=np.bincount(log[s.ITEM_IDX].to_numpy(), minlength=len(item_emb)).astype(
                 np.float32
             ),
-            retriever=AnnoyRetriever.load(version_dir / "index", item_emb),
+            retriever=load_retriever(version_dir / "index", item_emb),
         )
 
     def user_index(self, raw_ids: pl.Series) -> pl.Series:

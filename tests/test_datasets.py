@@ -49,3 +49,24 @@ def test_synthetic_generation_is_reproducible(tmp_path):
     first = pl.read_parquet(generate(tmp_path / "a", cfg) / "interactions")
     second = pl.read_parquet(generate(tmp_path / "b", cfg) / "interactions")
     assert first.equals(second)
+
+
+def test_a_movielens_version_serves_with_titles_over_its_side_features(movielens_dir, tmp_path):
+    """Two item features (genres, year) and three user features: the served towers read
+    the features by name, whatever order the tables list them in."""
+    from fastapi.testclient import TestClient
+
+    from features.sources import resolve_source
+    from recsys.pipeline import build
+    from serving.app import create_app
+    from serving.settings import ServiceSettings
+    from training.config import TrainConfig
+
+    build(resolve_source(movielens_dir), tmp_path / "a", config=TrainConfig(max_epochs=1))
+    settings = ServiceSettings(artifacts=tmp_path / "a", redis_url=None, reload_poll_seconds=0)
+    with TestClient(create_app(settings)) as client:
+        answer = client.get("/v1/users/1/recommendations", params={"k": 5})
+        assert answer.status_code == 200 and len(answer.json()["items"]) == 5
+        session = client.post("/v1/recommendations", json={"history": [50, 172, 181], "k": 3})
+        assert session.status_code == 200 and len(session.json()["items"]) == 3
+        assert client.get("/readyz").json()["index"]["backend"] == "exact"  # 1,682 items

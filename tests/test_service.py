@@ -2,13 +2,16 @@
 Redis outages, and `recsys serve` as a subprocess answering over real HTTP."""
 
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import polars as pl
 import pytest
 import redis
@@ -143,16 +146,28 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
     raise RuntimeError("redis-server did not start")
 
 
-def test_redis_stopped_and_restarted_under_requests(artifacts):
+@contextmanager
+def private_redis(artifacts: Path) -> Iterator[tuple[int, str, ServiceSettings]]:
+    """A port and directory for a redis-server the test starts and stops itself, and
+    service settings pointing at it (50 ms timeouts, 0.2 s back-off)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        server = start_redis(port, workdir)
-        settings = ServiceSettings(
-            artifacts=artifacts,
-            redis_url=f"redis://127.0.0.1:{port}/0",
-            redis_timeout_ms=50,
-            redis_retry_seconds=0.2,
+        yield (
+            port,
+            workdir,
+            ServiceSettings(
+                artifacts=artifacts,
+                redis_url=f"redis://127.0.0.1:{port}/0",
+                redis_timeout_ms=50,
+                redis_retry_seconds=0.2,
+                reload_poll_seconds=0,
+            ),
         )
+
+
+def test_redis_stopped_and_restarted_under_requests(artifacts):
+    with private_redis(artifacts) as (port, workdir, settings):
+        server = start_redis(port, workdir)
         with TestClient(create_app(settings)) as client:
             assert client.get("/v1/users/3/recommendations").json()["cached"] is False
             assert client.get("/v1/users/3/recommendations").json()["cached"] is True
@@ -169,6 +184,38 @@ def test_redis_stopped_and_restarted_under_requests(artifacts):
             assert client.get("/v1/users/4/recommendations").json()["cached"] is True
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_redis_made_slow_under_requests_answers_uncached_within_its_timeout(artifacts):
+    """SIGSTOP freezes redis-server (a hung or overloaded Redis): every request still gets
+    a 200, each paying at most one 50 ms timeout; the cache is back after SIGCONT."""
+    with private_redis(artifacts) as (port, workdir, settings):
+        server = start_redis(port, workdir)
+        try:
+            with TestClient(create_app(settings)) as client:
+                client.get("/v1/users/5/recommendations")
+                assert client.get("/v1/users/5/recommendations").json()["cached"] is True
+                server.send_signal(signal.SIGSTOP)
+                latencies, answers = [], []
+                for user in range(30):
+                    started = time.perf_counter()
+                    answers.append(client.get(f"/v1/users/{user}/recommendations"))
+                    latencies.append((time.perf_counter() - started) * 1000)
+                server.send_signal(signal.SIGCONT)
+                print(
+                    f"Redis frozen: {len(answers)} requests, all {answers[0].status_code}; "
+                    f"latency p50 {np.percentile(latencies, 50):.1f} ms, "
+                    f"max {max(latencies):.1f} ms"
+                )
+                assert all(a.status_code == 200 for a in answers)
+                assert max(latencies) < 500
+                time.sleep(0.3)  # the back-off passes
+                client.get("/v1/users/6/recommendations")
+                assert client.get("/v1/users/6/recommendations").json()["cached"] is True
+        finally:
+            server.send_signal(signal.SIGCONT)
+            server.terminate()
+            server.wait(timeout=10)
 
 
 def test_recsys_serve_answers_over_http(artifacts, redis_url):
