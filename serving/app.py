@@ -8,16 +8,18 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
 import numpy as np
+import orjson
 import redis
 import torch
-from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recsys.errors import RecsysError
 from recsys.versions import VersionStore
@@ -85,11 +87,66 @@ class SimilarItems(BaseModel):
     cached: bool
 
 
-def _scored(state: VersionState, items: np.ndarray, scores: np.ndarray) -> list[ScoredItem]:
+def _scored(state: VersionState, items: np.ndarray, scores: np.ndarray) -> list[dict[str, object]]:
     return [
-        ScoredItem(item_id=i, score=float(s))
-        for i, s in zip(state.item_ids(items), scores, strict=True)
+        {"item_id": i, "score": s}
+        for i, s in zip(state.item_ids(items), scores.astype(float).tolist(), strict=True)
     ]
+
+
+def _json(payload: dict[str, object]) -> Response:
+    """Answers are built as plain dicts and serialised with orjson: the response models
+    above document them in the OpenAPI schema, but validating up to 1,000 items a second
+    time per request would cost more than finding them."""
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+def _recommendations(
+    version: str,
+    user_id: ItemId | None,
+    items: list[dict[str, object]],
+    cached: bool,
+    fallback: bool = False,
+    unknown_items: list[ItemId] | None = None,
+) -> Response:
+    return _json(
+        {
+            "model_version": version,
+            "user_id": user_id,
+            "items": items,
+            "cached": cached,
+            "fallback": fallback,
+            "unknown_items": unknown_items or [],
+        }
+    )
+
+
+class Measure:
+    """Request counts and latency by route and status, as a plain ASGI middleware (the
+    decorator kind wraps every response in extra tasks and queues)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(path, scope["method"], str(status)).inc()
+            LATENCY.labels(path).observe(time.perf_counter() - started)
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -122,6 +179,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Measure)
 
     def state() -> VersionState:
         """The version this request uses from start to end (read once: see serving.live)."""
@@ -131,8 +189,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return current
 
     client_keys = settings.client_keys()
+    # The GET routes run on the event loop: a lookup, a Redis round trip bounded by its
+    # millisecond timeout, an exact or Annoy search of well under a millisecond. A
+    # thread-pool hop would cost more than the work. History requests run the user tower
+    # and stay in the thread pool.
 
-    def require_client(x_api_key: Annotated[str | None, Header()] = None) -> None:
+    async def require_client(x_api_key: Annotated[str | None, Header()] = None) -> None:
         """With RECSYS_API_KEYS set, the /v1 routes need one of them (constant-time check
         against every key, so timing tells nothing about which prefix matched)."""
         if not client_keys:
@@ -152,18 +214,6 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def cache() -> Cache:
         return holder["cache"]  # type: ignore[return-value]
 
-    @app.middleware("http")
-    async def measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        REQUESTS.labels(path, request.method, str(response.status_code)).inc()
-        LATENCY.labels(path).observe(time.perf_counter() - started)
-        return response
-
     def cached_results(
         key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
     ) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -179,9 +229,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         cache().set(key, pack_results(items, scores), settings.cache_ttl_seconds)
         return items, scores, False
 
-    def for_user(
-        current: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
-    ) -> Recommendations:
+    def for_user(current: VersionState, raw_user: ItemId, k: int, exclude_seen: bool) -> Response:
         user = current.user_index(raw_user)
         raw_user = current.user_key(raw_user)
         rec = current.recommender
@@ -190,11 +238,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 f"recsys:{current.version}:popular:{k}",
                 lambda: rec.popular(np.zeros(0, np.int64), k),
             )
-            return Recommendations(
-                model_version=current.version,
-                user_id=raw_user,
-                items=_scored(current, items, scores),
-                cached=cached,
+            return _recommendations(
+                current.version,
+                raw_user,
+                _scored(current, items, scores),
+                cached,
                 fallback=True,
             )
         exclude = current.seen(user) if exclude_seen else np.zeros(0, np.int64)
@@ -202,11 +250,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             f"recsys:{current.version}:user:{user}:{k}:{int(exclude_seen)}",
             lambda: rec.for_vector(rec.user_emb[user], exclude, k),
         )
-        return Recommendations(
-            model_version=current.version,
-            user_id=raw_user,
-            items=_scored(current, items, scores),
-            cached=cached,
+        return _recommendations(
+            current.version,
+            raw_user,
+            _scored(current, items, scores),
+            cached,
         )
 
     @app.get(
@@ -214,11 +262,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response_model=Recommendations,
         dependencies=[Depends(require_client)],
     )
-    def user_recommendations(
+    async def user_recommendations(
         user_id: str,
         k: Annotated[int, Query(ge=1, le=settings.max_k)] = 10,
         exclude_seen: bool = True,
-    ) -> Recommendations:
+    ) -> Response:
         """Top-k items for a known user; unknown users get the most popular items (fallback)."""
         return for_user(state(), user_id, k, exclude_seen)
 
@@ -227,7 +275,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response_model=Recommendations,
         dependencies=[Depends(require_client)],
     )
-    def recommendations(body: RecommendationRequest) -> Recommendations:
+    def recommendations(body: RecommendationRequest) -> Response:
         """For a user, a session history (new or anonymous users), or both."""
         current = state()
         if body.k > settings.max_k:
@@ -253,11 +301,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             query = rec.user_emb[user]
         else:
             items, scores = rec.popular(banned, body.k)
-            return Recommendations(
-                model_version=current.version,
-                user_id=body.user_id,
-                items=_scored(current, items, scores),
-                cached=False,
+            return _recommendations(
+                current.version,
+                body.user_id,
+                _scored(current, items, scores),
+                False,
                 fallback=True,
                 unknown_items=unknown,
             )
@@ -266,11 +314,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             f"recsys:{current.version}:query:{digest}:{body.k}",
             lambda: rec.for_vector(query, banned, body.k),
         )
-        return Recommendations(
-            model_version=current.version,
-            user_id=body.user_id,
-            items=_scored(current, items, scores),
-            cached=cached,
+        return _recommendations(
+            current.version,
+            body.user_id,
+            _scored(current, items, scores),
+            cached,
             unknown_items=unknown,
         )
 
@@ -279,9 +327,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response_model=SimilarItems,
         dependencies=[Depends(require_client)],
     )
-    def similar_items(
+    async def similar_items(
         item_id: str, k: Annotated[int, Query(ge=1, le=settings.max_k)] = 10
-    ) -> SimilarItems:
+    ) -> Response:
         """Nearest items to an item in the embedding space (the item itself excluded)."""
         current = state()
         item = current.item_index(item_id)
@@ -292,11 +340,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             f"recsys:{current.version}:similar:{item}:{k}",
             lambda: rec.for_vector(rec.item_emb[item], np.array([item]), k),
         )
-        return SimilarItems(
-            model_version=current.version,
-            item_id=current.item_ids(np.array([item]))[0],
-            items=_scored(current, items, scores),
-            cached=cached,
+        return _json(
+            {
+                "model_version": current.version,
+                "item_id": current.item_ids(np.array([item]))[0],
+                "items": _scored(current, items, scores),
+                "cached": cached,
+            }
         )
 
     @app.post("/admin/reload", dependencies=[Depends(require_admin)])

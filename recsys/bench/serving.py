@@ -18,6 +18,7 @@ import httpx
 import numpy as np
 import polars as pl
 
+from recsys.bench.load import timed_get
 from recsys.bench.report import markdown_table, save
 from recsys.processes import free_port, served, wait_ready
 from recsys.versions import VersionStore
@@ -78,10 +79,9 @@ async def _fixed_rate(
 
         async def one(user: int, k: int) -> None:
             nonlocal errors
-            started = time.perf_counter()
-            response = await client.get(f"/v1/users/{user}/recommendations", params={"k": k})
-            latencies.append((time.perf_counter() - started) * 1000)
-            errors += response.status_code != 200
+            status, ms = await timed_get(client, f"/v1/users/{user}/recommendations", {"k": k})
+            latencies.append(ms)
+            errors += status != 200
 
         tasks = []
         start = time.perf_counter()

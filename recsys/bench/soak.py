@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import psutil
 
+from recsys.bench.load import timed_get
 from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from recsys.processes import served
 from recsys.versions import VersionStore
@@ -46,13 +47,9 @@ async def _soak(base: str, port: int, users: tuple[int, int], seconds: int) -> l
 
         async def one(user: int, k: int) -> None:
             nonlocal errors
-            started = time.perf_counter()
-            try:
-                response = await client.get(f"/v1/users/{user}/recommendations", params={"k": k})
-                errors += response.status_code != 200
-            except httpx.HTTPError:
-                errors += 1
-            latencies.append((time.perf_counter() - started) * 1000)
+            status, ms = await timed_get(client, f"/v1/users/{user}/recommendations", {"k": k})
+            errors += status != 200
+            latencies.append(ms)
 
         start = time.perf_counter()
         tasks: list[asyncio.Task[None]] = []
