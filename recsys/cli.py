@@ -357,6 +357,7 @@ def serve(
     uvicorn.run(
         "serving.main:app_factory",
         factory=True,
+        http="serving.protocol:NoDelayH11Protocol",
         host=host,
         port=port,
         workers=workers,
