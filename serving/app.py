@@ -6,6 +6,7 @@ Routes are thin: parse, look up, answer with the model version and the cache sta
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -98,7 +99,11 @@ def _json(payload: dict[str, object]) -> Response:
     """Answers are built as plain dicts and serialised with orjson: the response models
     above document them in the OpenAPI schema, but validating up to 1,000 items a second
     time per request would cost more than finding them."""
-    return Response(orjson.dumps(payload), media_type="application/json")
+    try:
+        body = orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # e.g. an ID beyond 64 bits echoed back: stdlib handles it
+        body = json.dumps(payload).encode()
+    return Response(body, media_type="application/json")
 
 
 def _recommendations(

@@ -35,6 +35,7 @@ def test_no_input_makes_the_service_fail(base_url):
         @settings(
             max_examples=30,
             deadline=None,
+            derandomize=True,  # the same examples on every run: CI cannot flicker
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
         )
         @given(case=operation.as_strategy())

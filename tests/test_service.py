@@ -228,3 +228,10 @@ def test_recsys_serve_answers_over_http(artifacts, redis_url):
             httpx.get(f"{base}/readyz", timeout=5).json()["model_version"] for _ in range(6)
         }
         assert len(versions) == 1
+
+
+def test_ids_beyond_64_bits_are_answered_not_a_500(client):
+    """Found by the schema fuzzer: such an ID echoed back broke the fast JSON encoder."""
+    answer = client.post("/v1/recommendations", json={"user_id": 2**70, "history": [2**80], "k": 3})
+    assert answer.status_code == 200
+    assert answer.json()["user_id"] == 2**70 and answer.json()["unknown_items"] == [2**80]

@@ -11,5 +11,6 @@ _ANSWER: dict[str, object] = {
 
 
 @app.get("/v1/users/{user_id}/recommendations")
-def constant(user_id: str, k: int = 10) -> dict[str, object]:
+async def constant(user_id: str, k: int = 10) -> dict[str, object]:
+    """On the event loop, as the service's GET routes run: no thread-pool hop."""
     return _ANSWER
