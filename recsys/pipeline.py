@@ -38,7 +38,7 @@ from training.export import ROW_STATE, SPEC, WEIGHTS, load_model, save_model
 from training.model import ModelSpec, TwoTower
 from training.parallel import check_sharding
 from training.trainer import TrainResult, model_spec, train
-from training.warm_start import WarmStart, load_warm_start, warm_start_problem
+from training.warm_start import load_warm_start, warm_start_problem
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,11 @@ def build(
         )
 
 
-def _warm_start(
+def _warm_start_dir(
     previous: Path | None, features: FeatureSet, tower: TowerConfig, policy: RebuildPolicy
-) -> WarmStart | None:
+) -> Path | None:
+    """The current version's model directory, when the new model can start from it (its
+    weights are read only by whoever trains: this process or the torchrun ranks)."""
     if previous is None or policy.from_scratch:
         return None
     old = ModelSpec.from_dict(json.loads((previous / MODEL_DIR / SPEC).read_text()))
@@ -150,7 +152,7 @@ def _warm_start(
     if problem:
         log.warning("training from scratch: cannot warm-start from %s (%s)", previous.name, problem)
         return None
-    return load_warm_start(previous / MODEL_DIR, WEIGHTS, ROW_STATE)
+    return previous / MODEL_DIR
 
 
 def _full_run_epochs(manifest: dict[str, Any]) -> int:
@@ -159,13 +161,12 @@ def _full_run_epochs(manifest: dict[str, Any]) -> int:
     return int(train.get("full_run_epochs") or train.get("epochs_run") or 1)
 
 
-def _warm_budget(config: TrainConfig, previous: Path) -> TrainConfig:
+def _warm_budget(config: TrainConfig, full_run_epochs: int) -> TrainConfig:
     """Default warm budget: a third of the epochs the last full run took (early stopping
     included), so that it follows what this data set needs, not the example budget."""
     if config.warm_epochs is not None:
         return config
-    full = _full_run_epochs(read_manifest(previous, verify=False))
-    return replace(config, warm_epochs=max(1, math.ceil(full / 3)))
+    return replace(config, warm_epochs=max(1, math.ceil(full_run_epochs / 3)))
 
 
 def _build_locked(
@@ -187,10 +188,12 @@ def _build_locked(
         )
         features = FeatureSet.load(staging / DATA_DIR)
         split = leave_last_out(features.interactions, n_test=0, n_valid=1)
-        warm = _warm_start(previous, features, tower, policy)
-        if warm is not None and previous is not None:
-            config = _warm_budget(config or TrainConfig(), previous)
-        warm_from = previous.name if previous is not None and warm is not None else None
+        warm_dir = _warm_start_dir(previous, features, tower, policy)
+        full_run_epochs = None
+        if warm_dir is not None and previous is not None:
+            full_run_epochs = _full_run_epochs(read_manifest(previous, verify=False))
+            config = _warm_budget(config or TrainConfig(), full_run_epochs)
+        warm_from = previous.name if previous is not None and warm_dir is not None else None
         model_dir = staging / MODEL_DIR
         model_dir.mkdir()
         if compute.nproc > 1:
@@ -201,7 +204,7 @@ def _build_locked(
                 compute.nproc,
                 tower,
                 config or TrainConfig(),
-                warm_start=previous / MODEL_DIR if warm_from and previous else None,
+                warm_start=warm_dir,
                 device=compute.device,
             )
         else:
@@ -213,7 +216,7 @@ def _build_locked(
                 device=torch.device(compute.device),
                 metrics_path=model_dir / "metrics.jsonl",
                 progress=progress,
-                warm_start=warm,
+                warm_start=load_warm_start(warm_dir, WEIGHTS, ROW_STATE) if warm_dir else None,
             )
             save_model(result.state, result.spec, model_dir, result.row_state)
         (model_dir / "train_config.json").write_text(
@@ -269,11 +272,7 @@ def _build_locked(
                     "sharding": result.sharding,
                     "valid_metrics": result.best_metrics,
                     "warm_start_from": warm_from,
-                    "full_run_epochs": (
-                        _full_run_epochs(read_manifest(previous, verify=False))
-                        if warm_from and previous is not None
-                        else len(result.history)
-                    ),
+                    "full_run_epochs": full_run_epochs or len(result.history),
                 },
                 "gate": asdict(gate) if gate else None,
                 "previous_version": previous.name if previous else None,

@@ -211,17 +211,20 @@ def test_service_switches_to_a_promoted_version_under_load(dataset, tmp_path, re
     assert set(versions) == {first, new.version}
 
 
-def test_admin_reload_needs_the_key_and_never_serves_old_cache(dataset, tmp_path):
+def two_versions_first_current(
+    dataset: Path, tmp_path: Path
+) -> tuple[Path, VersionStore, str, str]:
+    """Two built versions with the older one current: a promotion waiting to be noticed."""
     data, artifacts, first = first_build(dataset, tmp_path)
-    second = build(
-        resolve_source(data),
-        artifacts,
-        config=FAST,
-        progress=False,
-        policy=RebuildPolicy(gate_margin=None),
-    ).version
+    policy = RebuildPolicy(gate_margin=None)
+    second = build(resolve_source(data), artifacts, config=FAST, progress=False, policy=policy)
     store = VersionStore(artifacts)
     store.promote(first)
+    return artifacts, store, first, second.version
+
+
+def test_admin_reload_needs_the_key_and_never_serves_old_cache(dataset, tmp_path):
+    artifacts, store, first, second = two_versions_first_current(dataset, tmp_path)
     settings = ServiceSettings(
         artifacts=artifacts, redis_url=None, reload_poll_seconds=0, admin_api_key="s3cret"
     )
@@ -241,16 +244,7 @@ def test_admin_reload_needs_the_key_and_never_serves_old_cache(dataset, tmp_path
 
 
 def test_a_corrupt_new_version_is_refused_and_the_old_one_kept(dataset, tmp_path):
-    data, artifacts, first = first_build(dataset, tmp_path)
-    second = build(
-        resolve_source(data),
-        artifacts,
-        config=FAST,
-        progress=False,
-        policy=RebuildPolicy(gate_margin=None),
-    ).version
-    store = VersionStore(artifacts)
-    store.promote(first)
+    artifacts, store, first, second = two_versions_first_current(dataset, tmp_path)
     settings = ServiceSettings(
         artifacts=artifacts, redis_url=None, reload_poll_seconds=0, admin_api_key="k"
     )
