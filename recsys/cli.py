@@ -345,24 +345,16 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
-    """Serve the current version over HTTP (uvicorn; workers share the mmap'd index)."""
+    """Serve the current version over HTTP (uvicorn processes, one listening socket each;
+    workers share the mmap'd index)."""
     import os
 
-    import uvicorn
-
     from recsys.versions import VersionStore
+    from serving.workers import serve as serve_workers
 
     VersionStore(artifacts).current()  # fail now, clearly, if there is nothing to serve
     os.environ["RECSYS_ARTIFACTS"] = str(artifacts.resolve())
-    uvicorn.run(
-        "serving.main:app_factory",
-        factory=True,
-        http="serving.protocol:NoDelayH11Protocol",
-        host=host,
-        port=port,
-        workers=workers,
-        log_level="warning",
-    )
+    serve_workers("serving.main:app_factory", factory=True, host=host, port=port, workers=workers)
 
 
 def show_recommendations(recs: pl.DataFrame, items_path: Path, users: int) -> None:

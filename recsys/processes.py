@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import psutil
 
 
 def free_port() -> int:
@@ -36,6 +37,22 @@ def wait_ready(
     raise RuntimeError(f"{url} did not become ready within {timeout:.0f}s")
 
 
+def wait_listening(port: int, sockets: int, timeout: float = 180) -> None:
+    """Poll until `sockets` sockets listen on `port`: each worker of `recsys serve` has its
+    own and listens once its model is loaded, so one answer does not mean all are up."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listening = [
+            c
+            for c in psutil.net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        ]
+        if len(listening) >= sockets:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"fewer than {sockets} workers listen on port {port} after {timeout:.0f}s")
+
+
 @contextmanager
 def served(
     artifacts: Path,
@@ -44,7 +61,8 @@ def served(
     port: int | None = None,
     quiet: bool = True,
 ) -> Iterator[str]:
-    """`recsys serve` on a free loopback port; yields its base URL, stops it on exit."""
+    """`recsys serve` on a free loopback port; yields its base URL once every worker
+    listens, stops it on exit."""
     port = port or free_port()
     command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
     command += ["--port", str(port), "--workers", str(workers)]
@@ -55,6 +73,7 @@ def served(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(f"{base}/readyz", process=process)
+        wait_listening(port, workers)
         yield base
     finally:
         process.terminate()

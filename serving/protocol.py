@@ -1,10 +1,11 @@
 """uvicorn's HTTP protocol with TCP_NODELAY set on every connection.
 
-With `--workers` > 1 uvicorn binds the listening socket itself (protocol number 0), and
-asyncio only sets TCP_NODELAY on accepted sockets whose protocol is IPPROTO_TCP: the
-response body, written after its headers, then waits for the client's delayed ACK, about
-40 ms per request on a keep-alive connection. One worker is unaffected (asyncio binds
-that socket). `recsys serve` selects this class for every worker count."""
+With `--workers` > 1 each worker's listening socket is made by serving.workers, not by
+asyncio (protocol number 0), and asyncio only sets TCP_NODELAY on accepted sockets whose
+protocol is IPPROTO_TCP: the response body, written after its headers, then waits for the
+client's delayed ACK, about 40 ms per request on a keep-alive connection. One worker is
+unaffected (asyncio binds that socket). `recsys serve` selects this class for every
+worker count."""
 
 import asyncio
 import socket

@@ -22,6 +22,7 @@ class VersionState:
     recommender: Recommender
     model: TwoTower
     builder: BatchBuilder
+    item_list: list[int | str]  # item_idx -> raw item ID, a list: indexing it beats a gather
     item_lookup: dict[object, int]  # raw item ID -> item_idx
     user_lookup: dict[object, int]
 
@@ -30,13 +31,15 @@ class VersionState:
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
         features = FeatureSet.load(path / "data", verify=False)  # covered by the check above
         model, builder = version_towers(path, features)
+        item_list = recommender.item_ids.to_list()
         return cls(
             version=recommender.version,
             path=path,
             recommender=recommender,
             model=model,
             builder=builder,
-            item_lookup={v: i for i, v in enumerate(recommender.item_ids.to_list())},
+            item_list=item_list,
+            item_lookup={v: i for i, v in enumerate(item_list)},
             user_lookup={v: i for i, v in enumerate(recommender.user_ids.to_list())},
         )
 
@@ -73,4 +76,5 @@ class VersionState:
         return user_emb[0].numpy()
 
     def item_ids(self, indices: np.ndarray) -> list[int | str]:
-        return list(self.recommender.item_ids.gather(indices).to_list())
+        ids = self.item_list
+        return [ids[i] for i in indices.tolist()]

@@ -12,8 +12,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import redis
+from hypothesis import settings
 
 from recsys.processes import free_port
+
+# Property tests draw the same examples on every run (`make test`, CI): a new random case
+# must not fail an unrelated change. `HYPOTHESIS_PROFILE=explore` draws fresh ones.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 TEST_DB = 15  # keep tests away from database 0, which a developer may be using
 

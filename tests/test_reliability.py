@@ -23,7 +23,7 @@ from data.synthetic import SyntheticConfig, generate
 from features.sources import resolve_source
 from recsys.errors import ArtifactError
 from recsys.pipeline import build
-from recsys.processes import served
+from recsys.processes import served, wait_listening
 from recsys.versions import VersionStore
 from serving.app import create_app
 from serving.settings import ServiceSettings
@@ -124,22 +124,53 @@ def test_no_secret_reaches_the_logs(artifacts, caplog):
     assert "s3cret" not in repr(config)
 
 
-def test_a_killed_worker_leaves_the_others_answering(artifacts):
+def test_a_killed_worker_leaves_the_others_answering_and_is_replaced(artifacts):
     with served(artifacts, workers=2) as base:
-        port = base.rsplit(":", 1)[1]
+        port = int(base.rsplit(":", 1)[1])
         parent = next(
             p
             for p in psutil.process_iter(["cmdline"])
             if f"--port {port}" in " ".join(p.info.get("cmdline") or [])
         )
-        workers = parent.children(recursive=True)
-        assert len(workers) >= 2
+        workers = [
+            child
+            for child in parent.children()
+            if "resource_tracker" not in " ".join(child.cmdline())
+        ]
+        assert len(workers) == 2
         workers[0].send_signal(signal.SIGKILL)
+        # Connections already queued on the dead worker's own socket are reset with it
+        # (each worker listens on its own socket); new ones go to the living workers.
+        workers[0].wait(timeout=30)
         answers = []
         for user in range(40):
             with httpx.Client(base_url=base, timeout=10) as client:  # a fresh connection
                 answers.append(client.get(f"/v1/users/{user}/recommendations").status_code)
         assert answers.count(200) == len(answers)
+        wait_listening(port, 2, timeout=120)  # a new worker took the dead one's place
+        replaced = {child.pid for child in parent.children()} - {w.pid for w in workers}
+        assert replaced
+
+
+def test_connections_are_spread_over_the_workers(artifacts):
+    """Each worker listens on its own socket (serving.workers): a burst of keep-alive
+    connections must not all land on whichever worker woke first."""
+    with served(artifacts, workers=2) as base:
+        port = int(base.rsplit(":", 1)[1])
+        clients = [httpx.Client(base_url=base, timeout=10) for _ in range(16)]
+        try:
+            for client in clients:
+                assert client.get("/healthz").status_code == 200
+            owners = [
+                c.pid
+                for c in psutil.net_connections("tcp")
+                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+            ]
+        finally:
+            for client in clients:
+                client.close()
+        assert len(owners) == 16
+        assert len(set(owners)) == 2
 
 
 def test_a_full_disk_during_a_rebuild_promotes_nothing(artifacts, tmp_path):

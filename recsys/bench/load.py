@@ -1,8 +1,16 @@
-"""One timed GET for the open-loop load clients of the serving and soak benchmarks."""
+"""The open-loop load client of the serving and soak benchmarks: requests leave at a fixed
+rate whatever the answers do (a closed-loop client slows down with the server and hides its
+queueing), and each is counted in the window in which it was sent."""
 
+import asyncio
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
+import numpy as np
+
+Request = tuple[str, dict[str, int]]  # path, query parameters
 
 
 async def timed_get(
@@ -25,3 +33,63 @@ async def timed_get(
         except httpx.HTTPError:
             break
     return 0, (time.perf_counter() - started) * 1000
+
+
+def recommendation_requests(
+    users: tuple[int, int], ks: list[int], seed: int = 0
+) -> Iterator[Request]:
+    """Endless GETs for a random known user (IDs `users[0]`..`users[1]`) and a random k."""
+    rng = np.random.default_rng(seed)
+    while True:
+        user = int(rng.integers(users[0], users[1] + 1))
+        yield f"/v1/users/{user}/recommendations", {"k": int(rng.choice(ks))}
+
+
+async def open_loop(
+    base: str,
+    requests: Iterator[Request],
+    rate: int,
+    seconds: int,
+    window_seconds: int,
+    sample: Callable[[], dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per window: requests, errors (non-200 or failed), p50/p99 ms, and whatever
+    `sample()` returns when the window's last request has been sent."""
+    sent: list[tuple[float, int, float]] = []  # (second it was due, status, ms)
+    samples: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(
+        base_url=base, timeout=10, limits=httpx.Limits(max_connections=64)
+    ) as client:
+
+        async def one(due: float, path: str, params: dict[str, int]) -> None:
+            status, ms = await timed_get(client, path, params)
+            sent.append((due, status, ms))
+
+        tasks = []
+        per_window = rate * window_seconds
+        start = time.perf_counter()
+        for n in range(rate * seconds):
+            due = n / rate
+            delay = start + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            path, params = next(requests)
+            tasks.append(asyncio.create_task(one(due, path, params)))
+            if sample is not None and (n + 1) % per_window == 0:
+                samples.append(sample())
+        await asyncio.gather(*tasks)
+    windows = []
+    for w in range(-(-seconds // window_seconds)):
+        rows = [(status, ms) for due, status, ms in sent if int(due // window_seconds) == w]
+        latencies = np.array([ms for _, ms in rows])
+        windows.append(
+            {
+                "t_s": min((w + 1) * window_seconds, seconds),
+                "requests": len(rows),
+                "errors": sum(status != 200 for status, _ in rows),
+                "p50_ms": float(np.percentile(latencies, 50)) if len(rows) else 0.0,
+                "p99_ms": float(np.percentile(latencies, 99)) if len(rows) else 0.0,
+                **(samples[w] if w < len(samples) else {}),
+            }
+        )
+    return windows

@@ -4,15 +4,12 @@ must stay at 0 and memory flat."""
 
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-import numpy as np
 import psutil
 
-from recsys.bench.load import timed_get
+from recsys.bench.load import open_loop, recommendation_requests
 from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from recsys.processes import served
 from recsys.versions import VersionStore
@@ -36,47 +33,6 @@ def _service_rss_mb(port: int) -> float:
     return total / 2**20
 
 
-async def _soak(base: str, port: int, users: tuple[int, int], seconds: int) -> list[dict[str, Any]]:
-    rng = np.random.default_rng(0)
-    windows: list[dict[str, Any]] = []
-    latencies: list[float] = []
-    errors = 0
-    async with httpx.AsyncClient(
-        base_url=base, timeout=10, limits=httpx.Limits(max_connections=64)
-    ) as client:
-
-        async def one(user: int, k: int) -> None:
-            nonlocal errors
-            status, ms = await timed_get(client, f"/v1/users/{user}/recommendations", {"k": k})
-            errors += status != 200
-            latencies.append(ms)
-
-        start = time.perf_counter()
-        tasks: list[asyncio.Task[None]] = []
-        for n in range(RATE * seconds):
-            delay = start + n / RATE - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            user = int(rng.integers(users[0], users[1] + 1))
-            tasks.append(asyncio.create_task(one(user, int(rng.choice([10, 20, 50])))))
-            if (n + 1) % (RATE * WINDOW) == 0:
-                values = np.array(latencies)
-                windows.append(
-                    {
-                        "t_s": round(time.perf_counter() - start),
-                        "requests": len(values),
-                        "errors": errors,
-                        "p50_ms": float(np.percentile(values, 50)) if len(values) else 0.0,
-                        "p99_ms": float(np.percentile(values, 99)) if len(values) else 0.0,
-                        "rss_mb": _service_rss_mb(port),
-                    }
-                )
-                latencies.clear()
-                errors = 0
-        await asyncio.gather(*tasks)
-    return windows
-
-
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     from recsys.bench.serving import movielens_version, user_range
 
@@ -86,7 +42,17 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     port = int(os.environ.get("RECSYS_SOAK_PORT", "0")) or None
     env = {"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
     with served(artifacts, env=env, workers=2, port=port) as base:
-        windows = asyncio.run(_soak(base, int(base.rsplit(":", 1)[1]), users, seconds))
+        service_port = int(base.rsplit(":", 1)[1])
+        windows = asyncio.run(
+            open_loop(
+                base,
+                recommendation_requests(users, [10, 20, 50]),
+                RATE,
+                seconds,
+                WINDOW,
+                sample=lambda: {"rss_mb": _service_rss_mb(service_port)},
+            )
+        )
     rows = [
         [
             w["t_s"],

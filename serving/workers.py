@@ -1,0 +1,104 @@
+"""Run an ASGI app in N uvicorn worker processes that each listen on their own socket bound
+to the same port (SO_REUSEPORT), so that the kernel spreads connections over the workers.
+
+uvicorn's own `--workers` shares one listening socket: every worker wakes for a new
+connection and the first to run accepts everything queued, so a burst of keep-alive
+connections (a load balancer's pool, a load generator's 16) lands on one worker while the
+others idle. Measured here with `wrk -c16`: 16 of 16 connections on one worker, and half
+the throughput of two. With a socket each, connections are spread by the kernel's hash of
+their addresses. The parent process holds the port (bound, never listening, so it gets no
+connections), restarts a worker that dies, and stops them all on SIGTERM or SIGINT.
+"""
+
+import logging
+import multiprocessing
+import signal
+import socket
+import time
+from multiprocessing.process import BaseProcess
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+HTTP_PROTOCOL = "serving.protocol:NoDelayH11Protocol"
+RESTART_CHECK_SECONDS = 0.5
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start: not worth retrying
+
+
+def _port_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker(app: str, factory: bool, host: str, port: int, log_level: str) -> None:
+    config = uvicorn.Config(
+        app, factory=factory, http=HTTP_PROTOCOL, host=host, port=port, log_level=log_level
+    )
+    # uvicorn loads the app (and the model) before it listens on the socket, so the kernel
+    # sends this worker nothing until it can answer.
+    uvicorn.Server(config).run(sockets=[_port_socket(host, port)])
+
+
+def serve(
+    app: str,
+    *,
+    factory: bool = False,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    log_level: str = "warning",
+) -> None:
+    """Serve `app` ("module:attribute") until SIGTERM or SIGINT."""
+    if workers == 1:
+        uvicorn.run(
+            app, factory=factory, http=HTTP_PROTOCOL, host=host, port=port, log_level=log_level
+        )
+        return
+    try:
+        holder = _port_socket(host, port)
+    except OSError as exc:
+        raise SystemExit(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+    port = holder.getsockname()[1]  # the port chosen when 0 was asked for
+    spawn = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def start() -> BaseProcess:
+        process = spawn.Process(target=_worker, args=(app, factory, host, port, log_level))
+        process.start()
+        return process
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    processes = [start() for _ in range(workers)]
+    log.info("serving on http://%s:%d with %d workers", host, port, workers)
+    try:
+        while not stopping:
+            time.sleep(RESTART_CHECK_SECONDS)
+            for n, process in enumerate(processes):
+                if process.is_alive() or stopping:
+                    continue
+                if process.exitcode == STARTUP_FAILURE:
+                    raise SystemExit(f"worker {process.pid} could not start the app; stopping")
+                log.warning(
+                    "worker %d exited (%s); starting another", process.pid, process.exitcode
+                )
+                processes[n] = start()
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        holder.close()
