@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import psutil
 from annoy import AnnoyIndex
 
 from recsys.errors import ArtifactError
@@ -87,13 +88,26 @@ class AnnoyRetriever:
                 f"{directory}: index has dim {params.dim}, embeddings {item_emb.shape[1]}"
             )
         index = AnnoyIndex(params.dim, params.metric)  # type: ignore[arg-type]
-        if not index.load(str(directory / INDEX_FILE), prefault=False):  # mmap, shared by workers
+        path = directory / INDEX_FILE
+        if not index.load(str(path), prefault=_worth_prefaulting(path)):  # mmap, shared
             raise ArtifactError(f"{directory}: cannot load {INDEX_FILE}")
         if index.get_n_items() != len(item_emb):
             raise ArtifactError(
                 f"{directory}: index holds {index.get_n_items()} items, expected {len(item_emb)}"
             )
         return cls(index, item_emb, params)
+
+
+def _worth_prefaulting(path: Path) -> bool:
+    """Read the whole index into the page cache at load (MAP_POPULATE) when it fits in half
+    the available memory: otherwise the first queries after a start or a version switch
+    fault their pages in from disk one by one, which on a network disk costs each of them
+    far more than the search itself. An index larger than that is left to page in on
+    demand, as Annoy's on-disk design intends."""
+    try:
+        return path.stat().st_size < psutil.virtual_memory().available / 2
+    except OSError:
+        return False
 
 
 def kth_best_scores(item_emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

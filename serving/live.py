@@ -10,6 +10,7 @@ to load (corrupt, incomplete) is logged and skipped; the worker keeps the one it
 """
 
 import asyncio
+import gc
 import logging
 
 from prometheus_client import Counter
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 RELOADS = Counter("recsys_model_reloads_total", "Version switches by outcome", ["outcome"])
 
 
+def settle_heap() -> None:
+    """Put everything alive now (the loaded version, the model, the libraries) out of the
+    cyclic garbage collector's reach. Otherwise each full collection walks all of it: ~190
+    ms on a 1M-item version, during which the worker answers nothing (seen as p99 spikes
+    of 25-65 ms at 200 requests/s). Frozen objects are still freed by reference counting;
+    the previous freeze is undone first, so a replaced version's cycles are collected."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 class LiveVersion:
     def __init__(self, store: VersionStore) -> None:
         self.store = store
@@ -33,6 +45,7 @@ class LiveVersion:
     def load_now(self) -> VersionState:
         """The first load, at start-up: without a version there is nothing to serve."""
         self.state = VersionState.load(self.store.current())
+        settle_heap()
         return self.state
 
     async def refresh(self, force: bool = False) -> bool:
@@ -54,6 +67,10 @@ class LiveVersion:
                     raise
                 return False
             previous, self.state, self.failed = self.version, loaded, None
+            del loaded
+            # GET routes run on this loop without awaiting, so none holds the old version
+            # now; a thread-pool request that still does keeps it alive until the next swap.
+            settle_heap()
             RELOADS.labels("switched").inc()
             log.warning("switched from version %s to %s", previous, name)
             return True

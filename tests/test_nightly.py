@@ -1,12 +1,15 @@
 """Nightly rebuilds: warm start on a grown log, the quality gate, the build lock, pruning,
 a rebuild killed part-way, and a served endpoint that switches versions under load."""
 
+import asyncio
+import gc
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from recsys.pipeline import RebuildPolicy, build
 from recsys.processes import served
 from recsys.versions import VersionStore
 from serving.app import create_app
+from serving.live import LiveVersion
 from serving.settings import ServiceSettings
 from training.config import TrainConfig
 
@@ -256,3 +260,17 @@ def test_a_corrupt_new_version_is_refused_and_the_old_one_kept(dataset, tmp_path
         refused = client.post("/admin/reload", headers={"X-API-Key": "k"})
         assert refused.status_code == 409 and "checksum" in refused.json()["detail"]
         assert client.get("/v1/users/4/recommendations").json()["model_version"] == first
+
+
+def test_a_swapped_out_version_is_freed_although_the_heap_was_frozen(dataset, tmp_path):
+    """Workers freeze the loaded version out of the cyclic GC (serving.live.settle_heap);
+    a swap must undo that, or every nightly promotion would leak the previous version."""
+    _, store, first, second = two_versions_first_current(dataset, tmp_path)
+    live = LiveVersion(store)
+    old = weakref.ref(live.load_now())
+    assert live.version == first
+    assert gc.get_freeze_count() > 0  # the version, the model and the libraries
+    store.promote(second)
+    assert asyncio.run(live.refresh()) is True
+    assert live.version == second
+    assert old() is None

@@ -3,6 +3,7 @@ rate whatever the answers do (a closed-loop client slows down with the server an
 queueing), and each is counted in the window in which it was sent."""
 
 import asyncio
+import gc
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,9 +53,31 @@ async def open_loop(
     seconds: int,
     window_seconds: int,
     sample: Callable[[], dict[str, Any]] | None = None,
+    warmup_seconds: int = 0,
 ) -> list[dict[str, Any]]:
     """One row per window: requests, errors (non-200 or failed), p50/p99 ms, and whatever
-    `sample()` returns when the window's last request has been sent."""
+    `sample()` returns when the window's last request has been sent. Requests of the
+    first `warmup_seconds` (the client opening its connections) are sent but not counted."""
+    # A full garbage collection of a process that has imported torch takes ~180 ms, during
+    # which this client sends nothing and reads nothing: it would be counted as the
+    # server's latency. Freezing what is alive now keeps the collections short.
+    gc.collect()
+    gc.freeze()
+    try:
+        return await _run(base, requests, rate, seconds, window_seconds, sample, warmup_seconds)
+    finally:
+        gc.unfreeze()
+
+
+async def _run(
+    base: str,
+    requests: Iterator[Request],
+    rate: int,
+    seconds: int,
+    window_seconds: int,
+    sample: Callable[[], dict[str, Any]] | None,
+    warmup_seconds: int,
+) -> list[dict[str, Any]]:
     sent: list[tuple[float, int, float]] = []  # (second it was due, status, ms)
     samples: list[dict[str, Any]] = []
     async with httpx.AsyncClient(
@@ -67,20 +90,22 @@ async def open_loop(
 
         tasks = []
         per_window = rate * window_seconds
-        start = time.perf_counter()
-        for n in range(rate * seconds):
+        start = time.perf_counter() + warmup_seconds
+        for n in range(-rate * warmup_seconds, rate * seconds):
             due = n / rate
             delay = start + due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             path, params = next(requests)
             tasks.append(asyncio.create_task(one(due, path, params)))
-            if sample is not None and (n + 1) % per_window == 0:
+            if sample is not None and n >= 0 and (n + 1) % per_window == 0:
                 samples.append(sample())
         await asyncio.gather(*tasks)
     windows = []
     for w in range(-(-seconds // window_seconds)):
-        rows = [(status, ms) for due, status, ms in sent if int(due // window_seconds) == w]
+        rows = [
+            (status, ms) for due, status, ms in sent if due >= 0 and int(due // window_seconds) == w
+        ]
         latencies = np.array([ms for _, ms in rows])
         windows.append(
             {
