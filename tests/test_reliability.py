@@ -23,7 +23,7 @@ from data.synthetic import SyntheticConfig, generate
 from features.sources import resolve_source
 from recsys.errors import ArtifactError
 from recsys.pipeline import build
-from recsys.processes import served, wait_listening
+from recsys.processes import free_port, served, wait_listening
 from recsys.versions import VersionStore
 from serving.app import create_app
 from serving.settings import ServiceSettings
@@ -150,6 +150,22 @@ def test_a_killed_worker_leaves_the_others_answering_and_is_replaced(artifacts):
         wait_listening(port, 2, timeout=120)  # a new worker took the dead one's place
         replaced = {child.pid for child in parent.children()} - {w.pid for w in workers}
         assert replaced
+
+
+def test_serve_stops_with_a_message_when_its_workers_cannot_load_the_version(artifacts, tmp_path):
+    """A worker that cannot start the app is not restarted in a loop: the service stops."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifacts, copy, symlinks=True)
+    weights = VersionStore(copy).current() / "model" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
+    command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(copy)]
+    command += ["--port", str(free_port()), "--workers", "2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode != 0
+    assert "could not start the app" in result.stderr
+    assert "checksum" in result.stderr  # the worker's own reason is logged too
 
 
 def test_connections_are_spread_over_the_workers(artifacts):
