@@ -36,6 +36,18 @@ def _port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _claim_port(host: str, port: int) -> socket.socket:
+    """The parent's hold on the port. A plain bind first: SO_REUSEPORT sockets of the same
+    user may share a port, so without this check a second `recsys serve` started on a busy
+    port by mistake would silently take half of the first one's connections."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]  # the port chosen when 0 was asked for
+    return _port_socket(host, port)
+
+
 def _worker(app: str, factory: bool, host: str, port: int, log_level: str) -> None:
     config = uvicorn.Config(
         app, factory=factory, http=HTTP_PROTOCOL, host=host, port=port, log_level=log_level
@@ -61,10 +73,10 @@ def serve(
         )
         return
     try:
-        holder = _port_socket(host, port)
+        holder = _claim_port(host, port)
     except OSError as exc:
         raise SystemExit(f"cannot bind {host}:{port}: {exc.strerror}") from exc
-    port = holder.getsockname()[1]  # the port chosen when 0 was asked for
+    port = holder.getsockname()[1]
     spawn = multiprocessing.get_context("spawn")
     stopping = False
 

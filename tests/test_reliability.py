@@ -170,7 +170,8 @@ def test_serve_stops_with_a_message_when_its_workers_cannot_load_the_version(art
 
 def test_connections_are_spread_over_the_workers(artifacts):
     """Each worker listens on its own socket (serving.workers): a burst of keep-alive
-    connections must not all land on whichever worker woke first."""
+    connections must not all land on whichever worker woke first, and no other service
+    may join those sockets on the same port."""
     with served(artifacts, workers=2) as base:
         port = int(base.rsplit(":", 1)[1])
         clients = [httpx.Client(base_url=base, timeout=10) for _ in range(16)]
@@ -187,6 +188,16 @@ def test_connections_are_spread_over_the_workers(artifacts):
                 client.close()
         assert len(owners) == 16
         assert len(set(owners)) == 2
+        # The workers' shared port is not open to a second service started by mistake.
+        command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
+        second = subprocess.run(
+            [*command, "--port", str(port), "--workers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode != 0
+        assert "cannot bind" in second.stderr
 
 
 def test_a_full_disk_during_a_rebuild_promotes_nothing(artifacts, tmp_path):
