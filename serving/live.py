@@ -27,9 +27,9 @@ RELOADS = Counter("recsys_model_reloads_total", "Version switches by outcome", [
 def settle_heap() -> None:
     """Put everything alive now (the loaded version, the model, the libraries) out of the
     cyclic garbage collector's reach. Otherwise each full collection walks all of it: ~190
-    ms on a 1M-item version, during which the worker answers nothing (seen as p99 spikes
-    of 25-65 ms at 200 requests/s). Frozen objects are still freed by reference counting;
-    the previous freeze is undone first, so a replaced version's cycles are collected."""
+    ms on a 1M-item version, during which the worker answers nothing. Frozen objects are
+    still freed by reference counting; the previous freeze is undone first, so a replaced
+    version's cycles are collected."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

@@ -27,9 +27,12 @@ RESTART_CHECK_SECONDS = 0.5
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start: not worth retrying
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _port_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
@@ -40,8 +43,7 @@ def _claim_port(host: str, port: int) -> socket.socket:
     """The parent's hold on the port. A plain bind first: SO_REUSEPORT sockets of the same
     user may share a port, so without this check a second `recsys serve` started on a busy
     port by mistake would silently take half of the first one's connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         port = probe.getsockname()[1]  # the port chosen when 0 was asked for
@@ -101,9 +103,7 @@ def serve(
                     continue
                 if process.exitcode == STARTUP_FAILURE:
                     raise SystemExit(f"worker {process.pid} could not start the app; stopping")
-                log.warning(
-                    "worker %d exited (%s); starting another", process.pid, process.exitcode
-                )
+                log.error("worker %d exited (%s); starting another", process.pid, process.exitcode)
                 processes[n] = start()
     finally:
         for process in processes:
