@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Annotated
 
@@ -46,6 +47,7 @@ INDEX_SECONDS = Histogram(
 )
 
 ItemId = int | str
+Search = Callable[[], tuple[np.ndarray, np.ndarray]]  # a retrieval to run on a cache miss
 
 
 class ScoredItem(BaseModel):
@@ -168,6 +170,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             settings.redis_retry_seconds,
             settings.lru_entries,
         )
+        holder["search"] = ThreadPoolExecutor(
+            settings.search_thread_count(), thread_name_prefix="search"
+        )
         log.info("serving version %s", live.version)
         watcher = None
         if settings.reload_poll_seconds > 0:
@@ -175,6 +180,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         yield
         if watcher is not None:
             watcher.cancel()
+        holder["search"].shutdown(wait=True)  # type: ignore[attr-defined]
         holder.clear()
 
     app = FastAPI(
@@ -194,10 +200,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         return current
 
     client_keys = settings.client_keys()
-    # The GET routes run on the event loop: a lookup, a Redis round trip bounded by its
-    # millisecond timeout, an exact or Annoy search of well under a millisecond. A
-    # thread-pool hop would cost more than the work. History requests run the user tower
-    # and stay in the thread pool.
+    # The GET routes run on the event loop: a lookup and a Redis round trip bounded by its
+    # millisecond timeout, where a thread-pool hop would cost more than a cache hit; only
+    # a miss's search goes to the search threads (cached_search). History requests run
+    # the user tower and stay in FastAPI's thread pool.
 
     async def require_client(x_api_key: Annotated[str | None, Header()] = None) -> None:
         """With RECSYS_API_KEYS set, the /v1 routes need one of them (constant-time check
@@ -223,47 +229,83 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     def cache() -> Cache:
         return holder["cache"]  # type: ignore[return-value]
 
-    def cached_results(
-        key: str, compute: Callable[[], tuple[np.ndarray, np.ndarray]]
-    ) -> tuple[np.ndarray, np.ndarray, bool]:
+    def cache_lookup(key: str) -> tuple[np.ndarray, np.ndarray] | None:
         hit = cache().get(key)
-        if hit is not None:
-            CACHE_EVENTS.labels("hit").inc()
-            items, scores = unpack_results(hit)
-            return items, scores, True
-        CACHE_EVENTS.labels("miss").inc()
+        if hit is None:
+            CACHE_EVENTS.labels("miss").inc()
+            return None
+        CACHE_EVENTS.labels("hit").inc()
+        return unpack_results(hit)
+
+    def timed(compute: Search) -> tuple[np.ndarray, np.ndarray]:
         started = time.perf_counter()
-        items, scores = compute()
+        found = compute()
         INDEX_SECONDS.observe(time.perf_counter() - started)
+        return found
+
+    def cached_results(key: str, compute: Search) -> tuple[np.ndarray, np.ndarray, bool]:
+        """For callers already off the event loop (the thread-pool routes)."""
+        hit = cache_lookup(key)
+        if hit is not None:
+            return *hit, True
+        items, scores = timed(compute)
         cache().set(key, pack_results(items, scores), settings.cache_ttl_seconds)
         return items, scores, False
 
-    def for_user(current: VersionState, raw_user: ItemId, k: int, exclude_seen: bool) -> Response:
+    async def cached_search(
+        current: VersionState, key: str, compute: Search
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The event-loop routes' lookup: a hit is answered on the loop. A miss on a version
+        whose searches take milliseconds (Annoy over a large catalogue) searches in the
+        worker's search threads: Annoy and NumPy release the GIL while they search, so the
+        loop keeps answering hits meanwhile, and two misses that reach one worker run on
+        two cores instead of one waiting behind the other. Cheaper searches run on the
+        loop, where they cost less than the hop to a thread."""
+        hit = cache_lookup(key)
+        if hit is not None:
+            return *hit, True
+        if current.search_ms >= settings.offload_search_ms:
+            loop = asyncio.get_running_loop()
+            search_threads = holder["search"]
+            items, scores = await loop.run_in_executor(search_threads, timed, compute)  # type: ignore[arg-type]
+        else:
+            items, scores = timed(compute)
+        cache().set(key, pack_results(items, scores), settings.cache_ttl_seconds)
+        return items, scores, False
+
+    def user_search(
+        current: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
+    ) -> tuple[str, Search, bool]:
+        """(cache key, search, fallback) for a user ID: an unknown user gets the most
+        popular items, flagged as fallback."""
         user = current.user_index(raw_user)
-        raw_user = current.user_key(raw_user)
         rec = current.recommender
         if user is None:
-            items, scores, cached = cached_results(
+            return (
                 f"recsys:{current.version}:popular:{k}",
                 lambda: rec.popular(np.zeros(0, np.int64), k),
-            )
-            return _recommendations(
-                current.version,
-                raw_user,
-                _scored(current, items, scores),
-                cached,
-                fallback=True,
+                True,
             )
         exclude = current.seen(user) if exclude_seen else np.zeros(0, np.int64)
-        items, scores, cached = cached_results(
+        return (
             f"recsys:{current.version}:user:{user}:{k}:{int(exclude_seen)}",
             lambda: rec.for_vector(rec.user_emb[user], exclude, k),
+            False,
         )
+
+    def user_answer(
+        current: VersionState,
+        raw_user: ItemId,
+        found: tuple[np.ndarray, np.ndarray, bool],
+        fallback: bool,
+    ) -> Response:
+        items, scores, cached = found
         return _recommendations(
             current.version,
-            raw_user,
+            current.user_key(raw_user),
             _scored(current, items, scores),
             cached,
+            fallback=fallback,
         )
 
     @app.get(
@@ -277,7 +319,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         exclude_seen: bool = True,
     ) -> Response:
         """Top-k items for a known user; unknown users get the most popular items (fallback)."""
-        return for_user(state(), user_id, k, exclude_seen)
+        current = state()
+        key, search, fallback = user_search(current, user_id, k, exclude_seen)
+        return user_answer(current, user_id, await cached_search(current, key, search), fallback)
 
     @app.post(
         "/v1/recommendations",
@@ -291,7 +335,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             raise HTTPException(422, f"k must be at most {settings.max_k}")
         unknown = [i for i in [*body.history, *body.exclude] if current.item_index(i) is None]
         if not body.history and not body.exclude and body.user_id is not None:
-            return for_user(current, body.user_id, body.k, True)
+            key, search, fallback = user_search(current, body.user_id, body.k, True)
+            return user_answer(current, body.user_id, cached_results(key, search), fallback)
         user = None if body.user_id is None else current.user_index(body.user_id)
         history = [h for i in body.history if (h := current.item_index(i)) is not None]
         excluded = [e for i in body.exclude if (e := current.item_index(i)) is not None]
@@ -345,7 +390,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if item is None:
             raise HTTPException(404, f"unknown item_id {item_id!r}")
         rec = current.recommender
-        items, scores, cached = cached_results(
+        items, scores, cached = await cached_search(
+            current,
             f"recsys:{current.version}:similar:{item}:{k}",
             lambda: rec.for_vector(rec.item_emb[item], np.array([item]), k),
         )

@@ -1,5 +1,6 @@
 """Service settings from the environment (pydantic-settings), validated at start-up."""
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -25,6 +26,14 @@ class ServiceSettings(BaseSettings):
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
     api_keys: SecretStr | None = None  # comma-separated; set: /v1 routes need X-API-Key
     max_body_bytes: int = Field(default=1_000_000, ge=1_000)  # larger request bodies: 413
+    # Index searches a worker runs at once (0: one per CPU this process may use), for
+    # versions whose build measured a search at offload_search_ms or more; faster searches
+    # run on the event loop (a hop to a thread costs ~0.05 ms)
+    search_threads: int = Field(default=0, ge=0, le=256)
+    offload_search_ms: float = Field(default=1.0, ge=0.0)
+
+    def search_thread_count(self) -> int:
+        return self.search_threads or len(os.sched_getaffinity(0))
 
     def client_keys(self) -> list[bytes]:
         if self.api_keys is None:

@@ -32,6 +32,7 @@ class VersionState:
         features = FeatureSet.load(path / "data", verify=False)  # covered by the check above
         model, builder = version_towers(path, features)
         item_list = recommender.item_ids.to_list()
+        recommender.popularity_order  # noqa: B018 - sorted at load, not by the first fallback
         return cls(
             version=recommender.version,
             path=path,
@@ -42,6 +43,15 @@ class VersionState:
             item_lookup={v: i for i, v in enumerate(item_list)},
             user_lookup={v: i for i, v in enumerate(recommender.user_ids.to_list())},
         )
+
+    @property
+    def search_ms(self) -> float:
+        """What one k = 100 search of this version took at build time (0 if unmeasured)."""
+        retriever = self.recommender.retriever
+        params = getattr(retriever, "params", None)
+        if params is None:
+            return 0.0
+        return params.exact_query_ms if params.backend == "exact" else params.query_ms
 
     def _raw(self, raw: object, dtype: pl.DataType) -> int | str | None:
         """A request's ID (always text in a URL) in the vocabulary's own type."""

@@ -5,8 +5,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from features.sources import resolve_source
 from recsys.pipeline import build
 from recsys.processes import free_port, served
 from serving.app import create_app
+from serving.recommender import Recommender
 from serving.settings import ServiceSettings
 from training.config import TrainConfig
 
@@ -91,6 +94,33 @@ def test_similar_items_exclude_the_item_itself(client):
     body = client.get("/v1/items/7/similar", params={"k": 6}).json()
     assert len(body["items"]) == 6 and 7 not in {i["item_id"] for i in body["items"]}
     assert client.get("/v1/items/424242/similar").status_code == 404
+
+
+def test_a_cache_miss_searching_does_not_hold_up_cache_hits(artifacts, redis_url, monkeypatch):
+    """A slow version's index search runs in the worker's search threads, not on the event
+    loop: a hit is answered while a search is still running. (This small version searches
+    fast enough to stay on the loop by default; offload_search_ms=0 offloads every search.)"""
+    searching, release = threading.Event(), threading.Event()
+    search = Recommender.for_vector
+
+    def slow_search(self, query, exclude, k):  # type: ignore[no-untyped-def]
+        if k == 7:
+            searching.set()
+            release.wait(30)
+        return search(self, query, exclude, k)
+
+    monkeypatch.setattr(Recommender, "for_vector", slow_search)
+    settings = ServiceSettings(artifacts=artifacts, redis_url=redis_url, offload_search_ms=0)
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(1) as pool:
+        client.get("/v1/users/1/recommendations", params={"k": 5})  # now cached
+        miss = pool.submit(client.get, "/v1/users/2/recommendations", params={"k": 7})
+        assert searching.wait(30)
+        hit = client.get("/v1/users/1/recommendations", params={"k": 5})
+        still_searching = not miss.done()
+        release.set()
+        assert hit.json()["cached"] is True and still_searching
+        answer = miss.result(30).json()
+    assert len(answer["items"]) == 7 and answer["cached"] is False
 
 
 @pytest.mark.parametrize(
