@@ -180,8 +180,10 @@ def build(
     ] = 0.95,
     index_max_query_ms: Annotated[
         float,
-        typer.Option(min=0.1, help="Index tuning stops widening the search past this."),
-    ] = 5.0,
+        typer.Option(
+            min=0.1, help="Index tuning stops widening the search past this (CPU per miss)."
+        ),
+    ] = 2.5,
     nproc: Annotated[
         int, typer.Option(min=1, help="Training ranks on this machine, under torchrun.")
     ] = 1,
