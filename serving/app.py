@@ -256,11 +256,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         current: VersionState, key: str, compute: Search
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """The event-loop routes' lookup: a hit is answered on the loop. A miss on a version
-        whose searches take milliseconds (Annoy over a large catalogue) searches in the
-        worker's search threads: Annoy and NumPy release the GIL while they search, so the
-        loop keeps answering hits meanwhile, and two misses that reach one worker run on
-        two cores instead of one waiting behind the other. Cheaper searches run on the
-        loop, where they cost less than the hop to a thread."""
+        whose searches are slow (settings.offload_search_ms: a raised index budget, exact
+        search over a large catalogue) searches in the worker's search threads: Annoy and
+        NumPy release the GIL while they search, so the loop keeps answering hits
+        meanwhile, and two misses that reach one worker use two cores. Faster searches run
+        on the loop: handing the GIL back and forth between the loop and a thread cost
+        more than it saved at 2 ms per search."""
         hit = cache_lookup(key)
         if hit is not None:
             return *hit, True
