@@ -1,8 +1,7 @@
 """Top-k items for users from a built version: user embedding -> index -> drop seen items.
 Shared by `recsys recommend` and the HTTP service, so both answer the same way."""
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,12 @@ class Recommender:
     seen: CsrBags  # per user_idx
     popularity: np.ndarray  # (I,) event counts
     retriever: Retriever
+    # Items by event count, most popular first (ties: lower index first), sorted once: an
+    # argsort of 1M items per fallback request took 17-19 ms
+    popularity_order: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.popularity_order = np.argsort(-self.popularity, kind="stable")
 
     @classmethod
     def load(cls, version_dir: Path) -> "Recommender":
@@ -72,12 +77,6 @@ class Recommender:
         ids, scores = self.retriever.search(query, wanted)
         keep = np.array([i not in banned for i in ids.tolist()], dtype=bool)
         return ids[keep][:k], scores[keep][:k]
-
-    @cached_property
-    def popularity_order(self) -> np.ndarray:
-        """Items by event count, most popular first (ties: lower index first). Sorted once:
-        a 1M-item argsort per fallback request would take ~80 ms."""
-        return np.argsort(-self.popularity, kind="stable")
 
     def popular(self, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The `k` most popular items not in `exclude`: only the first k + len(exclude)

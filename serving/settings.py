@@ -26,12 +26,12 @@ class ServiceSettings(BaseSettings):
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
     api_keys: SecretStr | None = None  # comma-separated; set: /v1 routes need X-API-Key
     max_body_bytes: int = Field(default=1_000_000, ge=1_000)  # larger request bodies: 413
-    # Index searches a worker runs at once (0: one per CPU this process may use), for
-    # versions whose build measured a search at offload_search_ms or more. Faster searches
-    # run on the event loop: at 2 ms per search (1M items, 200 misses/s) the loop gave a
-    # p99 of 6.5-7.7 ms and the threads 11-17 ms, the finished search waiting for the GIL
+    # Cache misses of a version whose build measured a search at this or more search in
+    # the worker's search threads; faster ones on the event loop: at 2 ms per search (1M
+    # items, 200 misses/s) the loop gave a p99 of 6.5-7.7 ms and the threads 11-17 ms,
+    # each finished search waiting for the GIL
     offload_search_ms: float = Field(default=10.0, ge=0.0)
-    search_threads: int = Field(default=0, ge=0, le=256)
+    search_threads: int = Field(default=0, ge=0, le=256)  # 0: one per CPU this process may use
 
     def search_thread_count(self) -> int:
         return self.search_threads or len(os.sched_getaffinity(0))

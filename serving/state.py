@@ -32,7 +32,6 @@ class VersionState:
         features = FeatureSet.load(path / "data", verify=False)  # covered by the check above
         model, builder = version_towers(path, features)
         item_list = recommender.item_ids.to_list()
-        recommender.popularity_order  # noqa: B018 - sorted at load, not by the first fallback
         return cls(
             version=recommender.version,
             path=path,
