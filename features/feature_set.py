@@ -1,7 +1,7 @@
 """Everything training needs from one ingest output, loaded once: the cleaned
 interactions, users' histories, item/user feature bags and the vocabulary sizes."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +9,7 @@ import polars as pl
 
 from features.history import UserHistories
 from features.ingest import INTERACTIONS_FILE, load_vocabularies
+from features.ordering import Ordering
 from recsys import schema as s
 from recsys.artifacts import read_manifest
 from recsys.errors import ArtifactError
@@ -23,6 +24,17 @@ class FeatureSet:
     item_bags: pl.DataFrame | None  # item_idx + List[UInt32] per feature, one row per item
     user_bags: pl.DataFrame | None
     category_counts: dict[str, dict[str, int]]  # side -> feature -> number of categories
+    ordering: Ordering = Ordering.SEQUENCE
+
+    def restricted_to(self, events: pl.DataFrame) -> "FeatureSet":
+        """The same features with only these events (e.g. a split's training rows, still
+        sorted by user): what the model may see of each user while it is validated."""
+        interactions = events.select(self.interactions.columns)
+        return replace(
+            self,
+            interactions=interactions,
+            histories=UserHistories.from_interactions(interactions, self.num_users, self.ordering),
+        )
 
     @classmethod
     def load(
@@ -52,14 +64,16 @@ class FeatureSet:
             side: dict(summary["features"])
             for side, summary in manifest["summary"]["side_tables"].items()
         }
+        ordering = Ordering(manifest["summary"].get("ordering", Ordering.SEQUENCE.value))
         return cls(
             interactions=interactions,
-            histories=UserHistories.from_interactions(interactions, num_users),
+            histories=UserHistories.from_interactions(interactions, num_users, ordering),
             num_users=num_users,
             num_items=num_items,
             item_bags=bags["items"],
             user_bags=bags["users"],
             category_counts=counts,
+            ordering=ordering,
         )
 
 

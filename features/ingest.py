@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from features.config import FeatureConfig
+from features.ordering import detect_ordering, row_key
 from features.side_tables import SideFeatures, build_side_features, read_side_table
 from features.sources import CSV_SUFFIXES, DataSource, scan_table
 from features.validation import ORDER, ValidatedLog, validate_log
@@ -47,6 +48,8 @@ class IngestReport:
     has_timestamp: bool
     first_timestamp: int | None
     last_timestamp: int | None
+    ordering: str = "sequence"  # features.ordering.Ordering: how histories and splits read time
+    ordering_reason: str = ""
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     side_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -125,7 +128,9 @@ def _clean_interactions(
     for column, index in ((s.USER_ID, s.USER_IDX), (s.ITEM_ID, s.ITEM_IDX)):
         lookup = vocabs[column].join_key(id_dtypes[column]).rename({ID: column, INDEX: index})
         deduplicated = deduplicated.join(lookup.lazy(), on=column, how="inner")
-    return deduplicated.sort([s.USER_IDX, s.TIMESTAMP, ORDER], nulls_last=True).select(
+    # Simultaneous events (and every event of a log without time) are put in a
+    # pseudo-random order of (user, item), never in input order: see features.ordering.
+    return deduplicated.sort([s.USER_IDX, s.TIMESTAMP, row_key(), ORDER], nulls_last=True).select(
         pl.col(name).cast(dtype) for name, dtype in s.CLEAN_SCHEMA.items()
     )
 
@@ -243,6 +248,7 @@ def _summarise(
     )
     by_reason = pl.scan_parquet(out / REJECTS_FILE).group_by("reason").len().collect()
     kept = int(clean["rows"][0])
+    ordering = detect_ordering(pl.scan_parquet(out / INTERACTIONS_FILE))
     first, last = clean["first"][0], clean["last"][0]
     return IngestReport(
         files=len(logs),
@@ -257,6 +263,8 @@ def _summarise(
         has_timestamp=any(v.has_timestamp for v in logs),
         first_timestamp=None if first is None else int(first),
         last_timestamp=None if last is None else int(last),
+        ordering=ordering.ordering.value,
+        ordering_reason=ordering.reason,
         rejects_by_reason=dict(zip(by_reason["reason"], by_reason["len"], strict=True)),
         side_tables=side_summary,
     )

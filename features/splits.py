@@ -1,13 +1,16 @@
-"""Held-out splits over the cleaned, time-ordered interactions.
+"""Held-out splits over the cleaned interactions.
 
 Leave-last-out holds out each user's most recent events (the classic next-item protocol);
-a time cut-off holds out everything after one moment (closer to a nightly deployment).
+a time cut-off holds out everything after one moment (closer to a nightly deployment); a
+random holdout takes a share of each user's items, for logs where time does not order
+events (`features.ordering`). None of them depends on the input's row order.
 """
 
 from dataclasses import dataclass
 
 import polars as pl
 
+from features.ordering import Ordering, row_key
 from recsys import schema as s
 from recsys.errors import RecsysError
 
@@ -75,3 +78,58 @@ def quantile_cutoff(interactions: pl.DataFrame, fraction: float) -> int:
     if value is None:
         raise RecsysError("a time cut-off needs timestamps, and this log has none")
     return int(value)
+
+
+def random_holdout(
+    interactions: pl.DataFrame,
+    share: float,
+    max_users: int | None = None,
+    seed: int = 0,
+    min_items: int = 2,
+) -> Split:
+    """A pseudo-random `share` of each user's distinct items -> valid (at least one, and
+    at least one left to train on), for at most `max_users` users drawn at random; users
+    with fewer than `min_items` items stay wholly in train. Every event of a held-out
+    (user, item) pair is held out together, so no item is both trained on and validated.
+    Draws hash (user, item), so the split does not depend on row order."""
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"share must be in (0, 1), got {share}")
+    frame = _with_rows(interactions).with_columns(row_key(seed).alias("_key"))
+    frame = frame.with_columns(
+        pl.col("_key").n_unique().over(s.USER_IDX).alias("_n"),
+        pl.col("_key").rank("dense").over(s.USER_IDX).alias("_rank"),
+    )
+    eligible = frame.filter(pl.col("_n") >= min_items)[s.USER_IDX].unique()
+    if max_users is not None and len(eligible) > max_users:
+        keys = pl.DataFrame({s.USER_IDX: eligible}).with_columns(
+            pl.col(s.USER_IDX).hash(seed + 1).alias("_user_key")
+        )
+        eligible = keys.sort("_user_key", s.USER_IDX).head(max_users)[s.USER_IDX]
+    held = (
+        pl.col(s.USER_IDX).is_in(eligible.implode())
+        & (pl.col("_n") >= min_items)
+        & (
+            pl.col("_rank")
+            <= (pl.col("_n") * share).round().clip(1, pl.col("_n") - 1).cast(pl.UInt32)
+        )
+    )
+    drop = ["_key", "_n", "_rank"]
+    return Split(
+        train=frame.filter(~held).drop(drop),
+        valid=frame.filter(held).drop(drop),
+        test=frame.clear().drop(drop),
+    )
+
+
+def validation_split(
+    interactions: pl.DataFrame,
+    ordering: Ordering,
+    share: float,
+    max_users: int | None,
+    seed: int = 0,
+) -> Split:
+    """The split a build early-stops on: each user's last event when time orders the
+    log, a random share of each user's items when it does not."""
+    if ordering is Ordering.SEQUENCE:
+        return leave_last_out(interactions, n_test=0, n_valid=1)
+    return random_holdout(interactions, share, max_users, seed)

@@ -135,26 +135,38 @@ def build(
     artifacts: ArtifactsOption,
     items: ItemsOption = None,
     users: UsersOption = None,
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Build settings as TOML ([tower], [train], [index], [rebuild], [compute]); "
+            "flags override it. `recsys tune` writes one.",
+        ),
+    ] = None,
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Default: scales with the data.")
     ] = None,
     batch_size: Annotated[
         int | None, typer.Option(min=2, help="Default: scales with the data.")
     ] = None,
-    embedding_dim: Annotated[int, typer.Option(min=2)] = 64,
+    embedding_dim: Annotated[int | None, typer.Option(min=2)] = None,
     loss: Annotated[
         list[str] | None,
         typer.Option(help="softmax | npair | triplet, NAME[:WEIGHT]; repeat to combine."),
     ] = None,
-    temperature: Annotated[float, typer.Option(min=1e-4)] = 0.05,
-    extra_negatives: Annotated[int, typer.Option(min=0, help="Uniform negatives per batch.")] = 0,
-    symmetric: Annotated[bool, typer.Option(help="Add the item -> user softmax term.")] = False,
-    similarity: Annotated[str, typer.Option(help="cosine | dot")] = "cosine",
-    seed: int = 0,
+    temperature: Annotated[float | None, typer.Option(min=1e-4)] = None,
+    extra_negatives: Annotated[
+        int | None, typer.Option(min=0, help="Uniform negatives per batch.")
+    ] = None,
+    symmetric: Annotated[
+        bool | None, typer.Option(help="Add the item -> user softmax term.")
+    ] = None,
+    similarity: Annotated[str | None, typer.Option(help="cosine | dot")] = None,
+    seed: int | None = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     from_scratch: Annotated[
-        bool, typer.Option(help="Do not warm-start from the current version.")
-    ] = False,
+        bool | None, typer.Option(help="Do not warm-start from the current version.")
+    ] = None,
     warm_epochs: Annotated[
         int | None,
         typer.Option(
@@ -164,80 +176,88 @@ def build(
         ),
     ] = None,
     gate_margin: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=-1.0,
             max=1.0,
             help="Promote a rebuild only if its validation recall@20 is at least "
             "(1 - margin) x the current version's, on the same recent slice.",
         ),
-    ] = 0.05,
-    gate: Annotated[bool, typer.Option(help="Apply the quality gate to rebuilds.")] = True,
-    keep: Annotated[int, typer.Option(min=1, help="Versions kept on disk.")] = 5,
+    ] = None,
+    gate: Annotated[bool | None, typer.Option(help="Apply the quality gate to rebuilds.")] = None,
+    keep: Annotated[int | None, typer.Option(min=1, help="Versions kept on disk.")] = None,
     index_recall: Annotated[
-        float,
+        float | None,
         typer.Option(min=0.0, max=1.0, help="Target recall@100 of the index against exact."),
-    ] = 0.95,
+    ] = None,
     index_max_query_ms: Annotated[
-        float,
+        float | None,
         typer.Option(
             min=0.1, help="Index tuning stops widening the search past this (CPU per miss)."
         ),
-    ] = 2.5,
+    ] = None,
     nproc: Annotated[
-        int, typer.Option(min=1, help="Training ranks on this machine, under torchrun.")
-    ] = 1,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+        int | None, typer.Option(min=1, help="Training ranks on this machine, under torchrun.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda")] = None,
     sharding: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Embedding tables over ranks: auto | table_wise | column_wise | row_wise (GPU)."
         ),
-    ] = "auto",
+    ] = None,
 ) -> None:
     """Ingest, train, embed, index, and promote a new version to current. A rebuild
     warm-starts from the current version and must pass the quality gate (exit status 3
-    when the candidate is rejected; the current version stays)."""
+    when the candidate is rejected; the current version stays). Settings: defaults, then
+    the --config file, then flags; the resolved settings are printed and stored."""
     from features.sources import resolve_source
-    from recsys.pipeline import Compute, RebuildPolicy
+    from recsys.build_config import BuildConfig
     from recsys.pipeline import build as run_build
-    from serving.index import IndexTargets
-    from training.config import Similarity, TowerConfig, TrainConfig, parse_losses
 
-    try:
-        tower = TowerConfig(embedding_dim=embedding_dim, similarity=Similarity(similarity))
-        config = TrainConfig(
-            losses=parse_losses(loss or ["softmax"]),
-            temperature=temperature,
-            extra_negatives=extra_negatives,
-            symmetric=symmetric,
-            max_epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-            warm_epochs=warm_epochs,
-            sharding=sharding,
-        )
-    except ValueError as exc:
-        raise RecsysError(str(exc)) from exc
-    if device not in ("cpu", "cuda"):
-        raise RecsysError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda":
+    flags: dict[str, dict[str, Any]] = {
+        "tower": {"embedding_dim": embedding_dim, "similarity": similarity},
+        "train": {
+            "losses": loss,
+            "temperature": temperature,
+            "extra_negatives": extra_negatives,
+            "symmetric": symmetric,
+            "max_epochs": epochs,
+            "batch_size": batch_size,
+            "seed": seed,
+            "warm_epochs": warm_epochs,
+            "sharding": sharding,
+        },
+        "index": {"recall_at_100": index_recall, "max_query_ms": index_max_query_ms},
+        "rebuild": {
+            "from_scratch": from_scratch,
+            "gate": gate,
+            "gate_margin": gate_margin,
+            "keep_versions": keep,
+        },
+        "compute": {"nproc": nproc, "device": device},
+    }
+    settings = BuildConfig.from_file(config_file) if config_file else BuildConfig()
+    settings = settings.with_overrides(flags)
+    device_name = settings.compute.device
+    if device_name not in ("cpu", "cuda"):
+        raise RecsysError(f"--device must be cpu or cuda, got {device_name!r}")
+    if device_name == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise RecsysError("--device cuda: PyTorch sees no CUDA device on this machine")
+    err.print("settings (defaults < --config < flags):\n" + settings.to_toml().rstrip())
     source = resolve_source(data, items=items, users=users)
-    policy = RebuildPolicy(from_scratch, gate_margin if gate else None, keep)
-    targets = IndexTargets(index_recall, index_max_query_ms)
     report = run_build(
         source,
         artifacts,
-        tower,
-        config,
+        settings.tower,
+        settings.train,
         progress=progress,
-        policy=policy,
-        index_targets=targets,
-        compute=Compute(nproc, device),
+        policy=settings.rebuild,
+        index_targets=settings.index,
+        compute=settings.compute,
     )
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)
@@ -247,7 +267,16 @@ def build(
             f"{report.ingest.read} / {report.ingest.kept} / {report.ingest.rejected}",
         ),
         ("users / items", f"{report.ingest.users} / {report.ingest.items}"),
-        ("epochs (best)", f"{len(report.train.history)} ({report.train.best_epoch})"),
+        ("ordering", f"{report.ingest.ordering}: {report.ingest.ordering_reason}"),
+        (
+            "epochs (best; refit)",
+            f"{len(report.train.history)} ({report.train.best_epoch}; "
+            + (
+                f"{report.train.refit_epochs} on every event)"
+                if report.train.refitted
+                else "no refit)"
+            ),
+        ),
         ("batch size", report.train.config.batch_size),
         (
             "valid hit_rate@10 / recall@100",
@@ -373,6 +402,54 @@ def show_recommendations(recs: pl.DataFrame, items_path: Path, users: int) -> No
         for row in rows.iter_rows():
             table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row))
         out.print(table)
+
+
+@app.command()
+@friendly_errors
+def tune(
+    data: DataOption,
+    budget_minutes: Annotated[
+        float, typer.Option(min=0.5, help="Wall-clock budget, ingest included.")
+    ],
+    out_file: Annotated[
+        Path, typer.Option("--out", help="Where the best settings go, as a --config file.")
+    ] = Path("tuned.toml"),
+    items: ItemsOption = None,
+    users: UsersOption = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Settings to start from (TOML).")
+    ] = None,
+    trials: Annotated[int | None, typer.Option(min=1, help="At most this many trials.")] = None,
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Search the settings that matter most on the validation split only (Optuna), within
+    a time budget; write the best as a file for `recsys build --config`."""
+    from features.sources import resolve_source
+    from recsys.build_config import BuildConfig
+    from recsys.tune import tune as run_tune
+
+    base = BuildConfig.from_file(config_file) if config_file else BuildConfig()
+    source = resolve_source(data, items=items, users=users)
+    result = run_tune(source, budget_minutes, base, seed, trials, progress)
+    table = Table(title=f"trials ({result.metric} on validation)")
+    columns = list(result.trials[0]) if result.trials else []
+    for column in columns:
+        table.add_column(column, justify="right")
+    for trial in result.trials:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in trial.values()))
+    out.print(table)
+    header = (
+        f"# recsys tune --data {data}: {len(result.trials)} trials in "
+        f"{result.seconds / 60:.1f} min; validation {result.metric} "
+        f"{result.best_value:.4f} (defaults: {result.default_value:.4f})\n"
+    )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(header + result.best.to_toml())
+    out.print(
+        f"best {result.metric} {result.best_value:.4f} (defaults {result.default_value:.4f}); "
+        f"wrote {out_file} — use it with: recsys build --config {out_file}"
+    )
 
 
 @app.command()

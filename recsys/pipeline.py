@@ -22,9 +22,10 @@ import torch
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
 from features.sources import DataSource
-from features.splits import leave_last_out
+from features.splits import Split
 from recsys import schema as s
 from recsys.artifacts import read_manifest
+from recsys.build_config import CONFIG_FILE, BuildConfig, Compute, RebuildPolicy
 from recsys.errors import ArtifactError
 from recsys.gate import GateDecision, last_timestamp, quality_gate, skipped
 from recsys.lock import build_lock
@@ -37,7 +38,7 @@ from training.embed import TowerScorer, item_embeddings, user_embeddings_now
 from training.export import ROW_STATE, SPEC, WEIGHTS, load_model, save_model
 from training.model import ModelSpec, TwoTower
 from training.parallel import check_sharding
-from training.trainer import TrainResult, model_spec, train
+from training.trainer import TrainResult, build_split, model_spec, train
 from training.warm_start import load_warm_start, warm_start_problem
 
 log = logging.getLogger(__name__)
@@ -61,23 +62,6 @@ class BuildReport:
     warm_start_from: str | None = None
     gate: GateDecision | None = None
     pruned: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RebuildPolicy:
-    """How a build relates to the current version (all ignored for a first build)."""
-
-    from_scratch: bool = False  # else warm-start from the current version when possible
-    gate_margin: float | None = 0.05  # None: no quality gate
-    keep_versions: int = 5  # versions kept on disk, the current one included
-
-
-@dataclass(frozen=True)
-class Compute:
-    """Where training runs: `nproc` local ranks under torchrun (1: in this process)."""
-
-    nproc: int = 1
-    device: str = "cpu"  # or "cuda"
 
 
 def _embedding_frame(
@@ -187,7 +171,7 @@ def _build_locked(
             source, staging / DATA_DIR, previous=previous / DATA_DIR if previous else None
         )
         features = FeatureSet.load(staging / DATA_DIR)
-        split = leave_last_out(features.interactions, n_test=0, n_valid=1)
+        split = build_split(features, config or TrainConfig())
         warm_dir = _warm_start_dir(previous, features, tower, policy)
         full_run_epochs = None
         if warm_dir is not None and previous is not None:
@@ -218,7 +202,11 @@ def _build_locked(
                 progress=progress,
                 warm_start=load_warm_start(warm_dir, WEIGHTS, ROW_STATE) if warm_dir else None,
             )
-            save_model(result.state, result.spec, model_dir, result.row_state)
+            save_model(
+                result.state, result.spec, model_dir, result.row_state, result.validated_state
+            )
+        settings = BuildConfig(tower, config or TrainConfig(), index_targets, policy, compute)
+        (staging / CONFIG_FILE).write_text(settings.to_toml())
         (model_dir / "train_config.json").write_text(
             json.dumps(result.config.to_dict(), indent=2) + "\n"
         )
@@ -226,7 +214,7 @@ def _build_locked(
 
         model = load_model(model_dir)
         builder = BatchBuilder(features, tower)
-        builder.mark_known(split.train["row"].to_numpy())
+        builder.mark_known(features.interactions if result.refitted else split.train)
         items = item_embeddings(model, builder, features.num_items)
         users = user_embeddings_now(model, builder, np.arange(features.num_users))
         vocab = {
@@ -246,11 +234,9 @@ def _build_locked(
         metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
         index = build_annoy(items, sample, staging / INDEX_DIR, metric, index_targets)
         gate = None
-        if previous is not None and policy.gate_margin is not None:
-            candidate = TowerScorer(model, builder, features.num_items)
-            gate = _gate(
-                previous, candidate, features, split.valid, result.config, policy.gate_margin
-            )
+        if previous is not None and policy.gate:
+            validated = load_model(model_dir, validated=True)
+            gate = _gate(previous, validated, features, split, result.config, policy.gate_margin)
             log.warning("quality gate: %s", gate.reason)
         store.commit(
             name,
@@ -273,9 +259,15 @@ def _build_locked(
                     "valid_metrics": result.best_metrics,
                     "warm_start_from": warm_from,
                     "full_run_epochs": full_run_epochs or len(result.history),
+                    "refit_epochs": result.refit_epochs,
                 },
                 "gate": asdict(gate) if gate else None,
                 "previous_version": previous.name if previous else None,
+                "settings": settings.to_dict(),  # as given; train_config.json: as resolved
+                "ordering": {
+                    "ordering": ingest_report.ordering,
+                    "reason": ingest_report.ordering_reason,
+                },
             },
         )
     except BaseException:
@@ -300,22 +292,29 @@ def _build_locked(
 
 def _gate(
     previous: Path,
-    candidate: TowerScorer,
+    model: TwoTower,
     features: FeatureSet,
-    valid: pl.DataFrame,
+    split: Split,
     config: TrainConfig,
     margin: float,
 ) -> GateDecision:
+    """Both versions see each user's training events and are asked for the held-out ones."""
+    seen = features.restricted_to(split.train)
+    builder = BatchBuilder(seen, model.spec.tower)
+    builder.mark_known(split.train)
+    candidate = TowerScorer(model, builder, features.num_items)
     try:
-        model, builder = version_towers(previous, features)
+        old_model, old_builder = version_towers(previous, seen, validated=True)
     except ArtifactError as exc:
         return skipped(f"current version {previous.name} not comparable: {exc}")
-    current = TowerScorer(model, builder, model.spec.num_items, catalogue=features.num_items)
+    current = TowerScorer(
+        old_model, old_builder, old_model.spec.num_items, catalogue=features.num_items
+    )
     return quality_gate(
         candidate,
         current,
-        features,
-        valid,
+        seen,
+        split.valid,
         last_timestamp(previous),
         margin,
         metric=f"recall@{config.eval_k}",
@@ -324,12 +323,16 @@ def _gate(
     )
 
 
-def version_towers(version_dir: Path, features: FeatureSet) -> tuple[TwoTower, BatchBuilder]:
+def version_towers(
+    version_dir: Path, features: FeatureSet, validated: bool = False
+) -> tuple[TwoTower, BatchBuilder]:
     """A built version's towers and a batch builder with the version's known-ID masks.
 
     `features` may be a grown log (a newer version's data): users, items and categories
-    the version never saw are then left out, as the version would have to."""
-    model = load_model(version_dir / MODEL_DIR)
+    the version never saw are then left out, as the version would have to. `validated`
+    takes the weights from before the refit on every event, where the version has them
+    (what to measure on validation events)."""
+    model = load_model(version_dir / MODEL_DIR, validated=validated)
     builder = BatchBuilder(features, model.spec.tower)
     if set(builder.keys.order) != set(model.spec.keys.order):  # the model looks keys up by name
         raise ArtifactError(
@@ -352,18 +355,22 @@ def _padded(known: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([known, np.zeros(max(0, size - len(known)), dtype=bool)])[:size]
 
 
-def version_scorer(version_dir: Path, features: FeatureSet) -> TowerScorer:
+def version_scorer(version_dir: Path, features: FeatureSet, validated: bool = False) -> TowerScorer:
     """A scorer with a built version's towers and its ID/feature masks."""
-    model, builder = version_towers(version_dir, features)
+    model, builder = version_towers(version_dir, features, validated)
     return TowerScorer(model, builder, features.num_items)
 
 
 def evaluate_version(version_dir: Path) -> dict[str, float]:
-    """Full-ranking metrics of a version on its validation split (each user's last event)."""
+    """Full-ranking metrics of a version on its validation split (each user's last event
+    in a sequence, a share of each validation user's items in a set)."""
     from training.evaluate import eval_task, evaluate
 
     features = FeatureSet.load(version_dir / DATA_DIR)
-    split = leave_last_out(features.interactions, n_test=0, n_valid=1)
-    return evaluate(
-        version_scorer(version_dir, features), eval_task(split.valid, features.histories)
+    config = TrainConfig.from_dict(
+        json.loads((version_dir / MODEL_DIR / "train_config.json").read_text())
     )
+    split = build_split(features, config)
+    seen = features.restricted_to(split.train)
+    scorer = version_scorer(version_dir, seen, validated=True)
+    return evaluate(scorer, eval_task(split.valid, seen.histories))

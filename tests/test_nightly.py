@@ -84,7 +84,7 @@ def test_warm_rebuild_on_a_grown_log_starts_from_the_current_rows(dataset, tmp_p
         artifacts,
         config=replace(FAST, seed=1),  # the same seed would start from the same rows
         progress=False,
-        policy=RebuildPolicy(from_scratch=True, gate_margin=None),
+        policy=RebuildPolicy(from_scratch=True, gate=False),
     )
     assert scratch.warm_start_from is None
     scratch_rows = load_file(str(scratch.path / "model/weights.safetensors"))[ITEM_ROWS].numpy()
@@ -140,7 +140,7 @@ def test_a_lock_left_by_a_dead_build_is_detected_and_taken_over(tmp_path):
 
 def test_old_versions_are_pruned_but_never_the_current_one(dataset, tmp_path):
     data, artifacts, _ = first_build(dataset, tmp_path)
-    policy = RebuildPolicy(gate_margin=None, keep_versions=2)
+    policy = RebuildPolicy(gate=False, keep_versions=2)
     for _ in range(2):
         report = build(resolve_source(data), artifacts, config=FAST, progress=False, policy=policy)
     store = VersionStore(artifacts)
@@ -196,7 +196,7 @@ def test_service_switches_to_a_promoted_version_under_load(dataset, tmp_path, re
             thread.start()
         try:
             time.sleep(0.5)
-            policy = RebuildPolicy(gate_margin=None)
+            policy = RebuildPolicy(gate=False)
             new = build(resolve_source(data), artifacts, config=FAST, progress=False, policy=policy)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
@@ -220,7 +220,7 @@ def two_versions_first_current(
 ) -> tuple[Path, VersionStore, str, str]:
     """Two built versions with the older one current: a promotion waiting to be noticed."""
     data, artifacts, first = first_build(dataset, tmp_path)
-    policy = RebuildPolicy(gate_margin=None)
+    policy = RebuildPolicy(gate=False)
     second = build(resolve_source(data), artifacts, config=FAST, progress=False, policy=policy)
     store = VersionStore(artifacts)
     store.promote(first)

@@ -1,6 +1,8 @@
 """Training on planted structure: the towers must find it; the trained model must survive
 export to safetensors and reload in one process with identical scores."""
 
+from dataclasses import replace
+
 import numpy as np
 import polars as pl
 import pytest
@@ -36,7 +38,7 @@ def test_towers_find_planted_clusters(planted, loss):
     split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
     config = TrainConfig(losses=((loss, 1.0),), max_epochs=4, batch_size=256, patience=4, seed=1)
     result = train(planted, split, TOWER, config, progress=False)
-    task = eval_task(split.valid, planted.histories)
+    task = eval_task(split.valid, planted.restricted_to(split.train).histories)
     popularity = evaluate(Popularity.fit(split.train, planted.num_items), task)
     chance = float(np.mean(10 / (planted.num_items - np.diff(task.seen.offsets))))
     recall = result.best_metrics["recall@10"]
@@ -47,7 +49,7 @@ def test_towers_find_planted_clusters(planted, loss):
 
 def test_export_round_trip_gives_identical_embeddings(planted, tmp_path):
     split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
-    config = TrainConfig(max_epochs=1, batch_size=512, seed=2)
+    config = TrainConfig(max_epochs=1, batch_size=512, seed=2, refit=False)
     result = train(planted, split, TOWER, config, progress=False)
     save_model(result.state, result.spec, tmp_path)
     model = load_model(tmp_path)
@@ -105,7 +107,7 @@ class Interrupt(Exception):
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(planted, tmp_path):
     split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
-    config = TrainConfig(max_epochs=3, batch_size=512, patience=10, seed=6)
+    config = TrainConfig(max_epochs=3, batch_size=512, patience=10, seed=6, refit=False)
     straight = train(planted, split, TOWER, config, checkpoint_dir=tmp_path / "a", progress=False)
 
     def stop_in_epoch_three(record: dict) -> None:
@@ -131,3 +133,17 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(planted, tmp_pat
     for name, value in straight.state.items():
         torch.testing.assert_close(resumed.state[name], value, rtol=1e-5, atol=1e-6)
     assert {p.suffix for p in (tmp_path / "b").iterdir()} <= {".safetensors", ".json"}
+
+
+def test_refit_trains_the_served_model_on_every_event_for_the_best_epochs(planted):
+    split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
+    config = TrainConfig(max_epochs=2, batch_size=512, patience=5, seed=7)
+    result = train(planted, split, TOWER, config, progress=False)
+    assert result.refit_epochs == result.best_epoch >= 1
+    assert result.validated_state is not None
+    table = "ebc.embedding_bags.item_table.weight"
+    # The validation events trained the refit model, so its weights differ from the
+    # validated ones, which the quality gate compares.
+    assert not torch.equal(result.state[table], result.validated_state[table])
+    no_refit = train(planted, split, TOWER, replace(config, refit=False), progress=False)
+    assert no_refit.refit_epochs == 0 and no_refit.validated_state is None

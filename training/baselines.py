@@ -23,12 +23,10 @@ def interaction_matrix(events: pl.DataFrame, num_users: int, num_items: int) -> 
     return matrix
 
 
-def history_matrix(
-    histories: UserHistories, users: np.ndarray, rows: np.ndarray, num_items: int
-) -> sp.csr_matrix:
-    """Each query's items before its row, as a binary (Q, items) matrix."""
+def history_matrix(histories: UserHistories, users: np.ndarray, num_items: int) -> sp.csr_matrix:
+    """Each query user's items in `histories`, as a binary (Q, items) matrix."""
     starts = histories.offsets[users]
-    lengths = rows - starts
+    lengths = histories.offsets[users + 1] - starts
     items = histories.items[ranges(starts, lengths)]
     indptr = np.concatenate([[0], np.cumsum(lengths)])
     matrix = sp.csr_matrix(
@@ -48,7 +46,7 @@ class Popularity:
         counts = np.bincount(events[s.ITEM_IDX].to_numpy(), minlength=num_items).astype(np.float32)
         return cls(counts)
 
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def scores(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(users), len(self.counts)))
 
 
@@ -78,8 +76,8 @@ class Ease:
         weights[np.diag_indices(num_items)] = 0.0
         return cls(weights.astype(np.float32), histories)
 
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        x = history_matrix(self.histories, users, rows, len(self.weights))
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        x = history_matrix(self.histories, users, len(self.weights))
         return np.asarray(x @ self.weights)
 
 
@@ -139,5 +137,58 @@ class MatrixFactorization:
         model.fit(interaction_matrix(events, num_users, num_items), show_progress=False)
         return cls(np.asarray(model.user_factors), np.asarray(model.item_factors))
 
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def scores(self, users: np.ndarray) -> np.ndarray:
         return self.user_factors[users] @ self.item_factors.T
+
+
+@dataclass
+class ItemKnn:
+    """Item-based k-nearest neighbours (Sarwar et al. 2001; Deshpande & Karypis 2004):
+    cosine similarity of items' user sets, each item keeping its `neighbours` most similar
+    items; a user's score for an item sums its similarities to the user's items."""
+
+    similarity: sp.csr_matrix  # (I, I), row i: the neighbours of item i
+    histories: UserHistories
+
+    @classmethod
+    def fit(
+        cls,
+        events: pl.DataFrame,
+        histories: UserHistories,
+        num_users: int,
+        num_items: int,
+        neighbours: int,
+        shrink: float = 0.0,
+    ) -> "ItemKnn":
+        x = interaction_matrix(events, num_users, num_items).tocsc()
+        norms = np.sqrt(np.asarray(x.sum(axis=0)).ravel())  # (I,) binary: sqrt(count)
+        rows, cols, vals = [], [], []
+        chunk = max(1, (1 << 24) // max(1, num_items))
+        for start in range(0, num_items, chunk):
+            block = slice(start, min(start + chunk, num_items))
+            co = (x[:, block].T @ x).toarray()  # (C, I) co-occurrence counts
+            sim = co / (np.outer(norms[block], norms) + shrink + 1e-12)
+            sim[np.arange(sim.shape[0]), np.arange(block.start, block.stop)] = 0.0
+            k = min(neighbours, num_items - 1) if num_items > 1 else 0
+            if k <= 0:
+                continue
+            top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            rows.append(np.repeat(np.arange(block.start, block.stop), k))
+            cols.append(top.ravel())
+            vals.append(np.take_along_axis(sim, top, axis=1).ravel())
+        similarity = sp.csr_matrix(
+            (
+                np.concatenate(vals) if vals else np.zeros(0, np.float32),
+                (
+                    np.concatenate(rows) if rows else np.zeros(0, np.int64),
+                    np.concatenate(cols) if cols else np.zeros(0, np.int64),
+                ),
+            ),
+            shape=(num_items, num_items),
+            dtype=np.float32,
+        )
+        return cls(similarity, histories)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        x = history_matrix(self.histories, users, self.similarity.shape[0])
+        return np.asarray((x @ self.similarity).toarray())

@@ -8,14 +8,18 @@ CPU build; finished tensors can be moved to a device as they are).
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 import torch
 from torchrec import KeyedJaggedTensor
 
 from features.feature_set import FeatureSet
 from features.jagged import CsrBags
+from features.ordering import Ordering
 from recsys import schema as s
 from training.collective import all_sum
 from training.config import TowerConfig
+
+Jagged = tuple[np.ndarray, np.ndarray]  # (values, lengths)
 
 HISTORY = "history"
 RECENT = "recent"
@@ -63,6 +67,7 @@ class BatchBuilder:
         self.known_items = np.ones(features.num_items, dtype=bool)
         self.known_users = np.ones(features.num_users, dtype=bool)
         self.table_rows: np.ndarray | None = None  # per key in `keys.order`; see limit_to
+        self._shuffle: tuple[np.ndarray, np.ndarray] | None = None  # see new_epoch
 
     def limit_to(self, table_rows: dict[str, int]) -> None:
         """Let a model with smaller tables (an older version) read these grown features:
@@ -70,12 +75,12 @@ class BatchBuilder:
         the bags, as if absent. IDs of new users and items must be marked unknown too."""
         self.table_rows = np.array([table_rows[k] for k in self.keys.order], dtype=np.int64)
 
-    def mark_known(self, train_rows: np.ndarray) -> None:
+    def mark_known(self, train: pl.DataFrame) -> None:
         """Only users and items with training events use their ID rows; the others are
         embedded from history and side features alone (cold start). Counted over every
-        rank's training rows, so all ranks agree."""
-        items = np.bincount(self.item_of_row[train_rows], minlength=len(self.known_items))
-        users = np.bincount(self.histories.user_of(train_rows), minlength=len(self.known_users))
+        rank's training events, so all ranks agree."""
+        items = np.bincount(train[s.ITEM_IDX].to_numpy(), minlength=len(self.known_items))
+        users = np.bincount(train[s.USER_IDX].to_numpy(), minlength=len(self.known_users))
         self.known_items, self.known_users = all_sum(items) > 0, all_sum(users) > 0
 
     def _assemble(
@@ -120,13 +125,40 @@ class BatchBuilder:
             parts[side_key("item", column)] = bags.gather(items)
         return parts
 
+    def new_epoch(self, rng: np.random.Generator) -> None:
+        """Draw this epoch's order of each user's items (a set's history samples)."""
+        if self.histories.ordering is Ordering.SET:
+            self._shuffle = self.histories.shuffled(rng)
+
+    def _histories_of(self, rows: np.ndarray) -> tuple[Jagged, Jagged]:
+        """(history, recent) bags of training events: the items before each event in a
+        sequence; in a set, other items of the user drawn at random (no recent bag)."""
+        cfg = self.tower
+        if self.histories.ordering is Ordering.SEQUENCE:
+            return (
+                self.histories.previous_items(rows, cfg.history_length),
+                self.histories.previous_items(rows, cfg.recent_length),
+            )
+        if self._shuffle is None:
+            self._shuffle = self.histories.shuffled(np.random.default_rng(0))
+        order, position = self._shuffle
+        history = self.histories.other_items(rows, cfg.history_length, position, order)
+        return history, _empty(len(rows))
+
+    def _latest(self, users: np.ndarray) -> tuple[Jagged, Jagged]:
+        """(history, recent) bags of users after all their events in the histories."""
+        history = self.histories.latest_items(users, self.tower.history_length)
+        if self.histories.ordering is Ordering.SET:
+            return history, _empty(len(users))
+        return history, self.histories.latest_items(users, self.tower.recent_length)
+
     def training_batch(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
-        """Event rows -> users with their history before the event, and the event's item."""
+        """Event rows -> users with their history as of the event (never the event's own
+        item), and the event's item."""
         rows = np.asarray(rows, dtype=np.int64)
         users = self.histories.user_of(rows)
         items = self.item_of_row[rows]
-        history = self.histories.previous_items(rows, self.tower.history_length)
-        recent = self.histories.previous_items(rows, self.tower.recent_length)
+        history, recent = self._histories_of(rows)
         size = len(rows)
         if rng is not None and self.tower.id_dropout > 0:
             keep_user = rng.random(size) >= self.tower.id_dropout
@@ -137,21 +169,11 @@ class BatchBuilder:
         parts.update(self._item_parts(items, keep_item & self.known_items[items]))
         return Batch(self._assemble(parts, size), torch.from_numpy(items))
 
-    def users_before(self, rows: np.ndarray) -> KeyedJaggedTensor:
-        """Users as they were just before the given event rows (for evaluation)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        users = self.histories.user_of(rows)
-        history = self.histories.previous_items(rows, self.tower.history_length)
-        recent = self.histories.previous_items(rows, self.tower.recent_length)
-        return self._assemble(
-            self._user_parts(users, history, recent, self.known_users[users]), len(rows)
-        )
-
     def users_now(self, users: np.ndarray) -> KeyedJaggedTensor:
-        """Users after their whole logged history (for recommendations)."""
+        """Users after all their events in the histories (for recommendations, and for
+        validation when the histories hold only the training events)."""
         users = np.asarray(users, dtype=np.int64)
-        history = self.histories.latest_items(users, self.tower.history_length)
-        recent = self.histories.latest_items(users, self.tower.recent_length)
+        history, recent = self._latest(users)
         return self._assemble(
             self._user_parts(users, history, recent, self.known_users[users]), len(users)
         )
@@ -171,9 +193,12 @@ class BatchBuilder:
             return values, np.array([len(c) for c in cut], dtype=np.int64)
 
         keep_id = ~anonymous & self.known_users[safe]
-        parts = self._user_parts(
-            safe, jagged(self.tower.history_length), jagged(self.tower.recent_length), keep_id
+        recent = (
+            _empty(len(users))
+            if self.histories.ordering is Ordering.SET
+            else jagged(self.tower.recent_length)
         )
+        parts = self._user_parts(safe, jagged(self.tower.history_length), recent, keep_id)
         for key, (values, lengths) in list(parts.items()):
             if key.startswith("user:") and anonymous.any():
                 keep = np.repeat(~anonymous, lengths)
@@ -183,6 +208,10 @@ class BatchBuilder:
     def items(self, items: np.ndarray) -> KeyedJaggedTensor:
         items = np.asarray(items, dtype=np.int64)
         return self._assemble(self._item_parts(items, self.known_items[items]), len(items))
+
+
+def _empty(size: int) -> Jagged:
+    return np.zeros(0, dtype=np.int64), np.zeros(size, dtype=np.int64)
 
 
 def _within(values: np.ndarray, lengths: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,19 +19,24 @@ class TowerConfig:
     embedding_dim: int = 64  # output size of each tower (the index dimension)
     id_dim: int = 64  # user/item ID table width
     feature_dim: int = 16  # width of side-feature category tables
-    hidden_dim: int = 256
+    hidden_dim: int = 256  # 0: one linear map per tower, no hidden layer
     history_length: int = 50  # the long history bag
     recent_length: int = 5  # the short history bag (most recent items)
     similarity: Similarity = Similarity.COSINE
     id_dropout: float = 0.1  # share of rows trained without their ID, for cold starts
+    dropout: float = 0.1  # on each tower's pooled inputs, while training: slows the decline
+    # of validation recall after its peak (planted 300k-event log: 0.43 -> 0.42 in three
+    # epochs with 0.2, against 0.43 -> 0.37 without)
 
     def __post_init__(self) -> None:
-        if min(self.embedding_dim, self.id_dim, self.feature_dim, self.hidden_dim) < 1:
-            raise ValueError("tower sizes must be >= 1")
+        if min(self.embedding_dim, self.id_dim, self.feature_dim) < 1 or self.hidden_dim < 0:
+            raise ValueError("tower sizes must be >= 1 (hidden_dim >= 0; 0: a linear tower)")
         if not 1 <= self.recent_length <= self.history_length:
             raise ValueError("need 1 <= recent_length <= history_length")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError("id_dropout must be in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "similarity": self.similarity.value}
@@ -68,8 +73,11 @@ class TrainConfig:
     """Optimisation settings. `None` means "scale with the data" (see `resolve`)."""
 
     losses: tuple[tuple[LossKind, float], ...] = ((LossKind.SOFTMAX, 1.0),)  # weighted sum
-    temperature: float = 0.05
-    logq_correction: bool = True
+    # 0.1 and a logQ correction a little past full (1.2) measured best on MovieLens-100K
+    # without timestamps (Recall@20 0.33-0.34 against 0.30-0.33 at 0.05 / 1.0) and on the
+    # planted synthetic log; below 1.0 popular items are over-recommended (0.5: 0.25).
+    temperature: float = 0.1
+    logq_correction: float = 1.2  # strength of the popularity correction (0: none, 1: full)
     extra_negatives: int = 0  # uniformly sampled negatives per batch (mixed negative sampling)
     symmetric: bool = False
     batch_size: int | None = None
@@ -78,9 +86,12 @@ class TrainConfig:
     learning_rate: float = 2e-3  # dense parameters (AdamW)
     weight_decay: float = 1e-4
     embedding_learning_rate: float = 0.05  # embedding rows (fused row-wise Adagrad)
+    embedding_weight_decay: float = 0.0  # L2 on the embedding rows a batch touches
     warmup_fraction: float = 0.05
     eval_k: int = 20  # early stopping watches validation Recall@eval_k
     max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
+    refit: bool = True  # after early stopping, retrain on every event for the best epochs
+    valid_share: float = 0.2  # of each validation user's items, when time does not order the log
     example_budget: int = 10_000_000  # default epochs: about this many training examples
     warm_epochs: int | None = None  # budget of a warm-started rebuild (default: a third)
     sharding: str = "auto"  # embedding tables over ranks: auto (the planner) or one of SHARDINGS
@@ -91,6 +102,8 @@ class TrainConfig:
             raise ValueError("losses need at least one entry, each with a positive weight")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.valid_share < 1.0:
+            raise ValueError(f"valid_share must be in (0, 1), got {self.valid_share}")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
 

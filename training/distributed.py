@@ -24,13 +24,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from features.feature_set import FeatureSet, user_shard
-from features.splits import leave_last_out
 from recsys.errors import RecsysError
 from training.config import TowerConfig, TrainConfig
-from training.export import ROW_STATE, SPEC, WEIGHTS, save_model
+from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS, save_model
 from training.model import ModelSpec
 from training.parallel import ensure_process_group
-from training.trainer import TrainResult, train
+from training.trainer import TrainResult, build_split, train
 from training.warm_start import load_warm_start
 
 RESULT_FILE = "train_result.json"
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     features = FeatureSet.load(
         args.data, verify=rank == 0, users=user_shard(args.data, rank, world_size)
     )
-    split = leave_last_out(features.interactions, n_test=0, n_valid=1)
+    split = build_split(features, config or TrainConfig())
     warm = load_warm_start(args.warm_start, WEIGHTS, ROW_STATE) if args.warm_start else None
     args.model_dir.mkdir(parents=True, exist_ok=True)
     result = train(
@@ -74,7 +73,9 @@ def main(argv: list[str] | None = None) -> None:
         warm_start=warm,
     )
     if rank == 0:
-        save_model(result.state, result.spec, args.model_dir, result.row_state)
+        save_model(
+            result.state, result.spec, args.model_dir, result.row_state, result.validated_state
+        )
         summary = {
             "config": result.config.to_dict(),
             "history": result.history,
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             "seconds": result.seconds,
             "sharding": result.sharding,
             "world_size": world_size,
+            "refit_epochs": result.refit_epochs,
         }
         (args.model_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
@@ -137,6 +139,10 @@ def train_with_torchrun(
         seconds=summary["seconds"],
         row_state=load_file(str(model_dir / ROW_STATE)),
         sharding=summary["sharding"],
+        refit_epochs=summary.get("refit_epochs", 0),
+        validated_state=load_file(str(model_dir / VALIDATED_WEIGHTS))
+        if (model_dir / VALIDATED_WEIGHTS).is_file()
+        else None,
     )
 
 

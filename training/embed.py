@@ -42,19 +42,14 @@ def item_embeddings(
 
 
 def user_embeddings_now(
-    model: Tower, builder: BatchBuilder, users: np.ndarray, device: torch.device | None = None
-) -> np.ndarray:
-    return _embed(model, builder.users_now, users, 0, device)  # (U, D)
-
-
-def user_embeddings_before(
     model: Tower,
     builder: BatchBuilder,
-    rows: np.ndarray,
+    users: np.ndarray,
     device: torch.device | None = None,
     chunks: int = 0,
 ) -> np.ndarray:
-    return _embed(model, builder.users_before, rows, 0, device, chunks)  # (Q, D)
+    """Users as they are in the builder's histories (all their events there)."""
+    return _embed(model, builder.users_now, users, 0, device, chunks)  # (U, D)
 
 
 def chunks_needed(count: int) -> int:
@@ -62,20 +57,21 @@ def chunks_needed(count: int) -> int:
 
 
 class PrecomputedScorer:
-    """`training.evaluate.Scorer` over user embeddings computed up front for known rows
+    """`training.evaluate.Scorer` over user embeddings computed up front for known users
     (all collective work done before scoring, which then runs locally on each rank)."""
 
-    def __init__(self, rows: np.ndarray, user_emb: np.ndarray, item_emb: np.ndarray) -> None:
-        self.order = np.argsort(rows, kind="stable")
-        self.rows, self.user_emb, self.item_emb = rows[self.order], user_emb, item_emb
+    def __init__(self, users: np.ndarray, user_emb: np.ndarray, item_emb: np.ndarray) -> None:
+        self.order = np.argsort(users, kind="stable")
+        self.users, self.user_emb, self.item_emb = users[self.order], user_emb, item_emb
 
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        where = self.order[np.searchsorted(self.rows, rows)]
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        where = self.order[np.searchsorted(self.users, users)]
         return self.user_emb[where] @ self.item_emb.T
 
 
 class TowerScorer:
-    """`training.evaluate.Scorer` for a model: users as of a row against all items.
+    """`training.evaluate.Scorer` for a model: users as they are in the builder's
+    histories, against all items.
 
     `catalogue` larger than `num_items` scores an older model on a grown catalogue: the
     items it does not know get -inf, as it could never recommend them."""
@@ -87,8 +83,8 @@ class TowerScorer:
         self.item_emb = item_embeddings(model, builder, num_items)  # (I, D)
         self.missing = max(0, (catalogue or num_items) - num_items)
 
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        scores = user_embeddings_before(self.model, self.builder, rows) @ self.item_emb.T
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        scores = user_embeddings_now(self.model, self.builder, users) @ self.item_emb.T
         if self.missing:
             scores = np.pad(scores, ((0, 0), (0, self.missing)), constant_values=-np.inf)
         return scores

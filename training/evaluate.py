@@ -1,7 +1,7 @@
 """Full-ranking evaluation: every item is scored, each user's already-seen items are
 excluded, and Recall / NDCG / HitRate @K are averaged over users.
 
-Any model that can score (users, as-of rows) against all items plugs in through `Scorer`,
+Any model that can score users against all items plugs in through `Scorer`,
 so the two-tower model and the baselines are measured by the same code on the same split.
 """
 
@@ -13,24 +13,23 @@ import polars as pl
 
 from features.history import UserHistories
 from features.jagged import CsrBags, ranges
-from features.splits import ROW
 from recsys import schema as s
 
 KS = (10, 20, 50, 100)
 
 
 class Scorer(Protocol):
-    def scores(self, users: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """(Q, num_items) scores for users as of just before the given event rows."""
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        """(Q, num_items) scores for users as they are in the scorer's history (a
+        validation or test query: the user's training events)."""
         ...
 
 
 @dataclass(frozen=True)
 class EvalTask:
-    """One query per user: as of `rows`, predict `targets`, never recommending `seen`."""
+    """One query per user: predict `targets`, never recommending `seen`."""
 
     users: np.ndarray  # (Q,)
-    rows: np.ndarray  # (Q,) first held-out event row of each user
     targets: CsrBags  # held-out items per query
     seen: CsrBags  # items the user had before the query
 
@@ -38,23 +37,26 @@ class EvalTask:
         return len(self.users)
 
 
-def eval_task(held_out: pl.DataFrame, histories: UserHistories) -> EvalTask:
-    """Group held-out events by user; the user is queried as of their first held-out event.
+def eval_task(held_out: pl.DataFrame, known: UserHistories) -> EvalTask:
+    """Group held-out events by user; each user is queried as they are in `known` (the
+    events the model may see: the training rows of the split).
 
-    Held-out items the user already had before that moment are not targets (seen items are
-    never recommended), and users left with no target are not queried.
+    Held-out items the user already has in `known` are not targets (seen items are never
+    recommended), and users left with no target are not queried.
     """
     grouped = (
         held_out.group_by(s.USER_IDX)
-        .agg(pl.col(ROW).min().alias("first"), pl.col(s.ITEM_IDX).unique().alias("targets"))
+        .agg(pl.col(s.ITEM_IDX).unique().alias("targets"))
         .sort(s.USER_IDX)
     )
     users = grouped[s.USER_IDX].to_numpy().astype(np.int64)
-    rows = grouped["first"].to_numpy().astype(np.int64)
-    starts = histories.offsets[users]
-    seen_items = histories.items[ranges(starts, rows - starts)]
+    starts = known.offsets[users]
+    lengths = known.offsets[users + 1] - starts
     seen = pl.DataFrame(
-        {"query": np.repeat(np.arange(len(users)), rows - starts), s.ITEM_IDX: seen_items}
+        {
+            "query": np.repeat(np.arange(len(users)), lengths),
+            s.ITEM_IDX: known.items[ranges(starts, lengths)],
+        }
     )
     targets = (
         grouped.with_row_index("query")
@@ -67,12 +69,11 @@ def eval_task(held_out: pl.DataFrame, histories: UserHistories) -> EvalTask:
         .sort("query")
     )
     keep = targets["query"].to_numpy()
-    lengths = (rows - starts)[keep]
     seen_csr = CsrBags(
-        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-        histories.items[ranges(starts[keep], lengths)],
+        np.concatenate([[0], np.cumsum(lengths[keep])]).astype(np.int64),
+        known.items[ranges(starts[keep], lengths[keep])],
     )
-    return EvalTask(users[keep], rows[keep], CsrBags.from_lists(targets[s.ITEM_IDX]), seen_csr)
+    return EvalTask(users[keep], CsrBags.from_lists(targets[s.ITEM_IDX]), seen_csr)
 
 
 def top_k_unseen(scores: np.ndarray, seen: CsrBags, query_index: np.ndarray, k: int) -> np.ndarray:
@@ -122,7 +123,6 @@ def sample_task(task: EvalTask, max_users: int, seed: int = 0) -> EvalTask:
     seen, seen_lengths = task.seen.gather(keep)
     return EvalTask(
         task.users[keep],
-        task.rows[keep],
         CsrBags(np.concatenate([[0], np.cumsum(target_lengths)]), targets),
         CsrBags(np.concatenate([[0], np.cumsum(seen_lengths)]), seen),
     )
@@ -139,7 +139,7 @@ def evaluate(scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS) -> dict[s
     tops, start, chunk = [], 0, 1  # the first chunk tells the catalogue size
     while start < len(task):
         index = np.arange(start, min(start + chunk, len(task)))
-        scores = scorer.scores(task.users[index], task.rows[index])
+        scores = scorer.scores(task.users[index])
         tops.append(top_k_unseen(scores, task.seen, index, max(ks)))
         start += len(index)
         chunk = max(1, min(1024, SCORE_BUDGET // max(1, scores.shape[1])))

@@ -14,6 +14,9 @@ from training.model import ModelSpec, TwoTower
 WEIGHTS = "weights.safetensors"
 SPEC = "model.json"
 ROW_STATE = "row_state.safetensors"  # embedding optimizer's per-row state, for warm starts
+# The best weights before the refit on every event (present only after a refit): the
+# quality gate compares models that have not trained on the validation events.
+VALIDATED_WEIGHTS = "validated.safetensors"
 
 
 def save_model(
@@ -21,9 +24,12 @@ def save_model(
     spec: ModelSpec,
     directory: Path,
     row_state: dict[str, torch.Tensor] | None = None,
+    validated: dict[str, torch.Tensor] | None = None,
 ) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     _save(state, directory / WEIGHTS)
+    if validated is not None:
+        _save(validated, directory / VALIDATED_WEIGHTS)
     if row_state is not None:
         _save(row_state, directory / ROW_STATE)
     (directory / SPEC).write_text(json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -38,11 +44,15 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise ArtifactError(f"{path}: cannot write ({exc})") from exc
 
 
-def load_model(directory: Path) -> TwoTower:
-    """Rebuild the towers from `model.json` and load `weights.safetensors` strictly."""
+def load_model(directory: Path, validated: bool = False) -> TwoTower:
+    """Rebuild the towers from `model.json` and load `weights.safetensors` strictly
+    (`validated`: the pre-refit weights instead, where the version has them)."""
+    weights = directory / WEIGHTS
+    if validated and (directory / VALIDATED_WEIGHTS).is_file():
+        weights = directory / VALIDATED_WEIGHTS
     try:
         spec = ModelSpec.from_dict(json.loads((directory / SPEC).read_text()))
-        state = load_file(str(directory / WEIGHTS))
+        state = load_file(str(weights))
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ArtifactError(f"{directory}: cannot load the model ({exc})") from exc
     model = TwoTower(spec, device=torch.device("cpu"))

@@ -85,6 +85,9 @@ def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
 
 
 def _mlp(inputs: int, hidden: int, out: int) -> nn.Module:
+    """A hidden layer, or with `hidden` 0 one linear map (a factorisation-like tower)."""
+    if hidden == 0:
+        return nn.Linear(inputs, out)
     return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, out))
 
 
@@ -101,6 +104,8 @@ class TwoTower(nn.Module):
         item_in = cfg.id_dim + cfg.feature_dim * len(spec.item_categories)
         self.user_mlp = _mlp(user_in, cfg.hidden_dim, cfg.embedding_dim)
         self.item_mlp = _mlp(item_in, cfg.hidden_dim, cfg.embedding_dim)
+        # On the pooled inputs while training: regularises the embedding rows feeding them.
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def _finish(self, x: Tensor) -> Tensor:
         return F.normalize(x, dim=-1) if self.spec.tower.similarity is Similarity.COSINE else x
@@ -110,4 +115,5 @@ class TwoTower(nn.Module):
         pooled = self.ebc(features).to_dict()
         user = torch.cat([pooled[k] for k in self.user_keys], dim=1)  # (B, user_in)
         item = torch.cat([pooled[k] for k in self.item_keys], dim=1)  # (B, item_in)
+        user, item = self.dropout(user), self.dropout(item)
         return self._finish(self.user_mlp(user)), self._finish(self.item_mlp(item))

@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import Tensor, nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -56,9 +57,13 @@ def build_parallel(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> P
     ensure_process_group(device)
     torch.manual_seed(cfg.seed)
     model = TwoTower(spec, device=torch.device("meta"))
-    apply_optimizer_in_backward(
-        RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.embedding_learning_rate}
-    )
+    row_optimizer: dict[str, Any] = {"lr": cfg.embedding_learning_rate}
+    if cfg.embedding_weight_decay > 0:
+        # Decays only the rows a batch touches, so frequent IDs are held back most (the
+        # frequency-scaled L2 of most matrix factorisation code).
+        row_optimizer["weight_decay"] = cfg.embedding_weight_decay
+        row_optimizer["weight_decay_mode"] = WeightDecayMode.L2
+    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), row_optimizer)
     plan = _plan(model, device, dist.get_world_size(), cfg.sharding)
     parallel = DistributedModelParallel(model, device=device, plan=plan)
     dense = {name: p for name, p in parallel.named_parameters() if "ebc" not in name}

@@ -6,18 +6,19 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from features.feature_set import FeatureSet
-from features.splits import Split
+from features.splits import ROW, Split, validation_split
 from recsys.artifacts import atomic_path
 from training.batches import BatchBuilder
 from training.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
@@ -28,10 +29,16 @@ from training.embed import (
     Tower,
     chunks_needed,
     item_embeddings,
-    user_embeddings_before,
+    user_embeddings_now,
 )
 from training.evaluate import EvalTask, eval_task, evaluate, sample_task
-from training.losses import CombinedLoss, InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
+from training.losses import (
+    CombinedLoss,
+    InBatchSoftmaxLoss,
+    Mining,
+    NPairLoss,
+    TripletLoss,
+)
 from training.model import ModelSpec
 from training.parallel import (
     build_parallel,
@@ -44,6 +51,7 @@ from training.warm_start import WarmStart, apply_warm_start
 
 log = logging.getLogger(__name__)
 
+TAKES_EXTRA_NEGATIVES = InBatchSoftmaxLoss | CombinedLoss
 BEST_WEIGHTS = "best.safetensors"
 BEST_ROW_STATE = "best_row_state.safetensors"
 
@@ -59,6 +67,12 @@ class TrainResult:
     seconds: float = 0.0
     row_state: dict[str, Tensor] = field(default_factory=dict)  # embedding optimizer, at best
     sharding: dict[str, list[int]] = field(default_factory=dict)  # table -> weights per rank
+    refit_epochs: int = 0  # epochs of the final run on every event (0: no refit)
+    validated_state: dict[str, Tensor] | None = None  # best weights before the refit
+
+    @property
+    def refitted(self) -> bool:
+        return self.refit_epochs > 0
 
 
 @dataclass
@@ -79,10 +93,17 @@ def validate(
     forward passes come first, the same number on every rank; scoring is local."""
     item_emb = item_embeddings(model, builder, num_items, device)
     chunks = all_max(chunks_needed(len(task)))
-    user_emb = user_embeddings_before(model, builder, task.rows, device, chunks)
-    metrics = evaluate(PrecomputedScorer(task.rows, user_emb, item_emb), task)
+    user_emb = user_embeddings_now(model, builder, task.users, device, chunks)
+    metrics = evaluate(PrecomputedScorer(task.users, user_emb, item_emb), task)
     users = metrics.pop("users")
     return {**all_mean(metrics, users), "users": float(all_sum(np.array([users]))[0])}
+
+
+def build_split(features: FeatureSet, cfg: TrainConfig) -> Split:
+    """The validation split a build early-stops on, by how the log orders time."""
+    return validation_split(
+        features.interactions, features.ordering, cfg.valid_share, cfg.max_valid_users, cfg.seed
+    )
 
 
 def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
@@ -90,13 +111,14 @@ def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
     log_prob = None
     if cfg.logq_correction:
         share = (item_counts + 1.0) / (item_counts.sum() + len(item_counts))
-        log_prob = torch.from_numpy(np.log(share).astype(np.float32))
+        log_prob = torch.from_numpy((cfg.logq_correction * np.log(share)).astype(np.float32))
     parts: list[tuple[float, nn.Module]] = []
     for kind, weight in cfg.losses:
         if kind is LossKind.NPAIR:
             parts.append((weight, NPairLoss()))
         elif kind is LossKind.TRIPLET:
             parts.append((weight, TripletLoss(mining=Mining.SEMI_HARD)))
+
         else:
             parts.append(
                 (weight, InBatchSoftmaxLoss(cfg.temperature, log_prob, symmetric=cfg.symmetric))
@@ -139,6 +161,8 @@ def train(
 ) -> TrainResult:
     """Train on `split.train`, early-stop on `split.valid`; return the best weights.
 
+    Histories hold the training events only, so a validation item is never in a bag.
+
     With `checkpoint_dir`, the full training state is saved after every epoch, and
     `resume=True` continues an interrupted run from its last completed epoch.
     `warm_start` (a previous version's weights, checked with `warm_start_problem`) seeds
@@ -147,7 +171,10 @@ def train(
     tower = tower or TowerConfig()
     device = device or torch.device("cpu")
     rank, world_size = ensure_process_group(device)
-    train_rows = split.train["row"].to_numpy().astype(np.int64)
+    given = features
+    features = features.restricted_to(split.train)
+    validating = int(all_sum(np.array([split.valid.height]))[0]) > 0
+    train_rows = np.arange(features.interactions.height, dtype=np.int64)
     total_rows = int(all_sum(np.array([len(train_rows)]))[0])
     cfg = (config or TrainConfig()).resolve(total_rows, warm=warm_start is not None)
     assert cfg.batch_size is not None and cfg.max_epochs is not None
@@ -155,7 +182,7 @@ def train(
     rng = np.random.default_rng(cfg.seed + rank)
     spec = model_spec(features, tower)
     builder = BatchBuilder(features, tower)
-    builder.mark_known(train_rows)
+    builder.mark_known(features.interactions)
     item_counts = all_sum(
         np.bincount(features.histories.items[train_rows], minlength=features.num_items)
     )
@@ -180,6 +207,8 @@ def train(
     if resume and checkpoint_dir is not None and (checkpoint_dir / TRAINER_STATE).is_file():
         saved = load_checkpoint(checkpoint_dir, parallel)
         rng.bit_generator.state = saved.pop("rng")
+        if "torch_rng" in saved:  # dropout masks continue where the interrupted run was
+            torch.set_rng_state(torch.tensor(saved.pop("torch_rng"), dtype=torch.uint8))
         result.history, result.best_metrics = saved.pop("history"), saved.pop("best_metrics")
         state = Progress(**saved)
         result.best_epoch = state.best_epoch
@@ -192,6 +221,7 @@ def train(
             break
         parallel.model.train()
         order = rng.permutation(train_rows)
+        builder.new_epoch(rng)
         losses, epoch_start = [], time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress, leave=False)
         for b in bar:
@@ -200,7 +230,7 @@ def train(
                 group["lr"] = cfg.learning_rate * lr_factor(state.step, total_steps, warmup)
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
-            if cfg.extra_negatives and isinstance(loss_fn, InBatchSoftmaxLoss | CombinedLoss):
+            if cfg.extra_negatives and isinstance(loss_fn, TAKES_EXTRA_NEGATIVES):
                 extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
                 _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
                 extra = torch.from_numpy(extra_ids).to(device)
@@ -219,7 +249,10 @@ def train(
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", ex_s=f"{rate:,.0f}")
         train_seconds = time.perf_counter() - epoch_start
         parallel.model.eval()
-        metrics = validate(parallel.model, builder, features.num_items, valid, device)
+        if validating:
+            metrics = validate(parallel.model, builder, features.num_items, valid, device)
+        else:  # a refit: the last epoch is the one to keep
+            metrics = {f"recall@{cfg.eval_k}": float(epoch)}
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
@@ -253,7 +286,44 @@ def train(
             state.waited += 1
         if checkpoint_dir is not None:
             extra_state = {"rng": rng.bit_generator.state, "history": result.history}
+            extra_state["torch_rng"] = torch.get_rng_state().tolist()
             extra_state["best_metrics"] = result.best_metrics
             save_checkpoint(checkpoint_dir, parallel, {**asdict(state), **extra_state})
     result.seconds = time.perf_counter() - started
+    if cfg.refit and validating and result.best_epoch > 0:
+        _refit(result, given, split, tower, device, progress, warm_start)
     return result
+
+
+def _refit(
+    result: TrainResult,
+    features: FeatureSet,
+    split: Split,
+    tower: TowerConfig,
+    device: torch.device,
+    progress: bool,
+    warm_start: WarmStart | None,
+) -> None:
+    """Train again from the start on the training and validation events (never a test
+    split's), for the number of epochs validation chose: the validation events are each
+    user's most recent or a fifth of their items, too much to leave out of the model
+    that serves."""
+    epochs = result.best_epoch
+    config = replace(result.config, max_epochs=epochs, warm_epochs=epochs, refit=False)
+    seen = pl.concat([split.train, split.valid]).sort(ROW).drop(ROW)
+    everything = features.restricted_to(seen)
+    rows = everything.interactions.with_row_index(ROW)
+    log.info("refit on %d events for %d epochs", rows.height, epochs)
+    refit = train(
+        everything,
+        Split(train=rows, valid=rows.clear(), test=rows.clear()),
+        tower,
+        config,
+        device,
+        progress=progress,
+        warm_start=warm_start,
+    )
+    result.validated_state = result.state
+    result.state, result.row_state = refit.state, refit.row_state
+    result.refit_epochs = epochs
+    result.seconds += refit.seconds

@@ -6,7 +6,18 @@ import time
 import warnings
 from pathlib import Path
 
-from recsys.bench import build, index, ingest, nightly, quality, ranks, serving, soak, speed
+from recsys.bench import (
+    build,
+    index,
+    ingest,
+    nightly,
+    quality,
+    quality_sets,
+    ranks,
+    serving,
+    soak,
+    speed,
+)
 from recsys.settings import Settings
 
 
@@ -22,7 +33,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="ingest, quality, speed, ranks, build, index, serving, nightly and/or soak",
+        help="ingest, quality, quality-sets, speed, ranks, build, index, serving, nightly, soak",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -33,6 +44,7 @@ def main() -> None:
     benches = (
         ("ingest", ingest),
         ("quality", quality),
+        ("quality-sets", quality_sets),
         ("speed", speed),
         ("ranks", ranks),
         ("build", build),  # before serving, which reuses its 1M-item version

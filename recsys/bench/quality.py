@@ -15,9 +15,10 @@ from typing import Any
 import polars as pl
 
 from features.feature_set import FeatureSet
+from features.history import UserHistories
 from features.ingest import ingest
 from features.sources import resolve_source
-from features.splits import leave_last_out
+from features.splits import ROW, leave_last_out
 from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from training.baselines import Ease, MatrixFactorization, Popularity
 from training.batches import BatchBuilder
@@ -54,7 +55,13 @@ def _tune(
 def peers(
     features: FeatureSet, train_events, all_events, valid, test, quick: bool
 ) -> list[dict[str, Any]]:
-    users, items, histories = features.num_users, features.num_items, features.histories
+    """Popularity, EASE, ALS and BPR, each tuned on `valid` and refitted on `all_events`.
+    Every model scores a user from the events it was fitted on (its query histories)."""
+    users, items = features.num_users, features.num_items
+
+    def histories(events: pl.DataFrame) -> UserHistories:
+        return UserHistories.from_interactions(events.sort(ROW), users)
+
     results = [
         _tune(
             "popularity",
@@ -74,7 +81,7 @@ def peers(
             _tune(
                 "EASE",
                 grid,
-                lambda e, l2: Ease.fit(e, histories, users, items, l2),
+                lambda e, l2: Ease.fit(e, histories(e), users, items, l2),
                 train_events,
                 all_events,
                 valid,
@@ -129,8 +136,10 @@ def two_tower(
     result = train(features, split, tower, config, progress=False)
     seconds = time.perf_counter() - started
     save_model(result.state, result.spec, work / f"two-tower-{loss.value}")
-    builder = BatchBuilder(features, tower)
-    builder.mark_known(split.train["row"].to_numpy())
+    # Tested as of the end of training + validation: the validation event is history now.
+    seen = features.restricted_to(pl.concat([split.train, split.valid]).sort(ROW))
+    builder = BatchBuilder(seen, tower)
+    builder.mark_known(split.train)  # IDs known from training alone
     scorer = TowerScorer(load_model(work / f"two-tower-{loss.value}"), builder, features.num_items)
     metrics = evaluate(scorer, test)
     return {
@@ -155,9 +164,9 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     ingest(resolve_source(data), work / "ml-100k")
     features = FeatureSet.load(work / "ml-100k")
     split = leave_last_out(features.interactions, n_test=1, n_valid=1)
-    valid = eval_task(split.valid, features.histories)
-    test = eval_task(split.test, features.histories)
-    all_events = pl.concat([split.train, split.valid])
+    all_events = pl.concat([split.train, split.valid]).sort(ROW)
+    valid = eval_task(split.valid, features.restricted_to(split.train).histories)
+    test = eval_task(split.test, features.restricted_to(all_events).histories)
     results = [two_tower(features, split, test, work, LossKind.SOFTMAX)]
     if not quick:
         results += [

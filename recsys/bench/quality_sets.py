@@ -1,0 +1,250 @@
+"""Recommendation quality on logs without timestamps (the protocol of the published
+collaborative-filtering tables): each user's items split at random 80/20, the 80% given
+to `recsys build` with no timestamp and sorted by user then item (as a dump without time
+usually arrives), the 20% to test. Recall@20 and NDCG@20 over all items, training items
+excluded. The two-tower model is a default build scored exactly from its stored
+embeddings; each peer picks its settings on a validation holdout of the training items,
+is refitted on all of them, then tested. Run on MovieLens-100K and on a synthetic log of
+planted taste clusters (at least 1M events in the full run).
+"""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features.feature_set import FeatureSet
+from features.history import UserHistories
+from features.sources import resolve_source
+from features.splits import random_holdout
+from recsys import schema as s
+from recsys.bench.report import markdown_table, save
+from training.baselines import Ease, ItemKnn, MatrixFactorization, Popularity
+from training.evaluate import EvalTask, Scorer, eval_task, evaluate
+
+TEST_SHARE = 0.2
+Side = tuple[pl.DataFrame, UserHistories, EvalTask]  # fit events, query histories, task
+
+
+def holdout_files(events: pl.DataFrame, out: Path, seed: int = 0) -> tuple[Path, pl.DataFrame]:
+    """Write the training 80% (no timestamp, sorted by user then item); return the test 20%."""
+    pairs = events.select(s.USER_ID, s.ITEM_ID).unique()
+    rng = np.random.default_rng(seed)
+    pairs = pairs.with_columns(pl.Series("_key", rng.random(pairs.height)))
+    pairs = pairs.with_columns(
+        pl.col("_key").rank("ordinal").over(s.USER_ID).alias("_rank"),
+        pl.len().over(s.USER_ID).alias("_n"),
+    )
+    is_test = (pl.col("_n") >= 2) & (
+        pl.col("_rank") <= (pl.col("_n") * TEST_SHARE).round().clip(1, pl.col("_n") - 1)
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    train_path = out / "train.parquet"
+    pairs.filter(~is_test).select(s.USER_ID, s.ITEM_ID).sort(s.USER_ID, s.ITEM_ID).write_parquet(
+        train_path
+    )
+    return train_path, pairs.filter(is_test).select(s.USER_ID, s.ITEM_ID)
+
+
+class EmbeddingScorer:
+    """A built version's stored user and item embeddings, scored exactly."""
+
+    def __init__(self, version: Path) -> None:
+        users = pl.read_parquet(version / "embeddings" / "users.parquet")
+        items = pl.read_parquet(version / "embeddings" / "items.parquet")
+        self.user_emb = np.asarray(users["embedding"].to_numpy(), dtype=np.float32)  # (U, D)
+        self.item_emb = np.asarray(items["embedding"].to_numpy(), dtype=np.float32)  # (I, D)
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return self.user_emb[users] @ self.item_emb.T
+
+
+def _indexed(test: pl.DataFrame, data: Path) -> pl.DataFrame:
+    """Test pairs in the build's dense indices (pairs of users or items the training part
+    never had are left out, for every model alike)."""
+    for column, index in ((s.USER_ID, s.USER_IDX), (s.ITEM_ID, s.ITEM_IDX)):
+        vocab = pl.read_parquet(data / "vocab" / f"{column}.parquet")
+        vocab = vocab.rename({"id": column, "index": index})
+        test = test.join(vocab.with_columns(pl.col(column).cast(test[column].dtype)), on=column)
+    return test.select(s.USER_IDX, s.ITEM_IDX)
+
+
+def _tune(
+    name: str,
+    grid: list[dict[str, Any]],
+    fit: Callable[..., Scorer],
+    inner: Side,
+    full: Side,
+) -> dict[str, Any]:
+    """Pick the grid point with the best validation Recall@20, refit on all training."""
+    best: tuple[float, dict[str, Any]] = (-1.0, {})
+    for params in grid:
+        score = evaluate(fit(inner[0], inner[1], **params), inner[2])["recall@20"]
+        print(f"  {name} {params}: valid recall@20 {score:.4f}", flush=True)
+        if score > best[0]:
+            best = (score, params)
+    started = time.perf_counter()
+    metrics = evaluate(fit(full[0], full[1], **best[1]), full[2])
+    return {"model": name, "params": best[1], "seconds": time.perf_counter() - started, **metrics}
+
+
+def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, Any]]:
+    users, items = features.num_users, features.num_items
+    inner = random_holdout(features.interactions, TEST_SHARE, seed=1)
+    inner_known = features.restricted_to(inner.train)
+    inner_task = eval_task(inner.valid, inner_known.histories)
+    sides = (
+        (inner.train, inner_known.histories, inner_task),
+        (features.interactions, features.histories, test),
+    )
+    results = [_tune("popularity", [{}], lambda e, h: Popularity.fit(e, items), *sides)]
+    if items <= Ease.MAX_ITEMS:
+        l2s = (100.0, 500.0) if quick else (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+        results.append(
+            _tune(
+                "EASE",
+                [{"l2": v} for v in l2s],
+                lambda e, h, l2: Ease.fit(e, h, users, items, l2),
+                *sides,
+            )
+        )
+    knn = (50, 200) if quick else (20, 50, 100, 200, 500)
+    results.append(
+        _tune(
+            "item-kNN",
+            [{"neighbours": k} for k in knn],
+            lambda e, h, neighbours: ItemKnn.fit(e, h, users, items, neighbours),
+            *sides,
+        )
+    )
+    als_grid = [
+        {"factors": f, "regularization": r, "iterations": 15, "alpha": a}
+        for f in ((64,) if quick else (64, 128))
+        for r in ((0.1,) if quick else (0.01, 0.1, 1.0))
+        for a in ((1.0,) if quick else (1.0, 10.0))
+    ]
+    results.append(
+        _tune(
+            "ALS (implicit)",
+            als_grid,
+            lambda e, h, **p: MatrixFactorization.als(e, users, items, **p),
+            *sides,
+        )
+    )
+    bpr_grid = [
+        {"factors": 64, "learning_rate": lr, "regularization": 0.01, "iterations": it}
+        for lr in ((0.01,) if quick else (0.01, 0.05))
+        for it in ((100,) if quick else (100, 300))
+    ]
+    results.append(
+        _tune(
+            "BPR (implicit)",
+            bpr_grid,
+            lambda e, h, **p: MatrixFactorization.bpr(e, users, items, **p),
+            *sides,
+        )
+    )
+    return results
+
+
+def two_tower(
+    train_path: Path, work: Path, name: str = "default", changes: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], Path]:
+    """A `recsys build` of the training file, as a user would run it: the defaults, or the
+    defaults with `changes` ({section: {setting: value}}) for an ablation."""
+    import shutil
+
+    from recsys.build_config import BuildConfig
+    from recsys.pipeline import build
+
+    settings = BuildConfig().with_overrides(
+        {**(changes or {}), "rebuild": {"gate": False, "from_scratch": True}}
+    )
+    shutil.rmtree(work / "artifacts", ignore_errors=True)
+    started = time.perf_counter()
+    report = build(
+        resolve_source(train_path),
+        work / "artifacts",
+        settings.tower,
+        settings.train,
+        progress=False,
+        policy=settings.rebuild,
+    )
+    seconds = time.perf_counter() - started
+    params = {
+        "epochs": len(report.train.history),
+        "best_epoch": report.train.best_epoch,
+        "ordering": report.ingest.ordering,
+    }
+    model = "two-tower, " + ("default build" if not changes else name)
+    return {"model": model, "params": params, "seconds": seconds}, report.path
+
+
+# Each default, switched back one at a time (measured on MovieLens-100K in the full run):
+# what each choice of issue 13 is worth.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no refit on validation events": {"train": {"refit": False}},
+    "logQ correction 1.0 (was the default)": {"train": {"logq_correction": 1.0}},
+    "temperature 0.05 (was the default)": {"train": {"temperature": 0.05}},
+    "no input dropout": {"tower": {"dropout": 0.0}},
+}
+
+
+def protocol(
+    name: str, events: pl.DataFrame, work: Path, quick: bool, ablations: bool = False
+) -> list[dict[str, Any]]:
+    train_path, test_pairs = holdout_files(events, work)
+    ours, version = two_tower(train_path, work)
+    features = FeatureSet.load(version / "data")
+    test = eval_task(_indexed(test_pairs, version / "data"), features.histories)
+    ours.update(evaluate(EmbeddingScorer(version), test))
+    variants = []
+    for label, changes in (ABLATIONS if ablations else {}).items():
+        variant, path = two_tower(train_path, work / "ablation", label, changes)
+        variants.append({**variant, **evaluate(EmbeddingScorer(path), test)})
+    results = [ours, *peers(features, test, quick)]
+    best = max(results[1:], key=lambda r: r["recall@20"])
+    results += variants
+    headers = ["model", "Recall@20", "NDCG@20", "Recall@50", "seconds", "chosen"]
+    rows = [
+        [
+            r["model"],
+            f"{r['recall@20']:.4f}",
+            f"{r['ndcg@20']:.4f}",
+            f"{r['recall@50']:.4f}",
+            f"{r['seconds']:.1f}",
+            str(r["params"]),
+        ]
+        for r in results
+    ]
+    notes = (
+        f"{name}: {features.interactions.height:,} training events of {features.num_users:,} "
+        f"users and {features.num_items:,} items, {len(test):,} test users. Two-tower / best "
+        f"peer ({best['model']}): Recall@20 x{ours['recall@20'] / best['recall@20']:.2f}."
+    )
+    slug = name.lower().replace(" ", "-").replace(",", "")
+    save(
+        f"quality-sets-{slug}",
+        f"Quality without timestamps: {name}",
+        markdown_table(headers, rows),
+        notes,
+    )
+    return results
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    from data import movielens, synthetic
+    from recsys.settings import Settings
+
+    ml = pl.read_parquet(movielens.fetch(Settings().datasets_dir) / "interactions.parquet")
+    results = protocol("MovieLens-100K", ml, work / "sets-ml-100k", quick, ablations=not quick)
+    rows = 200_000 if quick else 1_250_000
+    synth_dir = synthetic.generate(
+        work / f"synth-sets-{rows}", synthetic.SyntheticConfig(rows=rows, seed=7)
+    )
+    synth = pl.read_parquet(list(resolve_source(synth_dir).interactions))
+    results += protocol(f"synthetic {rows:,} events", synth, work / f"sets-synth-{rows}", quick)
+    return results

@@ -1,0 +1,144 @@
+"""Every setting of `recsys build`, from one TOML file: defaults live with the code that
+owns them (`TowerConfig`, `TrainConfig`, `IndexTargets`, `RebuildPolicy`, `Compute`); a
+file overrides them, command-line flags override the file. The resolved settings are
+printed and stored in each version (`build_config.toml`, and the manifest).
+
+    [train]
+    temperature = 0.1
+    losses = ["softmax"]          # NAME[:WEIGHT] as with --loss
+    [tower]
+    embedding_dim = 64
+    [index]
+    recall_at_100 = 0.95
+    [rebuild]
+    gate = true                   # false (or --no-gate): promote without comparing
+    [compute]
+    nproc = 1
+"""
+
+import dataclasses
+import enum
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from recsys.errors import RecsysError
+from serving.index import IndexTargets
+from training.config import LossKind, TowerConfig, TrainConfig, parse_losses
+
+CONFIG_FILE = "build_config.toml"
+
+
+@dataclass(frozen=True)
+class RebuildPolicy:
+    """How a build relates to the current version (all ignored for a first build)."""
+
+    from_scratch: bool = False  # else warm-start from the current version when possible
+    gate: bool = True  # compare a rebuild with the current version before promoting it
+    gate_margin: float = 0.05  # promote if recall >= (1 - margin) x the current version's
+    keep_versions: int = 5  # versions kept on disk, the current one included
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where training runs: `nproc` local ranks under torchrun (1: in this process)."""
+
+    nproc: int = 1
+    device: str = "cpu"  # or "cuda"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    index: IndexTargets = dataclasses.field(default_factory=IndexTargets)
+    rebuild: RebuildPolicy = dataclasses.field(default_factory=RebuildPolicy)
+    compute: Compute = dataclasses.field(default_factory=Compute)
+
+    def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "BuildConfig":
+        """A copy with `{section: {setting: value}}` applied; `None` values are skipped (a
+        flag that was not given)."""
+        updated = {}
+        for section, values in overrides.items():
+            current = getattr(self, _section(section))
+            names = {f.name: f for f in fields(current)}
+            given = {k: v for k, v in values.items() if v is not None}
+            unknown = sorted(set(given) - set(names))
+            if unknown:
+                raise RecsysError(
+                    f"[{section}]: unknown setting(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(sorted(names))}"
+                )
+            try:
+                updated[section] = replace(
+                    current, **{k: _parse(section, k, v, current) for k, v in given.items()}
+                )
+            except (TypeError, ValueError) as exc:
+                raise RecsysError(f"[{section}]: {exc}") from exc
+        return replace(self, **updated)
+
+    @classmethod
+    def from_file(cls, path: Path) -> "BuildConfig":
+        try:
+            document = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise RecsysError(f"{path}: cannot read the config file ({exc.strerror})") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise RecsysError(f"{path}: not valid TOML ({exc})") from exc
+        for section, values in document.items():
+            if not isinstance(values, dict):
+                raise RecsysError(f"{path}: '{section}' must be a [section] of settings")
+        try:
+            return cls().with_overrides(document)
+        except RecsysError as exc:
+            raise RecsysError(f"{path}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain TOML-able values (enums by value, losses as NAME:WEIGHT, no None)."""
+        return {
+            f.name: {
+                k: _plain(v)
+                for k, v in dataclasses.asdict(getattr(self, f.name)).items()
+                if v is not None
+            }
+            for f in fields(self)
+        }
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _section(name: str) -> str:
+    known = [f.name for f in fields(BuildConfig)]
+    if name not in known:
+        raise RecsysError(f"unknown section [{name}]; known: {', '.join(known)}")
+    return name
+
+
+def _parse(section: str, key: str, value: Any, current: Any) -> Any:
+    """A TOML or flag value in the type the dataclass field holds."""
+    if key == "losses":
+        return parse_losses([value] if isinstance(value, str) else list(value))
+    default = getattr(current, key)
+    if isinstance(default, enum.Enum):
+        return type(default)(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if default is not None and not isinstance(value, type(default)):
+        raise TypeError(f"{key} must be a {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        if value and isinstance(value[0], tuple | list) and isinstance(value[0][0], LossKind):
+            return [f"{kind.value}:{weight:g}" for kind, weight in value]
+        return [_plain(v) for v in value]
+    return value
