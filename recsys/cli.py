@@ -247,7 +247,12 @@ def build(
 
         if not torch.cuda.is_available():
             raise RecsysError("--device cuda: PyTorch sees no CUDA device on this machine")
-    err.print("settings (defaults < --config < flags):\n" + settings.to_toml().rstrip())
+    err.print(
+        "settings (defaults < --config < flags):\n" + settings.to_toml().rstrip(),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     source = resolve_source(data, items=items, users=users)
     report = run_build(
         source,

@@ -88,6 +88,7 @@ def test_build_reads_the_file_prints_and_stores_the_resolved_settings(tiny, tmp_
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "temperature = 0.2" in result.stderr and "max_epochs = 2" in result.stderr
+    assert "[train]" in result.stderr and "[index]" in result.stderr  # printed as TOML
     stored = tomllib.loads((VersionStore(artifacts).current() / CONFIG_FILE).read_text())
     assert stored["train"]["temperature"] == 0.2
     assert stored["train"]["max_epochs"] == 2  # the flag beat the file

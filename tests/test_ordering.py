@@ -34,6 +34,14 @@ def test_a_log_stamped_with_one_date_is_a_set_and_distinct_times_are_a_sequence(
     assert decision.ordering is Ordering.SEQUENCE and "ties" in decision.reason
 
 
+def test_users_with_few_events_at_distinct_times_are_a_sequence():
+    # Two events per user at different times: nothing is simultaneous (a measure that
+    # counted the event itself read this as 50% ties, a set).
+    pairs = log([0, 0, 1, 1, 2], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5])
+    decision = detect_ordering(pairs)
+    assert decision.ordering is Ordering.SEQUENCE and "0.0%" in decision.reason
+
+
 def test_simultaneous_events_are_not_each_others_history():
     frame = log([0, 0, 0, 0], [7, 8, 9, 10], [1, 2, 2, 3])
     histories = UserHistories.from_interactions(frame, 1)

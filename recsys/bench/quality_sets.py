@@ -92,6 +92,10 @@ def _tune(
 
 
 def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, Any]]:
+    """Popularity, EASE, item-kNN, ALS and BPR over small grids. On a large catalogue the
+    grids shrink to the values chosen on MovieLens and the 200k-event log (EASE inverts an
+    items x items matrix per grid point), so the full run stays within its hour."""
+    large = features.num_items > 5_000
     users, items = features.num_users, features.num_items
     inner = random_holdout(features.interactions, TEST_SHARE, seed=1)
     inner_known = features.restricted_to(inner.train)
@@ -102,7 +106,13 @@ def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, A
     )
     results = [_tune("popularity", [{}], lambda e, h: Popularity.fit(e, items), *sides)]
     if items <= Ease.MAX_ITEMS:
-        l2s = (100.0, 500.0) if quick else (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+        l2s = (
+            (100.0, 500.0)
+            if quick
+            else (200.0, 500.0, 1000.0)
+            if large
+            else (50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+        )
         results.append(
             _tune(
                 "EASE",
@@ -111,7 +121,7 @@ def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, A
                 *sides,
             )
         )
-    knn = (50, 200) if quick else (20, 50, 100, 200, 500)
+    knn = (50, 200) if quick or large else (20, 50, 100, 200, 500)
     results.append(
         _tune(
             "item-kNN",
@@ -122,7 +132,7 @@ def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, A
     )
     als_grid = [
         {"factors": f, "regularization": r, "iterations": 15, "alpha": a}
-        for f in ((64,) if quick else (64, 128))
+        for f in ((64,) if quick or large else (64, 128))
         for r in ((0.1,) if quick else (0.01, 0.1, 1.0))
         for a in ((1.0,) if quick else (1.0, 10.0))
     ]
@@ -137,7 +147,7 @@ def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, A
     bpr_grid = [
         {"factors": 64, "learning_rate": lr, "regularization": 0.01, "iterations": it}
         for lr in ((0.01,) if quick else (0.01, 0.05))
-        for it in ((100,) if quick else (100, 300))
+        for it in ((100,) if quick or large else (100, 300))
     ]
     results.append(
         _tune(
@@ -248,3 +258,54 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     synth = pl.read_parquet(list(resolve_source(synth_dir).interactions))
     results += protocol(f"synthetic {rows:,} events", synth, work / f"sets-synth-{rows}", quick)
     return results
+
+
+def _changes(assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """["train.temperature=0.1", 'train.losses=["npair"]'] -> {"train": {...}} (TOML values)."""
+    import tomllib
+
+    changes: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        key, _, value = assignment.partition("=")
+        section, _, name = key.partition(".")
+        changes.setdefault(section, {})[name] = tomllib.loads(f"v = {value}")["v"]
+    return changes
+
+
+def main() -> None:
+    """One build of the protocol with changed settings, for exploring before a default
+    changes: `python -m recsys.bench.quality_sets [--synthetic ROWS] train.temperature=0.2`."""
+    import argparse
+    import logging
+    import warnings
+
+    from data import movielens, synthetic
+    from recsys.settings import Settings
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("changes", nargs="*", help="SECTION.KEY=VALUE (TOML value)")
+    parser.add_argument("--synthetic", type=int, help="a planted log of this many events")
+    parser.add_argument("--work", type=Path, default=Settings().cache_dir / "bench" / "explore")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    if args.synthetic:
+        config = synthetic.SyntheticConfig(rows=args.synthetic, seed=7)
+        data = synthetic.generate(args.work / f"synth-{args.synthetic}", config)
+        events = pl.read_parquet(list(resolve_source(data).interactions))
+    else:
+        events = pl.read_parquet(movielens.fetch(Settings().datasets_dir) / "interactions.parquet")
+    train_path, test_pairs = holdout_files(events, args.work / "split")
+    changes = _changes(args.changes)
+    result, version = two_tower(train_path, args.work, " ".join(args.changes), changes)
+    features = FeatureSet.load(version / "data")
+    test = eval_task(_indexed(test_pairs, version / "data"), features.histories)
+    metrics = evaluate(EmbeddingScorer(version), test)
+    print(
+        f"{' '.join(args.changes) or 'defaults'}: Recall@20 {metrics['recall@20']:.4f} "
+        f"NDCG@20 {metrics['ndcg@20']:.4f} {result['params']} {result['seconds']:.0f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()
