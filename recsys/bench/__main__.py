@@ -17,6 +17,7 @@ from recsys.bench import (
     serving,
     soak,
     speed,
+    tuning,
 )
 from recsys.settings import Settings
 
@@ -33,7 +34,8 @@ def main() -> None:
     parser.add_argument(
         "--only",
         nargs="*",
-        help="ingest, quality, quality-sets, speed, ranks, build, index, serving, nightly, soak",
+        help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
+        "nightly, soak",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -45,6 +47,7 @@ def main() -> None:
         ("ingest", ingest),
         ("quality", quality),
         ("quality-sets", quality_sets),
+        ("tuning", tuning),
         ("speed", speed),
         ("ranks", ranks),
         ("build", build),  # before serving, which reuses its 1M-item version
