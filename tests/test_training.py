@@ -147,3 +147,11 @@ def test_refit_trains_the_served_model_on_every_event_for_the_best_epochs(plante
     assert not torch.equal(result.state[table], result.validated_state[table])
     no_refit = train(planted, split, TOWER, replace(config, refit=False), progress=False)
     assert no_refit.refit_epochs == 0 and no_refit.validated_state is None
+
+
+def test_refit_never_trains_on_a_test_split(planted):
+    split = leave_last_out(planted.interactions, n_test=1, n_valid=1)
+    config = TrainConfig(max_epochs=1, batch_size=512, seed=8)
+    result = train(planted, split, TOWER, config, progress=False)
+    assert result.refit_events == split.train.height + split.valid.height
+    assert result.refit_events < planted.interactions.height  # the test events stay out

@@ -68,6 +68,7 @@ class TrainResult:
     row_state: dict[str, Tensor] = field(default_factory=dict)  # embedding optimizer, at best
     sharding: dict[str, list[int]] = field(default_factory=dict)  # table -> weights per rank
     refit_epochs: int = 0  # epochs of the final run on every event (0: no refit)
+    refit_events: int = 0  # events that run trained on: the split's training + validation
     validated_state: dict[str, Tensor] | None = None  # best weights before the refit
 
     @property
@@ -326,4 +327,5 @@ def _refit(
     result.validated_state = result.state
     result.state, result.row_state = refit.state, refit.row_state
     result.refit_epochs = epochs
+    result.refit_events = rows.height
     result.seconds += refit.seconds
