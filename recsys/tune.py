@@ -4,7 +4,8 @@
 The search is Optuna's TPE sampler. The first trial is always the defaults, so the file
 written is never worse than the defaults on validation. Every trial trains on the same
 ingested data and split as `recsys build` would, and stops early at the budget: a trial
-that cannot finish another epoch before the deadline ends with the best epoch it had.
+that cannot finish another epoch before the deadline ends with the best epoch it had, and
+a new trial starts while one more epoch still fits.
 """
 
 import logging
@@ -82,6 +83,7 @@ def tune(
         features = FeatureSet.load(Path(tmp) / "data")
     split = build_split(features, base.train)
     trials: list[dict[str, Any]] = []
+    longest_epoch, setup = [0.0], [0.0]  # seconds, over all trials so far
 
     def objective(trial: optuna.Trial) -> float:
         params = {name: draw(trial) for (_, name), draw in SPACE.items()}
@@ -90,13 +92,17 @@ def tune(
         overrides = _overrides(params)
         overrides["train"] = {**overrides.get("train", {}), "refit": False}
         config = base.with_overrides(overrides)
-        best, epoch_seconds = -1.0, []
+        best = -1.0
+        epoch_seconds: list[float] = []
         trial_start = time.monotonic()
 
         def on_epoch(record: dict[str, Any]) -> None:
             nonlocal best
             best = max(best, record[f"valid_{metric}"])
+            if not epoch_seconds:  # model set-up: the time before the first epoch began
+                setup[0] = max(setup[0], time.monotonic() - trial_start - record["seconds"])
             epoch_seconds.append(record["seconds"])
+            longest_epoch[0] = max(longest_epoch[0], record["seconds"])
             trial.report(record[f"valid_{metric}"], record["epoch"])
             if time.monotonic() + max(epoch_seconds) > deadline:
                 raise OutOfTime
@@ -122,9 +128,10 @@ def tune(
         return best
 
     def out_of_time(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Stop when another trial like the slowest so far would not fit."""
-        longest = max((t["seconds"] for t in trials), default=0.0)
-        if time.monotonic() + min(longest, 0.5 * (deadline - started)) > deadline:
+        """Stop when not even one more epoch (the slowest so far, plus a trial's set-up)
+        would fit: a started trial is cut at the deadline with its best epoch, so the
+        budget is used to within about one epoch."""
+        if time.monotonic() + longest_epoch[0] + setup[0] > deadline:
             study.stop()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
