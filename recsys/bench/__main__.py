@@ -59,7 +59,9 @@ def main() -> None:
     for name, bench in benches:
         if args.only and name not in args.only:
             continue
+        section_started = time.perf_counter()
         bench.run(args.quick, work)
+        print(f"\n[{name}: {time.perf_counter() - section_started:.0f}s]", flush=True)
     print(f"\nbenchmarks done in {time.perf_counter() - started:.0f}s; see bench_results/")
 
 

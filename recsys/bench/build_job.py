@@ -19,6 +19,7 @@ def main() -> None:
     parser.add_argument("--artifacts", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--from-scratch", action="store_true")
+    parser.add_argument("--no-refit", action="store_true", help="stop after early stopping")
     parser.add_argument("--keep-artifacts", action="store_true", help="rebuild on top of them")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -34,7 +35,7 @@ def main() -> None:
     report = build(
         resolve_source(args.data),
         args.artifacts,
-        config=TrainConfig(max_epochs=args.epochs),
+        config=TrainConfig(max_epochs=args.epochs, refit=not args.no_refit),
         progress=False,
         policy=RebuildPolicy(from_scratch=args.from_scratch),
     )
