@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo nightly test lint format bench bench-quick redis wrk clean
+.PHONY: setup demo nightly test test-fast lint format bench bench-quick redis wrk clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,23 +38,31 @@ redis:  ## make sure a redis-server binary exists (tests start one if none answe
 	@command -v redis-server >/dev/null 2>&1 || redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 \
 	  || (apt-get update -qq && apt-get install -y -qq redis-server)
 
-test: $(STAMP) redis  ## the whole test suite
+test: $(STAMP) redis  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)  ## ruff + mypy, as CI would
+test-fast: $(STAMP) redis  ## unit and property tests, no model builds or services: under a minute
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)  ## ruff, mypy and the import contracts (pyproject.toml), as CI runs them
 	$(BIN)/ruff check recsys features training serving data tests
 	$(BIN)/ruff format --check recsys features training serving data tests
 	$(BIN)/mypy
+	MYPYPATH=tests $(BIN)/mypy -p bench
+	$(BIN)/lint-imports --no-cache
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix recsys features training serving data tests
 	$(BIN)/ruff format recsys features training serving data tests
 
+# Benchmarks live in tests/bench (dev-only, outside the installed package); ONLY=SECTION runs
+# one section, e.g. `make bench ONLY=quality-sets`.
+ONLY ?=
 bench: $(STAMP) redis wrk  ## full benchmarks (tables + PNG plots in bench_results/)
-	$(BIN)/python -m recsys.bench
+	PYTHONPATH=tests $(BIN)/python -m bench $(if $(ONLY),--only $(ONLY))
 
 bench-quick: $(STAMP) redis wrk  ## the same benchmarks on smaller data, for everyday use
-	$(BIN)/python -m recsys.bench --quick
+	PYTHONPATH=tests $(BIN)/python -m bench --quick $(if $(ONLY),--only $(ONLY))
 
 wrk:  ## the HTTP load generator used by the serving benchmark
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys import schema as s
+from recsys.core import schema as s
 
 
 def write_days(source: Path, out: Path, first_days: int | None = None) -> list[str]:

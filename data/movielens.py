@@ -16,8 +16,8 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys.artifacts import write_parquet
-from recsys.errors import RecsysError
+from recsys.core.artifacts import write_parquet
+from recsys.core.errors import RecsysError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.artifacts import write_parquet
+from recsys.core.artifacts import write_parquet
 
 GENRES = tuple(f"genre-{i:02d}" for i in range(20))
 _DAY = 86_400

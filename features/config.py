@@ -7,7 +7,6 @@ from dataclasses import dataclass
 class FeatureConfig:
     """How raw tables become features.
 
-    history_length: how many previous items form a user's history for each event.
     max_category_ratio: a side-table column is a categorical feature only if it has at most
         this many distinct values per row; near-unique columns (titles, zip codes) say
         nothing an ID does not already say.
@@ -15,12 +14,9 @@ class FeatureConfig:
         (MovieLens' "Action|Comedy"); list-typed columns are multi-valued as they are.
     """
 
-    history_length: int = 50
     max_category_ratio: float = 0.5
     multi_value_separator: str = "|"
 
     def __post_init__(self) -> None:
-        if self.history_length < 1:
-            raise ValueError(f"history_length must be >= 1, got {self.history_length}")
         if not 0.0 < self.max_category_ratio <= 1.0:
             raise ValueError(f"max_category_ratio must be in (0, 1], got {self.max_category_ratio}")

@@ -10,14 +10,14 @@ import polars as pl
 from features.history import UserHistories
 from features.ingest import INTERACTIONS_FILE, load_vocabularies
 from features.ordering import Ordering
-from recsys import schema as s
-from recsys.artifacts import read_manifest
-from recsys.errors import ArtifactError
+from recsys.core import schema as s
+from recsys.core.artifacts import read_manifest
+from recsys.core.errors import ArtifactError
 
 
 @dataclass(frozen=True)
 class FeatureSet:
-    interactions: pl.DataFrame  # recsys.schema.CLEAN_SCHEMA, sorted by (user, time)
+    interactions: pl.DataFrame  # recsys.core.schema.CLEAN_SCHEMA, sorted by (user, time)
     histories: UserHistories
     num_users: int
     num_items: int

@@ -14,7 +14,7 @@ import polars as pl
 
 from features.jagged import ranges
 from features.ordering import Ordering
-from recsys import schema as s
+from recsys.core import schema as s
 
 
 @dataclass(frozen=True)

@@ -19,15 +19,22 @@ from features.side_tables import SideFeatures, build_side_features, read_side_ta
 from features.sources import CSV_SUFFIXES, DataSource, scan_table
 from features.validation import ORDER, ValidatedLog, validate_log
 from features.vocab import ID, INDEX, Vocabulary
-from recsys import schema as s
-from recsys.artifacts import MANIFEST, atomic_path, read_manifest, write_manifest, write_parquet
-from recsys.errors import RecsysError
+from recsys.core import schema as s
+from recsys.core.artifacts import (
+    MANIFEST,
+    atomic_path,
+    read_manifest,
+    write_manifest,
+    write_parquet,
+)
+from recsys.core.errors import DataValidationError, RecsysError
+from recsys.core.layout import INTERACTIONS, VOCAB
 
 log = logging.getLogger(__name__)
 
-INTERACTIONS_FILE = "interactions.parquet"
+INTERACTIONS_FILE = INTERACTIONS
 REJECTS_FILE = "rejects.parquet"
-VOCAB_DIR = "vocab"
+VOCAB_DIR = VOCAB
 _CSV_TEXT_COLUMNS = (s.USER_ID, s.ITEM_ID, s.TIMESTAMP, s.WEIGHT, s.EVENT)
 _SIDES = {"items": (s.ITEM_ID, s.ITEM_IDX), "users": (s.USER_ID, s.USER_IDX)}
 
@@ -135,6 +142,18 @@ def _clean_interactions(
     )
 
 
+def _unreadable(logs: list[ValidatedLog], exc: Exception) -> Exception:
+    """A read that failed half-way (invalid UTF-8, a malformed row) names no file: find
+    the file by reading each alone (only on this error path)."""
+    reason = (str(exc).strip().splitlines() or ["unreadable"])[0][:200]
+    for log in logs:
+        try:
+            pl.collect_all([log.kept.select(pl.len()), log.rejects.select(pl.len())])
+        except pl.exceptions.ComputeError:
+            return DataValidationError(log.path, None, f"cannot read the file ({reason})")
+    return exc
+
+
 def ingest(
     source: DataSource,
     out: Path,
@@ -159,16 +178,19 @@ def ingest(
 
     # Pass 1: rejects to disk, the distinct IDs and the row counts.
     with atomic_path(out / REJECTS_FILE) as rejects_tmp:
-        _, users, items, counts, read_counts = pl.collect_all(
-            [
-                rejects.sink_parquet(rejects_tmp, lazy=True),
-                kept.select(pl.col(s.USER_ID).unique()),
-                kept.select(pl.col(s.ITEM_ID).unique()),
-                kept.select(pl.len().alias("kept")),
-                pl.concat([v.read for v in logs]).select(pl.col("read").sum()),
-            ],
-            engine="streaming",
-        )
+        try:
+            _, users, items, counts, read_counts = pl.collect_all(
+                [
+                    rejects.sink_parquet(rejects_tmp, lazy=True),
+                    kept.select(pl.col(s.USER_ID).unique()),
+                    kept.select(pl.col(s.ITEM_ID).unique()),
+                    kept.select(pl.len().alias("kept")),
+                    pl.concat([v.read for v in logs]).select(pl.col("read").sum()),
+                ],
+                engine="streaming",
+            )
+        except pl.exceptions.ComputeError as exc:
+            raise _unreadable(logs, exc) from exc
     read = int(read_counts["read"][0])
     valid = int(counts["kept"][0])
     if valid == 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from recsys import schema as s
+from recsys.core import schema as s
 
 # A log is a set when, on average, an event shares its timestamp with at least this share
 # of its user's other events (MovieLens-100K, rated in bursts of seconds: 0.02; a log

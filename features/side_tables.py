@@ -13,7 +13,7 @@ import polars as pl
 from features.config import FeatureConfig
 from features.sources import CSV_SUFFIXES, scan_table
 from features.vocab import ID, INDEX, Vocabulary, reconcile_ids
-from recsys.errors import DataValidationError
+from recsys.core.errors import DataValidationError
 
 
 @dataclass(frozen=True)

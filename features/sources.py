@@ -5,7 +5,7 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys.errors import DataValidationError, RecsysError
+from recsys.core.errors import DataValidationError, RecsysError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 CSV_SUFFIXES = (".csv", ".tsv")

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import polars as pl
 
 from features.ordering import Ordering, row_key
-from recsys import schema as s
-from recsys.errors import RecsysError
+from recsys.core import schema as s
+from recsys.core.errors import RecsysError
 
 ROW = "row"  # position of the event in the cleaned table (its index in UserHistories)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys import schema as s
-from recsys.errors import DataValidationError
+from recsys.core import schema as s
+from recsys.core.errors import DataValidationError
 
 # Text timestamps in any of these layouts are accepted (plus integer or float seconds).
 TIMESTAMP_FORMATS = (
@@ -30,7 +30,7 @@ class ValidatedLog:
 
     path: Path
     kept: pl.LazyFrame  # user_id, item_id, timestamp, weight, event, _order
-    rejects: pl.LazyFrame  # recsys.schema.REJECT_SCHEMA
+    rejects: pl.LazyFrame  # recsys.core.schema.REJECT_SCHEMA
     read: pl.LazyFrame  # one row, one column: rows read from the file
     id_dtypes: dict[str, pl.DataType]
     has_timestamp: bool
@@ -44,11 +44,19 @@ def _id_expr(path: Path, name: str, dtype: pl.DataType) -> pl.Expr:
     raise DataValidationError(path, name, f"expected integer or string IDs, found {dtype}")
 
 
+def _names(names: list[str], limit: int = 20, width: int = 40) -> str:
+    """Column names for a message: at most `limit`, each cut to `width` characters and
+    printable (a binary file's "header" is bytes), so one bad file is one readable line."""
+    shown = [repr(n[:width])[1:-1] for n in names[:limit]]
+    more = f", ... ({len(names) - limit:,} more)" if len(names) > limit else ""
+    return ", ".join(shown) + more
+
+
 def _timestamp_expr(path: Path, dtype: pl.DataType) -> pl.Expr:
     """Canonical timestamp: Int64 seconds since the epoch, null where it cannot be parsed."""
     col = pl.col(s.TIMESTAMP)
-    if dtype.is_integer():
-        return col.cast(pl.Int64)
+    if dtype.is_integer():  # a UInt64 beyond Int64 (1e19) is one bad row, not a bad file
+        return col.cast(pl.Int64, strict=False)
     if dtype.is_float():
         return pl.when(col.is_finite()).then(col.floor()).cast(pl.Int64, strict=False)
     if isinstance(dtype, pl.Datetime):
@@ -62,7 +70,9 @@ def _timestamp_expr(path: Path, dtype: pl.DataType) -> pl.Expr:
             text.str.to_datetime(fmt, strict=False, time_zone="UTC").dt.epoch("s")
             for fmt in TIMESTAMP_FORMATS
         ]
-        from_number = pl.when(seconds.is_finite()).then(seconds.floor()).cast(pl.Int64)
+        from_number = (
+            pl.when(seconds.is_finite()).then(seconds.floor()).cast(pl.Int64, strict=False)
+        )
         return pl.coalesce(text.str.to_integer(strict=False), from_number, *parsed)
     raise DataValidationError(
         path, s.TIMESTAMP, f"expected integer seconds, datetime or date text, found {dtype}"
@@ -84,7 +94,7 @@ def validate_log(path: Path, frame: pl.LazyFrame, file_index: int) -> ValidatedL
     missing = [c for c in s.REQUIRED_COLUMNS if c not in schema]
     if missing:
         raise DataValidationError(
-            path, missing[0], f"required column is missing (found: {', '.join(schema.names())})"
+            path, missing[0], f"required column is missing (found: {_names(schema.names())})"
         )
     id_dtypes = {c: schema[c] for c in s.REQUIRED_COLUMNS}
     canonical = {c: _id_expr(path, c, schema[c]) for c in s.REQUIRED_COLUMNS}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys.artifacts import write_parquet
-from recsys.errors import DataValidationError
-from recsys.schema import INDEX_DTYPE
+from recsys.core.artifacts import write_parquet
+from recsys.core.errors import DataValidationError
+from recsys.core.schema import INDEX_DTYPE
 
 ID = "id"
 INDEX = "index"

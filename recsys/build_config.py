@@ -25,11 +25,9 @@ from typing import Any
 
 import tomli_w
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 from serving.index import IndexTargets
 from training.config import LossKind, TowerConfig, TrainConfig, parse_losses
-
-CONFIG_FILE = "build_config.toml"
 
 
 @dataclass(frozen=True)

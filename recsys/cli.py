@@ -3,6 +3,7 @@ function and print its report. Errors the user can fix print one line and exit 2
 
 import functools
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,10 +12,12 @@ from typing import Annotated, Any, TypeVar
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from recsys.errors import RecsysError
-from recsys.settings import Settings
+from recsys.core.errors import RecsysError
+from recsys.core.layout import VersionLayout
+from recsys.core.settings import Settings
 
 app = typer.Typer(
     help="Embedding-based recommender: ingest logs, build models and indexes, serve them.",
@@ -24,8 +27,10 @@ app = typer.Typer(
 data_app = typer.Typer(help="Fetch or generate data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+# Off a terminal (cron logs, pipes) lines and tables are never wrapped or cut: rich would
+# otherwise fit them to 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 100_000)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -37,11 +42,11 @@ def friendly_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except RecsysError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         except (pl.exceptions.PolarsError, OSError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             err.print(
-                f"[bold red]error:[/] {type(exc).__name__}: {first_line}",
+                f"[bold red]error:[/] {type(exc).__name__}: {escape(first_line)}",
                 highlight=False,
                 soft_wrap=True,
             )
@@ -83,15 +88,14 @@ def ingest(
     ),
     items: ItemsOption = None,
     users: UsersOption = None,
-    history_length: Annotated[int, typer.Option(min=1)] = 50,
 ) -> None:
-    """Validate the logs and write cleaned tables, vocabularies and rejects."""
-    from features.config import FeatureConfig
+    """Validate the logs and write cleaned tables, vocabularies and rejects (history bags
+    are cut at training time: `history_length` in a build's settings)."""
     from features.ingest import ingest as run_ingest
     from features.sources import resolve_source
 
     source = resolve_source(data, items=items, users=users)
-    report = run_ingest(source, out_dir, FeatureConfig(history_length=history_length))
+    report = run_ingest(source, out_dir)
     table = Table(title=f"ingest of {data}", show_header=False)
     rows: list[tuple[str, object]] = [
         ("files", report.files),
@@ -317,11 +321,10 @@ def recommend(
     show: Annotated[int, typer.Option(min=0, help="Print this many users' lists.")] = 0,
 ) -> None:
     """Batch top-k for users, seen items excluded, through the index the service uses."""
-    import numpy as np
 
-    from recsys import schema as s
-    from recsys.artifacts import write_parquet
-    from recsys.versions import VersionStore
+    from recsys.core import schema as s
+    from recsys.core.artifacts import write_parquet
+    from recsys.core.versions import VersionStore
     from serving.recommender import Recommender
 
     version = VersionStore(artifacts).current()
@@ -342,33 +345,13 @@ def recommend(
         wanted = (
             frame.select(s.USER_ID).collect()[s.USER_ID].unique(maintain_order=True).drop_nulls()
         )
-    index = rec.user_index(wanted)
-    known = index.is_not_null().to_numpy()
-    result = rec.for_users(index.filter(index.is_not_null()).to_numpy().astype(np.int64), k)
-    result = result.with_columns(
-        rec.user_ids.gather(result[s.USER_IDX]).alias(s.USER_ID),
-        rec.item_ids.gather(result[s.ITEM_IDX]).alias(s.ITEM_ID),
-    )
-    frames = [result.select(s.USER_ID, s.ITEM_ID, "rank", "score")]
-    unknown = wanted.filter(~pl.Series(known))
-    if len(unknown):
-        top, counts = rec.popular(np.zeros(0, dtype=np.int64), k)
-        frames.append(
-            pl.DataFrame(
-                {
-                    s.USER_ID: np.repeat(unknown.cast(pl.String).to_numpy(), len(top)),
-                    s.ITEM_ID: np.tile(rec.item_ids.gather(top).to_numpy(), len(unknown)),
-                    "rank": np.tile(np.arange(1, len(top) + 1), len(unknown)),
-                    "score": np.tile(counts, len(unknown)).astype(np.float32),
-                }
-            ).with_columns(pl.col(s.USER_ID).cast(rec.user_ids.dtype, strict=False))
-        )
-    table = pl.concat(frames, how="vertical_relaxed")
+    table, known = rec.for_raw_users(wanted, k)
+    unknown = len(wanted) - known
     write_parquet(table, out_file)
     if show:
-        show_recommendations(table, version / "data" / "items.parquet", show)
+        show_recommendations(table, VersionLayout(version).table("items"), show)
     out.print(
-        f"wrote {table.height} rows for {int(known.sum())} users (+{len(unknown)} unknown users "
+        f"wrote {table.height} rows for {known} users (+{unknown} unknown users "
         f"given the most popular items) from version {rec.version} to {out_file}"
     )
 
@@ -385,11 +368,20 @@ def serve(
     workers share the mmap'd index)."""
     import os
 
-    from recsys.versions import VersionStore
+    from pydantic import ValidationError
+
+    from recsys.core.versions import VersionStore, verify_version
+    from serving.settings import ServiceSettings, settings_problem
     from serving.workers import serve as serve_workers
 
-    VersionStore(artifacts).current()  # fail now, clearly, if there is nothing to serve
+    # Everything a worker would refuse is refused here, once, in one line: workers that
+    # fail at start-up would otherwise print tracebacks (and be restarted).
     os.environ["RECSYS_ARTIFACTS"] = str(artifacts.resolve())
+    try:
+        ServiceSettings()
+    except ValidationError as exc:
+        raise RecsysError(settings_problem(exc)) from None
+    verify_version(VersionStore(artifacts).current())
     serve_workers("serving.main:app_factory", factory=True, host=host, port=port, workers=workers)
 
 
@@ -462,10 +454,11 @@ def tune(
 def evaluate(artifacts: ArtifactsOption) -> None:
     """Full-ranking Recall / NDCG / HitRate @10,20,50,100 of the current version on its
     validation split (each user's last event), seen items excluded."""
+    from recsys.core.versions import VersionStore, verify_version
     from recsys.pipeline import evaluate_version
-    from recsys.versions import VersionStore
 
     version = VersionStore(artifacts).current()
+    verify_version(version)
     metrics = evaluate_version(version)
     table = Table(title=f"evaluation of {version.name} ({int(metrics.pop('users'))} users)")
     table.add_column("K")
@@ -476,6 +469,28 @@ def evaluate(artifacts: ArtifactsOption) -> None:
             str(k), *(f"{metrics[f'{n}@{k}']:.4f}" for n in ("recall", "ndcg", "hit_rate"))
         )
     out.print(table)
+
+
+@app.command()
+def doctor(
+    artifacts: Annotated[
+        Path, typer.Option("--artifacts", help="The artifacts root to check for writing.")
+    ] = Path("artifacts"),
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="REDIS_URL", help="Redis to ping (default: REDIS_URL).")
+    ] = None,
+) -> None:
+    """Check the installation and the machine: torch / fbgemm / torchrec versions match and
+    load, CUDA, Redis, the artifacts directory. One line per check; exit 1 if one fails."""
+    from recsys.doctor import checks
+
+    failed = 0
+    for name, check in checks(artifacts, redis_url):
+        ok, detail = check()
+        failed += not ok
+        out.print(f"{'ok  ' if ok else 'FAIL'} {name}: {escape(detail)}", highlight=False)
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @data_app.command("fetch")

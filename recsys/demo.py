@@ -2,14 +2,16 @@
 recommendations over HTTP, print them with the item titles, and stop the service."""
 
 import argparse
+import json
+import urllib.request
 from pathlib import Path
 
-import httpx
 import polars as pl
 
 from recsys.cli import out, show_recommendations
+from recsys.core.layout import VersionLayout
+from recsys.core.versions import VersionStore
 from recsys.processes import served
-from recsys.versions import VersionStore
 
 
 def main() -> None:
@@ -22,7 +24,8 @@ def main() -> None:
     with served(args.artifacts) as base:
         url = f"{base}/v1/users/{args.user}/recommendations"
         out.print(f"GET {url}?k={args.k}")
-        answer = httpx.get(url, params={"k": args.k}, timeout=30).raise_for_status().json()
+        with urllib.request.urlopen(f"{url}?k={args.k}", timeout=30) as response:
+            answer = json.load(response)
     out.print(
         f"model_version={answer['model_version']} cached={answer['cached']} "
         f"fallback={answer['fallback']}"
@@ -35,9 +38,10 @@ def main() -> None:
             "score": [item["score"] for item in answer["items"]],
         }
     )
-    item_ids = pl.read_parquet(version / "data" / "vocab" / "item_id.parquet")["id"]
+    layout = VersionLayout(version)
+    item_ids = pl.read_parquet(layout.vocabulary("item_id"))["id"]
     recs = recs.with_columns(pl.col("item_id").cast(item_ids.dtype))
-    show_recommendations(recs, version / "data" / "items.parquet", 1)
+    show_recommendations(recs, layout.table("items"), 1)
 
 
 if __name__ == "__main__":

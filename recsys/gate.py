@@ -14,8 +14,8 @@ from pathlib import Path
 import polars as pl
 
 from features.feature_set import FeatureSet
-from recsys import schema as s
-from recsys.artifacts import read_manifest
+from recsys.core import schema as s
+from recsys.core.artifacts import read_manifest
 from training.evaluate import Scorer, eval_task, evaluate, sample_task
 
 MIN_RECENT_USERS = 100

@@ -9,7 +9,6 @@ committed but not current, for inspection."""
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,37 +16,33 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
 from features.sources import DataSource
 from features.splits import Split
-from recsys import schema as s
-from recsys.artifacts import read_manifest
-from recsys.build_config import CONFIG_FILE, BuildConfig, Compute, RebuildPolicy
-from recsys.errors import ArtifactError
+from recsys.build_config import BuildConfig, Compute, RebuildPolicy
+from recsys.core import schema as s
+from recsys.core.artifacts import read_manifest
+from recsys.core.errors import ArtifactError, RecsysError
+from recsys.core.layout import VersionLayout
+from recsys.core.lock import build_lock
+from recsys.core.versions import VersionStore
 from recsys.gate import GateDecision, last_timestamp, quality_gate, skipped
-from recsys.lock import build_lock
-from recsys.versions import VersionStore
 from serving.index import IndexParams, IndexTargets, build_annoy
 from training.batches import BatchBuilder
-from training.config import Similarity, TowerConfig, TrainConfig
-from training.distributed import train_with_torchrun
+from training.config import Similarity, TowerConfig, TrainConfig, warm_budget
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
-from training.export import ROW_STATE, SPEC, WEIGHTS, load_model, save_model
-from training.model import ModelSpec, TwoTower
-from training.parallel import check_sharding
-from training.trainer import TrainResult, build_split, model_spec, train
-from training.warm_start import load_warm_start, warm_start_problem
+from training.export import SPEC, load_model, version_towers
+from training.fit import TRAIN_CONFIG, fit_model
+from training.model import ModelSpec, TwoTower, model_spec
+from training.trainer import TrainResult, build_split
+from training.warm_start import warm_start_problem
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = "data"
-MODEL_DIR = "model"
-EMBEDDINGS_DIR = "embeddings"
-INDEX_DIR = "index"
 INDEX_QUERY_SAMPLE = 1000
+MIN_ITEMS = 2  # with fewer, every answer is the same item or nothing
 
 
 @dataclass
@@ -124,33 +119,119 @@ def build(
         )
 
 
-def _warm_start_dir(
-    previous: Path | None, features: FeatureSet, tower: TowerConfig, policy: RebuildPolicy
-) -> Path | None:
-    """The current version's model directory, when the new model can start from it (its
-    weights are read only by whoever trains: this process or the torchrun ranks)."""
+@dataclass
+class WarmPlan:
+    """Where a rebuild starts from: the current version's model directory (None: from
+    scratch), and the training settings with the warm budget filled in."""
+
+    config: TrainConfig
+    model_dir: Path | None = None
+    from_version: str | None = None
+    full_run_epochs: int | None = None  # of the last from-scratch run in the lineage
+
+
+def plan_warm_start(
+    previous: Path | None,
+    features: FeatureSet,
+    tower: TowerConfig,
+    config: TrainConfig,
+    policy: RebuildPolicy,
+) -> WarmPlan:
+    """Warm-start from the current version when its model fits the new data; the budget
+    is then a third of the epochs its lineage's last full run took (early stopping
+    included), so that it follows what this data set needs, not the example budget."""
     if previous is None or policy.from_scratch:
-        return None
-    old = ModelSpec.from_dict(json.loads((previous / MODEL_DIR / SPEC).read_text()))
+        return WarmPlan(config)
+    model_dir = VersionLayout(previous).model
+    old = ModelSpec.from_dict(json.loads((model_dir / SPEC).read_text()))
     problem = warm_start_problem(old, model_spec(features, tower))
     if problem:
         log.warning("training from scratch: cannot warm-start from %s (%s)", previous.name, problem)
-        return None
-    return previous / MODEL_DIR
+        return WarmPlan(config)
+    train = read_manifest(previous, verify=False).get("train", {})
+    full_run_epochs = int(train.get("full_run_epochs") or train.get("epochs_run") or 1)
+    if config.warm_epochs is None:
+        config = replace(config, warm_epochs=warm_budget(full_run_epochs))
+    return WarmPlan(config, model_dir, previous.name, full_run_epochs)
 
 
-def _full_run_epochs(manifest: dict[str, Any]) -> int:
-    """Epochs of the last from-scratch run in a version's lineage."""
-    train = manifest.get("train", {})
-    return int(train.get("full_run_epochs") or train.get("epochs_run") or 1)
+@dataclass
+class Embeddings:
+    users: np.ndarray  # (users, D)
+    items: np.ndarray  # (items, D)
 
 
-def _warm_budget(config: TrainConfig, full_run_epochs: int) -> TrainConfig:
-    """Default warm budget: a third of the epochs the last full run took (early stopping
-    included), so that it follows what this data set needs, not the example budget."""
-    if config.warm_epochs is not None:
-        return config
-    return replace(config, warm_epochs=max(1, math.ceil(full_run_epochs / 3)))
+def embed_version(
+    layout: VersionLayout, features: FeatureSet, result: TrainResult, split: Split
+) -> Embeddings:
+    """Every user's and item's embedding from the saved model, written beside it. IDs the
+    model never trained (a split's validation-only users, before a refit) are marked
+    unknown, so that serving falls back for them."""
+    model = load_model(layout.model)
+    builder = BatchBuilder(features, model.spec.tower)
+    builder.mark_known(features.interactions if result.refitted else split.train)
+    items = item_embeddings(model, builder, features.num_items)
+    users = user_embeddings_now(model, builder, np.arange(features.num_users))
+    layout.embeddings.mkdir()
+    for side, column, index, known, emb in (
+        ("items", s.ITEM_ID, s.ITEM_IDX, builder.known_items, items),
+        ("users", s.USER_ID, s.USER_IDX, builder.known_users, users),
+    ):
+        ids = pl.read_parquet(layout.vocabulary(column))["id"].rename(column)
+        _embedding_frame(ids, index, known, emb).write_parquet(layout.side_embeddings(side))
+    return Embeddings(users, items)
+
+
+def index_version(
+    layout: VersionLayout,
+    embeddings: Embeddings,
+    tower: TowerConfig,
+    targets: IndexTargets,
+    seed: int,
+) -> IndexParams:
+    """The Annoy index over the item embeddings, tuned on a sample of user queries."""
+    users = embeddings.users
+    rng = np.random.default_rng(seed)
+    sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
+    metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
+    return build_annoy(embeddings.items, sample, layout.index, metric, targets)
+
+
+def _manifest(
+    settings: BuildConfig,
+    ingest_report: IngestReport,
+    result: TrainResult,
+    index: IndexParams,
+    plan: WarmPlan,
+    gate: GateDecision | None,
+    previous: Path | None,
+) -> dict[str, Any]:
+    compute = settings.compute
+    return {
+        "kind": "build",
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "embedding_dim": settings.tower.embedding_dim,
+        "similarity": settings.tower.similarity.value,
+        "index": asdict(index),
+        "data": asdict(ingest_report),
+        "train": {
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "seconds": round(result.seconds, 2),
+            "seed": result.config.seed,
+            "ranks": compute.nproc,
+            "device": compute.device,
+            "sharding": result.sharding,
+            "valid_metrics": result.best_metrics,
+            "warm_start_from": plan.from_version,
+            "full_run_epochs": plan.full_run_epochs or len(result.history),
+            "refit_epochs": result.refit_epochs,
+        },
+        "gate": asdict(gate) if gate else None,
+        "previous_version": previous.name if previous else None,
+        "settings": settings.to_dict(),  # as given; model/train_config.json: as resolved
+        "ordering": {"ordering": ingest_report.ordering, "reason": ingest_report.ordering_reason},
+    }
 
 
 def _build_locked(
@@ -163,113 +244,49 @@ def _build_locked(
     index_targets: IndexTargets,
     compute: Compute,
 ) -> BuildReport:
+    """The stages in order, each writing into the staging directory; any failure
+    discards it and leaves `current` as it was."""
     started = time.perf_counter()
     previous = store.current() if store.current_name() else None
     name, staging = store.stage()
+    layout = VersionLayout(staging)
+    settings = BuildConfig(tower, config or TrainConfig(), index_targets, policy, compute)
     try:
         ingest_report = ingest(
-            source, staging / DATA_DIR, previous=previous / DATA_DIR if previous else None
+            source, layout.data, previous=VersionLayout(previous).data if previous else None
         )
-        features = FeatureSet.load(staging / DATA_DIR)
-        split = build_split(features, config or TrainConfig())
-        warm_dir = _warm_start_dir(previous, features, tower, policy)
-        full_run_epochs = None
-        if warm_dir is not None and previous is not None:
-            full_run_epochs = _full_run_epochs(read_manifest(previous, verify=False))
-            config = _warm_budget(config or TrainConfig(), full_run_epochs)
-        warm_from = previous.name if previous is not None and warm_dir is not None else None
-        model_dir = staging / MODEL_DIR
-        model_dir.mkdir()
-        if compute.nproc > 1:
-            check_sharding((config or TrainConfig()).sharding, compute.device)
-            result = train_with_torchrun(
-                staging / DATA_DIR,
-                model_dir,
-                compute.nproc,
-                tower,
-                config or TrainConfig(),
-                warm_start=warm_dir,
-                device=compute.device,
+        features = FeatureSet.load(layout.data)
+        if features.num_items < MIN_ITEMS:
+            raise RecsysError(
+                f"nothing to recommend: the log holds {features.num_items} distinct item(s) "
+                f"after cleaning ({ingest_report.kept} of {ingest_report.read} rows kept); "
+                f"a version needs at least {MIN_ITEMS}"
             )
-        else:
-            result = train(
-                features,
-                split,
-                tower,
-                config,
-                device=torch.device(compute.device),
-                metrics_path=model_dir / "metrics.jsonl",
-                progress=progress,
-                warm_start=load_warm_start(warm_dir, WEIGHTS, ROW_STATE) if warm_dir else None,
-            )
-            save_model(
-                result.state, result.spec, model_dir, result.row_state, result.validated_state
-            )
-        settings = BuildConfig(tower, config or TrainConfig(), index_targets, policy, compute)
-        (staging / CONFIG_FILE).write_text(settings.to_toml())
-        (model_dir / "train_config.json").write_text(
-            json.dumps(result.config.to_dict(), indent=2) + "\n"
+        split = build_split(features, settings.train)
+        plan = plan_warm_start(previous, features, tower, settings.train, policy)
+        result = fit_model(
+            layout.data,
+            features,
+            split,
+            layout.model,
+            tower,
+            plan.config,
+            nproc=compute.nproc,
+            device=compute.device,
+            warm_start=plan.model_dir,
+            progress=progress,
         )
-        _save_curve(result.history, model_dir / "training_curve.png", result.config.eval_k)
-
-        model = load_model(model_dir)
-        builder = BatchBuilder(features, tower)
-        builder.mark_known(features.interactions if result.refitted else split.train)
-        items = item_embeddings(model, builder, features.num_items)
-        users = user_embeddings_now(model, builder, np.arange(features.num_users))
-        vocab = {
-            p.stem: pl.read_parquet(p)["id"]
-            for p in (staging / DATA_DIR / "vocab").glob("*_id.parquet")
-        }
-        emb_dir = staging / EMBEDDINGS_DIR
-        emb_dir.mkdir()
-        _embedding_frame(
-            vocab[s.ITEM_ID].rename(s.ITEM_ID), s.ITEM_IDX, builder.known_items, items
-        ).write_parquet(emb_dir / "items.parquet")
-        _embedding_frame(
-            vocab[s.USER_ID].rename(s.USER_ID), s.USER_IDX, builder.known_users, users
-        ).write_parquet(emb_dir / "users.parquet")
-        rng = np.random.default_rng(result.config.seed)
-        sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
-        metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
-        index = build_annoy(items, sample, staging / INDEX_DIR, metric, index_targets)
+        layout.build_config.write_text(settings.to_toml())
+        _save_curve(result.history, layout.model / "training_curve.png", result.config.eval_k)
+        embeddings = embed_version(layout, features, result, split)
+        index = index_version(layout, embeddings, tower, index_targets, result.config.seed)
         gate = None
         if previous is not None and policy.gate:
-            validated = load_model(model_dir, validated=True)
+            validated = load_model(layout.model, validated=True)
             gate = _gate(previous, validated, features, split, result.config, policy.gate_margin)
             log.warning("quality gate: %s", gate.reason)
-        store.commit(
-            name,
-            staging,
-            {
-                "kind": "build",
-                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "embedding_dim": tower.embedding_dim,
-                "similarity": tower.similarity.value,
-                "index": asdict(index),
-                "data": asdict(ingest_report),
-                "train": {
-                    "best_epoch": result.best_epoch,
-                    "epochs_run": len(result.history),
-                    "seconds": round(result.seconds, 2),
-                    "seed": result.config.seed,
-                    "ranks": compute.nproc,
-                    "device": compute.device,
-                    "sharding": result.sharding,
-                    "valid_metrics": result.best_metrics,
-                    "warm_start_from": warm_from,
-                    "full_run_epochs": full_run_epochs or len(result.history),
-                    "refit_epochs": result.refit_epochs,
-                },
-                "gate": asdict(gate) if gate else None,
-                "previous_version": previous.name if previous else None,
-                "settings": settings.to_dict(),  # as given; train_config.json: as resolved
-                "ordering": {
-                    "ordering": ingest_report.ordering,
-                    "reason": ingest_report.ordering_reason,
-                },
-            },
-        )
+        manifest = _manifest(settings, ingest_report, result, index, plan, gate, previous)
+        store.commit(name, staging, manifest)
     except BaseException:
         store.discard(staging)
         raise
@@ -284,7 +301,7 @@ def _build_locked(
         index,
         time.perf_counter() - started,
         promoted=promoted,
-        warm_start_from=warm_from,
+        warm_start_from=plan.from_version,
         gate=gate,
         pruned=store.prune(policy.keep_versions),
     )
@@ -323,38 +340,6 @@ def _gate(
     )
 
 
-def version_towers(
-    version_dir: Path, features: FeatureSet, validated: bool = False
-) -> tuple[TwoTower, BatchBuilder]:
-    """A built version's towers and a batch builder with the version's known-ID masks.
-
-    `features` may be a grown log (a newer version's data): users, items and categories
-    the version never saw are then left out, as the version would have to. `validated`
-    takes the weights from before the refit on every event, where the version has them
-    (what to measure on validation events)."""
-    model = load_model(version_dir / MODEL_DIR, validated=validated)
-    builder = BatchBuilder(features, model.spec.tower)
-    if set(builder.keys.order) != set(model.spec.keys.order):  # the model looks keys up by name
-        raise ArtifactError(
-            f"{version_dir}: the model reads features {list(model.spec.keys.order)}, "
-            f"the data has {list(builder.keys.order)}"
-        )
-    known = {
-        side: pl.read_parquet(version_dir / EMBEDDINGS_DIR / f"{side}.parquet", columns=["known"])
-        for side in ("items", "users")
-    }
-    builder.known_items = _padded(known["items"]["known"].to_numpy(), features.num_items)
-    builder.known_users = _padded(known["users"]["known"].to_numpy(), features.num_users)
-    model_rows = model.spec.table_rows()
-    if model_rows != model_spec(features, model.spec.tower).table_rows():
-        builder.limit_to(model_rows)
-    return model, builder
-
-
-def _padded(known: np.ndarray, size: int) -> np.ndarray:
-    return np.concatenate([known, np.zeros(max(0, size - len(known)), dtype=bool)])[:size]
-
-
 def version_scorer(version_dir: Path, features: FeatureSet, validated: bool = False) -> TowerScorer:
     """A scorer with a built version's towers and its ID/feature masks."""
     model, builder = version_towers(version_dir, features, validated)
@@ -366,10 +351,9 @@ def evaluate_version(version_dir: Path) -> dict[str, float]:
     in a sequence, a share of each validation user's items in a set)."""
     from training.evaluate import eval_task, evaluate
 
-    features = FeatureSet.load(version_dir / DATA_DIR)
-    config = TrainConfig.from_dict(
-        json.loads((version_dir / MODEL_DIR / "train_config.json").read_text())
-    )
+    layout = VersionLayout(version_dir)
+    features = FeatureSet.load(layout.data)
+    config = TrainConfig.from_dict(json.loads((layout.model / TRAIN_CONFIG).read_text()))
     split = build_split(features, config)
     seen = features.restricted_to(split.train)
     scorer = version_scorer(version_dir, seen, validated=True)

@@ -6,11 +6,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import psutil
 
 
@@ -29,9 +29,10 @@ def wait_ready(
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"the server exited with status {process.returncode}")
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # refused, reset, timed out, or an HTTP error status
             pass
         time.sleep(0.2)
     raise RuntimeError(f"{url} did not become ready within {timeout:.0f}s")

@@ -23,7 +23,7 @@ from features.feature_set import FeatureSet
 from features.ingest import ingest
 from features.sources import DataSource
 from recsys.build_config import BuildConfig
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 from training.trainer import build_split, train
 
 log = logging.getLogger(__name__)

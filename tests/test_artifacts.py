@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from recsys.artifacts import read_manifest, write_manifest
-from recsys.errors import ArtifactError
+from recsys.core.artifacts import read_manifest, write_manifest
+from recsys.core.errors import ArtifactError
 
 
 def make(tmp_path):

@@ -10,10 +10,12 @@ import pytest
 from helpers import recsys
 
 from data.synthetic import SyntheticConfig, generate
-from recsys.artifacts import read_manifest
-from recsys.versions import VersionStore
+from recsys.core.artifacts import read_manifest
+from recsys.core.versions import VersionStore
 from serving.index import ExactRetriever, recall_against_exact
 from serving.recommender import Recommender
+
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,13 @@ import pytest
 from helpers import recsys
 
 from data.synthetic import SyntheticConfig, generate
-from recsys.build_config import CONFIG_FILE, BuildConfig
-from recsys.errors import RecsysError
-from recsys.versions import VersionStore
+from recsys.build_config import BuildConfig
+from recsys.core.errors import RecsysError
+from recsys.core.layout import BUILD_CONFIG as CONFIG_FILE
+from recsys.core.versions import VersionStore
 from training.config import LossKind, Similarity
+
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -11,8 +11,14 @@ def test_ingest_prints_read_kept_rejected(tmp_path: Path):
     log.write_text("user_id,item_id,timestamp\n1,2,3\n1,2,3\n,5,6\n4,5,zz\n7,8,9\n")
     result = recsys("ingest", "--data", log, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    for line in ("rows read │ 5", "rows kept │ 2", "rows rejected │ 2", "collapsed │ 1"):
-        assert line in " ".join(result.stdout.split()).replace(" │ ", " │ ")
+    cells = {}
+    for line in result.stdout.splitlines():  # table rows: │ name │ value │
+        parts = [p.strip() for p in line.strip().strip("│").split("│")]
+        if len(parts) == 2:
+            cells[parts[0]] = parts[1]
+    assert cells["rows read"] == "5" and cells["rows kept"] == "2", result.stdout
+    assert cells["rows rejected"] == "2", result.stdout
+    assert cells["duplicates collapsed"] == "1", result.stdout
     assert (tmp_path / "out" / "interactions.parquet").is_file()
 
 
@@ -35,3 +41,62 @@ def test_synth_then_ingest(tmp_path: Path):
     result = recsys("ingest", "--data", tmp_path / "d", "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
     assert "items table" in result.stdout and "genres" in result.stdout
+
+
+def test_unreadable_files_fail_in_one_short_line_naming_the_file(tmp_path: Path):
+    """A 1M-column header printed an 8.9 MB line, a binary file echoed raw bytes, and
+    invalid UTF-8 named no file."""
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(1_000_000)) + "\n" + "1," * 999_999 + "1\n")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes((i * 7919) % 256 for i in range(5_000)))
+    bad_utf8 = tmp_path / "bad_utf8.csv"
+    bad_utf8.write_bytes(b"user_id,item_id\n1,\xff\xfe\n2,3\n")
+    for path in (wide, binary, bad_utf8):
+        result = recsys("ingest", "--data", path, "--out", tmp_path / "out")
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and len(lines[0]) < 600 and str(path) in lines[0], lines
+        assert lines[0].isprintable()
+
+
+def test_a_log_that_collapses_to_one_item_is_not_built(tmp_path: Path):
+    """It was promoted as a version; it is refused in one line, and nothing is current."""
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id\n1,5\n1,5\n,6\n1,5\n")
+    result = recsys("build", "--data", log, "--artifacts", tmp_path / "artifacts")
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]  # after the settings the build prints
+    assert last.startswith("error: nothing to recommend") and "Traceback" not in result.stderr
+    assert not (tmp_path / "artifacts" / "current").exists()
+
+
+def test_doctor_names_each_check_and_fails_on_a_bad_one(tmp_path: Path, redis_url: str):
+    good = recsys("doctor", "--artifacts", tmp_path / "artifacts", "--redis-url", redis_url)
+    assert good.returncode == 0, good.stdout
+    names = [line.split(":")[0].split()[-1] for line in good.stdout.strip().splitlines()]
+    assert names == ["versions", "imports", "cuda", "redis", "artifacts"]
+    assert all(line.startswith("ok") for line in good.stdout.strip().splitlines())
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    bad = recsys("doctor", "--artifacts", blocked / "sub", "--redis-url", "redis://127.0.0.1:1/0")
+    assert bad.returncode == 1
+    failed = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
+    assert [line.split(":")[0] for line in failed] == ["FAIL redis", "FAIL artifacts"]
+
+
+def test_doctor_names_a_version_mismatch():
+    from unittest import mock
+
+    from recsys import doctor
+
+    versions = {"torch": "2.13.0", "fbgemm-gpu-cpu": "1.9.0", "torchrec": "1.8.0"}
+
+    def fake(name: str) -> str:
+        if name not in versions:
+            raise doctor.importlib.metadata.PackageNotFoundError(name)
+        return versions[name]
+
+    with mock.patch.object(doctor.importlib.metadata, "version", fake):
+        ok, detail = doctor.check_versions()
+    assert not ok and "needs fbgemm-gpu 1.8.x" in detail

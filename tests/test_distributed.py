@@ -9,10 +9,12 @@ from fastapi.testclient import TestClient
 from helpers import recsys
 
 from data.synthetic import SyntheticConfig, generate
-from recsys.artifacts import read_manifest
-from recsys.versions import VersionStore
+from recsys.core.artifacts import read_manifest
+from recsys.core.versions import VersionStore
 from serving.app import create_app
 from serving.settings import ServiceSettings
+
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
 RECALL_TOLERANCE = 0.05  # absolute, on validation recall@20
 

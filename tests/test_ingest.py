@@ -7,8 +7,8 @@ import pytest
 
 from features.ingest import INTERACTIONS_FILE, REJECTS_FILE, ingest, load_vocabularies
 from features.sources import resolve_source
-from recsys.artifacts import read_manifest
-from recsys.errors import DataValidationError, RecsysError
+from recsys.core.artifacts import read_manifest
+from recsys.core.errors import DataValidationError, RecsysError
 
 
 def run(path: Path, out: Path, **side: Path):
@@ -192,3 +192,22 @@ def test_side_tables_add_cold_items_and_features(tmp_path):
     assert "title" in summary["ignored_columns"]
     bags = pl.read_parquet(tmp_path / "out" / "item_features.parquet")
     assert bags.height == 6 and bags["genres"].list.len().to_list() == [2, 1, 1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("form", ["uint64 parquet", "csv text", "csv float text"])
+def test_one_out_of_range_timestamp_is_one_rejected_row(tmp_path, form):
+    """A timestamp beyond Int64 (1e19) refused the whole ingest with a message naming no
+    file; it is one row's reject with a reason."""
+    path = tmp_path / ("log.parquet" if form == "uint64 parquet" else "log.csv")
+    huge = 10_000_000_000_000_000_000
+    if form == "uint64 parquet":
+        pl.DataFrame(
+            {"user_id": [1, 1, 2], "item_id": [10, 11, 10], "timestamp": [5, huge, 7]},
+            schema_overrides={"timestamp": pl.UInt64},
+        ).write_parquet(path)
+    else:
+        stamp = "1e19" if form == "csv float text" else str(huge)
+        path.write_text(f"user_id,item_id,timestamp\n1,10,5\n1,11,{stamp}\n2,10,7\n")
+    report = run(path, tmp_path / "out")
+    assert (report.read, report.kept, report.rejected) == (3, 2, 1)
+    assert report.rejects_by_reason == {"unparsable timestamp": 1}

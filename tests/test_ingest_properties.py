@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from features.ingest import INTERACTIONS_FILE, REJECTS_FILE, ingest, load_vocabularies
 from features.sources import resolve_source
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 text_ids = st.one_of(st.none(), st.text(min_size=0, max_size=6))
 int_ids = st.one_of(st.none(), st.integers(-(2**62), 2**62))

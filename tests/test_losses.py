@@ -64,11 +64,26 @@ def test_softmax_with_temperature_and_logq_matches_oracle(ids):
 
 
 def test_logq_correction_lowers_popular_negatives():
-    # Item 11 is very popular; its column is discounted, so row 0 finds it a weaker negative.
-    popular = torch.log(torch.tensor([1e-3] * 10 + [1e-3, 0.9, 1e-3]))
-    plain = InBatchSoftmaxLoss(temperature=0.5)(Q, P, IDS_DISTINCT)
-    corrected = InBatchSoftmaxLoss(temperature=0.5, item_log_prob=popular)(Q, P, IDS_DISTINCT)
-    assert corrected.item() != pytest.approx(plain.item())
+    """Row 0's positive is rare and its one negative (row 1's positive) very popular: with
+    the correction that negative's share of row 0's softmax falls from 1/2 to ~e^-6.8, so
+    the gradient pushing query 0 away from it nearly vanishes. Query 0 appears in no other
+    row, so its gradient is row 0's alone."""
+    ids = torch.tensor([0, 1])
+    share = torch.log(torch.tensor([1e-3, 0.9]))
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    pushes = []
+    for log_prob in (None, share):
+        queries = torch.tensor([[0.3, 0.3], [0.2, 0.1]], requires_grad=True)
+        InBatchSoftmaxLoss(temperature=1.0, item_log_prob=log_prob)(queries, items, ids).backward()
+        assert queries.grad is not None
+        pushes.append(queries.grad[0])
+    # dL/dq0 = (p(pos) - 1) p0 + p(neg) p1, over B = 2 rows; p(neg) is the popular share.
+    plain, corrected = pushes
+    torch.testing.assert_close(plain, torch.tensor([-0.25, 0.25]))
+    popular_share = 1 / (1 + math.exp(-math.log(1e-3) + math.log(0.9)))
+    expected = torch.tensor([-popular_share / 2, popular_share / 2])
+    torch.testing.assert_close(corrected, expected, rtol=1e-4, atol=1e-7)
+    assert corrected.norm() < plain.norm() / 100
 
 
 def test_extra_negatives_and_symmetric_term_match_oracle():

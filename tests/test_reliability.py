@@ -21,14 +21,16 @@ from hypothesis import strategies as st
 
 from data.synthetic import SyntheticConfig, generate
 from features.sources import resolve_source
-from recsys.errors import ArtifactError
+from recsys.core.errors import ArtifactError
+from recsys.core.versions import VersionStore
 from recsys.pipeline import build
 from recsys.processes import free_port, served, wait_listening
-from recsys.versions import VersionStore
 from serving.app import create_app
 from serving.settings import ServiceSettings
 from serving.state import VersionState
 from training.config import TrainConfig
+
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
 
 @pytest.fixture(scope="module")
@@ -153,19 +155,26 @@ def test_a_killed_worker_leaves_the_others_answering_and_is_replaced(artifacts):
 
 
 def test_serve_stops_with_a_message_when_its_workers_cannot_load_the_version(artifacts, tmp_path):
-    """A worker that cannot start the app is not restarted in a loop: the service stops."""
+    """A worker that cannot start the app is not restarted in a loop: the service stops.
+    (Damage that checksums see is refused by `recsys serve` itself, before any worker
+    starts: tests/test_probed_faults.py. Here the files are resealed, so only loading
+    them fails.)"""
     import shutil
+
+    from recsys.core.artifacts import read_manifest, write_manifest
 
     copy = tmp_path / "copy"
     shutil.copytree(artifacts, copy, symlinks=True)
-    weights = VersionStore(copy).current() / "model" / "weights.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)
+    version = VersionStore(copy).current()
+    (version / "embeddings" / "users.parquet").write_bytes(b"not parquet")
+    manifest = read_manifest(version, verify=False)
+    manifest.pop("checksums")
+    write_manifest(version, manifest)
     command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(copy)]
     command += ["--port", str(free_port()), "--workers", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode != 0
     assert "could not start the app" in result.stderr
-    assert "checksum" in result.stderr  # the worker's own reason is logged too
 
 
 def test_connections_are_spread_over_the_workers(artifacts):

@@ -1,9 +1,10 @@
 """The HTTP service against a real Redis: routes, cache behaviour, fallbacks, bad input,
 Redis outages, and `recsys serve` as a subprocess answering over real HTTP."""
 
-import shutil
+import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -18,28 +19,25 @@ import polars as pl
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from helpers import small_version, start_redis
 
-from data.synthetic import SyntheticConfig, generate
-from features.sources import resolve_source
-from recsys.pipeline import build
+from data.synthetic import SyntheticConfig
 from recsys.processes import free_port, served
 from serving.app import create_app
 from serving.recommender import Recommender
 from serving.settings import ServiceSettings
 from training.config import TrainConfig
 
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
+
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("service")
-    generate(root / "data", SyntheticConfig(rows=8_000, users=200, items=120, clusters=4, seed=9))
-    build(
-        resolve_source(root / "data"),
-        root / "artifacts",
-        config=TrainConfig(max_epochs=1),
-        progress=False,
+    return small_version(
+        tmp_path_factory.mktemp("service"),
+        SyntheticConfig(rows=8_000, users=200, items=120, clusters=4, seed=9),
+        TrainConfig(max_epochs=1),
     )
-    return root / "artifacts"
 
 
 @pytest.fixture
@@ -159,23 +157,6 @@ def test_in_process_cache_when_no_redis_is_configured(artifacts):
         assert client.get("/readyz").json()["cache"]["backend"] == "memory"
 
 
-def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is needed (make redis)"
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_timeout=0.2)
-    for _ in range(100):
-        try:
-            if client.ping():
-                return process
-        except redis.RedisError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
-
-
 @contextmanager
 def private_redis(artifacts: Path) -> Iterator[tuple[int, str, ServiceSettings]]:
     """A port and directory for a redis-server the test starts and stops itself, and
@@ -265,3 +246,40 @@ def test_ids_beyond_64_bits_are_answered_not_a_500(client):
     answer = client.post("/v1/recommendations", json={"user_id": 2**70, "history": [2**80], "k": 3})
     assert answer.status_code == 200
     assert answer.json()["user_id"] == 2**70 and answer.json()["unknown_items"] == [2**80]
+
+
+SERVICE_PROBE = """
+import sys
+from fastapi.testclient import TestClient
+from serving.main import app_factory
+with TestClient(app_factory()) as client:
+    assert client.get("/v1/users/0/recommendations").status_code == 200
+    assert client.post("/v1/recommendations", json={"history": [1, 2]}).status_code == 200
+print(" ".join(sorted(sys.modules)))
+"""
+NEVER_IN_THE_SERVICE = (
+    "training.trainer",
+    "training.fit",
+    "training.distributed",
+    "training.losses",
+    "recsys.pipeline",
+    "recsys.cli",
+    "recsys.gate",
+    "recsys.tune",
+    "bench",
+)
+
+
+def test_service_process_imports_no_trainer_pipeline_or_benchmark(artifacts):
+    """The worker a `recsys serve` runs (serving.main), loading a version and answering
+    both kinds of request, never imports the build side (issue 14's layering)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SERVICE_PROBE],
+        env={**os.environ, "RECSYS_ARTIFACTS": str(artifacts), "REDIS_URL": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    loaded = set(done.stdout.split())
+    assert "serving.app" in loaded and "training.model" in loaded
+    assert not [m for m in loaded if m.startswith(NEVER_IN_THE_SERVICE)]

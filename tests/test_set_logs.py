@@ -17,6 +17,8 @@ from training.config import TowerConfig, TrainConfig
 from training.evaluate import eval_task, evaluate
 from training.trainer import build_split, train
 
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
+
 TOWER = TowerConfig(embedding_dim=32, id_dim=32, hidden_dim=64, history_length=20)
 CONFIG = TrainConfig(max_epochs=3, batch_size=256, patience=3, seed=1, refit=False)
 

@@ -4,7 +4,7 @@ import polars as pl
 import pytest
 
 from features.splits import leave_last_out, quantile_cutoff, time_cutoff
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 
 @pytest.fixture

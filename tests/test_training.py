@@ -21,6 +21,8 @@ from training.evaluate import eval_task, evaluate
 from training.export import load_model, save_model
 from training.trainer import train
 
+pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
+
 TOWER = TowerConfig(embedding_dim=32, id_dim=32, hidden_dim=64, history_length=20)
 
 
@@ -53,6 +55,10 @@ def test_export_round_trip_gives_identical_embeddings(planted, tmp_path):
     result = train(planted, split, TOWER, config, progress=False)
     save_model(result.state, result.spec, tmp_path)
     model = load_model(tmp_path)
+    loaded = model.state_dict()
+    assert set(loaded) == set(result.state)
+    for name, trained in result.state.items():  # the trained weights, bit for bit
+        torch.testing.assert_close(loaded[name], trained, rtol=0, atol=0)
     builder = BatchBuilder(planted, TOWER)
     first = item_embeddings(model, builder, planted.num_items)
     again = item_embeddings(load_model(tmp_path), builder, planted.num_items)
@@ -97,8 +103,13 @@ def test_training_batch_has_no_leakage(planted):
 
 
 def test_interactions_are_sorted_for_histories(planted):
-    assert planted.interactions["user_idx"].is_sorted()
-    assert isinstance(planted.interactions, pl.DataFrame)
+    """Each user's events are one contiguous slice in time order: what the CSR offsets of
+    the histories index."""
+    frame = planted.interactions
+    assert frame["user_idx"].is_sorted()
+    assert frame.group_by("user_idx").agg(pl.col("timestamp").is_sorted().alias("s"))["s"].all()
+    counts = np.bincount(frame["user_idx"].to_numpy(), minlength=planted.num_users)
+    np.testing.assert_array_equal(np.diff(planted.histories.offsets), counts)
 
 
 class Interrupt(Exception):

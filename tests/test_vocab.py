@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from features.vocab import Vocabulary
-from recsys.errors import DataValidationError
+from recsys.core.errors import DataValidationError
 
 ids = st.lists(st.integers(-(2**40), 2**40), max_size=50)
 

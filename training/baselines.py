@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from features.history import UserHistories
 from features.jagged import ranges
-from recsys import schema as s
+from recsys.core import schema as s
 
 
 def interaction_matrix(events: pl.DataFrame, num_users: int, num_items: int) -> sp.csr_matrix:

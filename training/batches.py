@@ -15,7 +15,7 @@ from torchrec import KeyedJaggedTensor
 from features.feature_set import FeatureSet
 from features.jagged import CsrBags
 from features.ordering import Ordering
-from recsys import schema as s
+from recsys.core import schema as s
 from training.collective import all_sum
 from training.config import TowerConfig
 

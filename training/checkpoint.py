@@ -11,8 +11,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from recsys.artifacts import atomic_path
-from recsys.errors import ArtifactError
+from recsys.core.artifacts import atomic_path
+from recsys.core.errors import ArtifactError
 from training.parallel import ParallelModel
 
 TRAINER_STATE = "trainer.json"

@@ -65,6 +65,11 @@ def parse_losses(specs: list[str]) -> tuple[tuple[LossKind, float], ...]:
     return tuple(parsed)
 
 
+def warm_budget(full_run_epochs: int) -> int:
+    """Epochs of a warm-started rebuild: a third of what a full run took (or would take)."""
+    return max(1, math.ceil(full_run_epochs / 3))
+
+
 SHARDINGS = ("auto", "table_wise", "column_wise", "row_wise")  # row_wise: GPUs only
 
 
@@ -104,6 +109,12 @@ class TrainConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 < self.valid_share < 1.0:
             raise ValueError(f"valid_share must be in (0, 1), got {self.valid_share}")
+        if self.extra_negatives and LossKind.SOFTMAX not in {kind for kind, _ in self.losses}:
+            raise ValueError(
+                "extra_negatives feed the softmax loss only: add the softmax loss or drop them"
+            )
+        if self.extra_negatives < 0:
+            raise ValueError(f"extra_negatives must be >= 0, got {self.extra_negatives}")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
 
@@ -127,5 +138,5 @@ class TrainConfig:
             min(50, max(3, self.example_budget // max(1, train_events)))
         )
         if warm:
-            epochs = self.warm_epochs or max(1, math.ceil(epochs / 3))
+            epochs = self.warm_epochs or warm_budget(epochs)
         return replace(self, batch_size=batch, max_epochs=epochs)

@@ -24,9 +24,10 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from features.feature_set import FeatureSet, user_shard
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 from training.config import TowerConfig, TrainConfig
-from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS, save_model
+from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS
+from training.fit import METRICS, save_result
 from training.model import ModelSpec
 from training.parallel import ensure_process_group
 from training.trainer import TrainResult, build_split, train
@@ -68,14 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         tower,
         config,
         device=device,
-        metrics_path=args.model_dir / "metrics.jsonl",
+        metrics_path=args.model_dir / METRICS,
         progress=False,
         warm_start=warm,
     )
     if rank == 0:
-        save_model(
-            result.state, result.spec, args.model_dir, result.row_state, result.validated_state
-        )
+        save_result(result, args.model_dir)
         summary = {
             "config": result.config.to_dict(),
             "history": result.history,

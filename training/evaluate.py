@@ -13,7 +13,7 @@ import polars as pl
 
 from features.history import UserHistories
 from features.jagged import CsrBags, ranges
-from recsys import schema as s
+from recsys.core import schema as s
 
 KS = (10, 20, 50, 100)
 

@@ -4,12 +4,17 @@ version for embedding, evaluation and serving in one process."""
 import json
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from recsys.errors import ArtifactError
-from training.model import ModelSpec, TwoTower
+from features.feature_set import FeatureSet
+from recsys.core.errors import ArtifactError
+from recsys.core.layout import VersionLayout
+from training.batches import BatchBuilder
+from training.model import ModelSpec, TwoTower, model_spec
 
 WEIGHTS = "weights.safetensors"
 SPEC = "model.json"
@@ -64,3 +69,36 @@ def load_model(directory: Path, validated: bool = False) -> TwoTower:
         )
     model.eval()
     return model
+
+
+def version_towers(
+    version_dir: Path, features: FeatureSet, validated: bool = False
+) -> tuple[TwoTower, BatchBuilder]:
+    """A built version's towers and a batch builder with the version's known-ID masks.
+
+    `features` may be a grown log (a newer version's data): users, items and categories
+    the version never saw are then left out, as the version would have to. `validated`
+    takes the weights from before the refit on every event, where the version has them
+    (what to measure on validation events)."""
+    layout = VersionLayout(version_dir)
+    model = load_model(layout.model, validated=validated)
+    builder = BatchBuilder(features, model.spec.tower)
+    if set(builder.keys.order) != set(model.spec.keys.order):  # the model looks keys up by name
+        raise ArtifactError(
+            f"{version_dir}: the model reads features {list(model.spec.keys.order)}, "
+            f"the data has {list(builder.keys.order)}"
+        )
+    known = {
+        side: pl.read_parquet(layout.side_embeddings(side), columns=["known"])
+        for side in ("items", "users")
+    }
+    builder.known_items = _padded(known["items"]["known"].to_numpy(), features.num_items)
+    builder.known_users = _padded(known["users"]["known"].to_numpy(), features.num_users)
+    model_rows = model.spec.table_rows()
+    if model_rows != model_spec(features, model.spec.tower).table_rows():
+        builder.limit_to(model_rows)
+    return model, builder
+
+
+def _padded(known: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([known, np.zeros(max(0, size - len(known)), dtype=bool)])[:size]

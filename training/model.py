@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from recsys import schema as s
+from features.feature_set import FeatureSet
+from recsys.core import schema as s
 from training.batches import HISTORY, RECENT, FeatureKeys, feature_keys, side_key
 from training.config import Similarity, TowerConfig
 
@@ -49,6 +50,17 @@ class ModelSpec:
             item_categories=dict(payload["item_categories"]),
             tower=TowerConfig.from_dict(payload["tower"]),
         )
+
+
+def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
+    """The model a log's sizes and categories call for."""
+    return ModelSpec(
+        num_users=features.num_users,
+        num_items=features.num_items,
+        user_categories=features.category_counts.get("users", {}),
+        item_categories=features.category_counts.get("items", {}),
+        tower=tower,
+    )
 
 
 def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:

@@ -22,7 +22,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 from training.config import TrainConfig
 from training.model import ModelSpec, TwoTower
 

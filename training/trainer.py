@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from features.feature_set import FeatureSet
 from features.splits import ROW, Split, validation_split
-from recsys.artifacts import atomic_path
+from recsys.core.artifacts import atomic_path
 from training.batches import BatchBuilder
 from training.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from training.collective import all_max, all_mean, all_min, all_sum
@@ -39,7 +39,7 @@ from training.losses import (
     NPairLoss,
     TripletLoss,
 )
-from training.model import ModelSpec
+from training.model import ModelSpec, model_spec
 from training.parallel import (
     build_parallel,
     embedding_optimizer_state,
@@ -127,16 +127,6 @@ def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
     if len(parts) == 1 and parts[0][0] == 1.0:
         return parts[0][1]
     return CombinedLoss(parts)
-
-
-def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
-    return ModelSpec(
-        num_users=features.num_users,
-        num_items=features.num_items,
-        user_categories=features.category_counts.get("users", {}),
-        item_categories=features.category_counts.get("items", {}),
-        tower=tower,
-    )
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from recsys.bench.report import peak_rss_mb
+from bench.report import peak_rss_mb
 
 
 def main() -> None:

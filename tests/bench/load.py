@@ -15,15 +15,23 @@ Request = tuple[str, dict[str, int]]  # path, query parameters
 
 
 async def timed_get(
-    session: aiohttp.ClientSession, path: str, params: dict[str, int]
+    session: aiohttp.ClientSession,
+    path: str,
+    params: dict[str, int],
+    scheduled: float | None = None,
 ) -> tuple[int, float]:
     """(status, milliseconds); status 0 when the request failed at the transport level.
+
+    With `scheduled` (a `time.perf_counter()` instant), the time counts from when the
+    request was due, not from when it was sent: a client that falls behind its schedule
+    (a busy event loop, a GC pause) cannot hide the server's queueing that way (no
+    coordinated omission).
 
     A pooled keep-alive connection that the server closed as it went idle fails the next
     request on it before anything was sent to the application: such a request is retried
     once on a fresh connection (as browsers and HTTP clients do for idempotent requests);
     a second failure counts."""
-    started = time.perf_counter()
+    started = time.perf_counter() if scheduled is None else scheduled
     for attempt in range(2):
         try:
             async with session.get(path, params=params) as response:
@@ -90,7 +98,7 @@ async def _run(
     ) as session:
 
         async def one(due: float, path: str, params: dict[str, int]) -> None:
-            status, ms = await timed_get(session, path, params)
+            status, ms = await timed_get(session, path, params, scheduled=start + due)
             sent.append((due, status, ms))
 
         tasks = []

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.report import RESULTS_DIR, markdown_table, save
 from data.synthetic import SyntheticConfig, generate
-from recsys.bench.report import RESULTS_DIR, markdown_table, save
 
 TARGET_ROWS = 10_000_000
 TARGET_SECONDS = 30.0
@@ -26,7 +26,7 @@ def _dataset(root: Path, rows: int) -> Path:
 
 
 def _job(engine: str, data: Path, out: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "recsys.bench.ingest_job", "--engine", engine]
+    command = [sys.executable, "-m", "bench.ingest_job", "--engine", engine]
     result = subprocess.run(
         [*command, "--data", str(data), "--out", str(out)],
         capture_output=True,

@@ -7,7 +7,7 @@ import shutil
 import time
 from pathlib import Path
 
-from recsys.bench.report import peak_rss_mb
+from bench.report import peak_rss_mb
 
 BATCH = 8192
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import polars as pl
 
+from bench.report import RESULTS_DIR, markdown_table, save
+from bench.tuning_grid import best_on_validation
 from features.feature_set import FeatureSet
 from features.history import UserHistories
 from features.ingest import ingest
 from features.sources import resolve_source
 from features.splits import ROW, leave_last_out
-from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from training.baselines import Ease, MatrixFactorization, Popularity
 from training.batches import BatchBuilder
 from training.config import LossKind, Similarity, TowerConfig, TrainConfig
@@ -41,15 +42,15 @@ def _tune(
     test: EvalTask,
 ) -> dict[str, Any]:
     """Pick the grid point with the best validation HitRate@10, refit, test."""
-    best: tuple[float, dict[str, Any]] = (-1.0, {})
-    for params in grid:
-        score = evaluate(fit(train_events, **params), valid)["hit_rate@10"]
-        print(f"  {name} {params}: valid hit_rate@10 {score:.4f}", flush=True)
-        if score > best[0]:
-            best = (score, params)
-    started = time.perf_counter()
-    metrics = evaluate(fit(all_events, **best[1]), test)
-    return {"model": name, "params": best[1], "seconds": time.perf_counter() - started, **metrics}
+    return best_on_validation(
+        name,
+        grid,
+        lambda params: fit(train_events, **params),
+        lambda params: fit(all_events, **params),
+        valid,
+        test,
+        "hit_rate@10",
+    )
 
 
 def peers(
@@ -158,7 +159,7 @@ def two_tower(
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     from data import movielens
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     data = movielens.fetch(Settings().datasets_dir)
     ingest(resolve_source(data), work / "ml-100k")

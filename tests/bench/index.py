@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from recsys.bench.report import RESULTS_DIR, markdown_table, save
+from bench.report import RESULTS_DIR, markdown_table, save
 from serving.index import (
     AnnoyRetriever,
     ExactRetriever,
@@ -101,8 +101,8 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         )
         results.append(_case("clustered unit vectors", item_emb, tuning, held_out, work))
     if not quick:
-        from recsys.bench.build import huge_version
-        from recsys.versions import VersionStore
+        from bench.build import huge_version
+        from recsys.core.versions import VersionStore
 
         version = VersionStore(huge_version(work)).current()
         item_emb, tuning, held_out = _trained(version, rng)

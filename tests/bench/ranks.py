@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bench.build import synthetic_data
+from bench.report import bar_chart, markdown_table, save
 from features.ingest import ingest
 from features.sources import resolve_source
-from recsys.bench.build import synthetic_data
-from recsys.bench.report import bar_chart, markdown_table, save
 from training.config import TowerConfig, TrainConfig
 from training.distributed import train_with_torchrun
 
@@ -55,7 +55,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         "ranks takes batch/N), synthetic log of "
         f"{data.name.split('-')[1]} events, this 2-core machine: the cores are shared, so "
         "each rank gets 2/N threads (OMP_NUM_THREADS) and the ranks talk over gloo on "
-        "loopback. Reproduce: `python -m recsys.bench --only ranks`."
+        "loopback. Reproduce: `python -m bench --only ranks`."
     )
     headers = ["ranks", "examples/s", "vs 1 rank", "epoch s", "valid recall@20", "weights/rank"]
     save(

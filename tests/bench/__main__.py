@@ -1,4 +1,4 @@
-"""`python -m recsys.bench [--quick]`: run every benchmark and write bench_results/."""
+"""`python -m bench [--quick]`: run every benchmark and write bench_results/."""
 
 import argparse
 import logging
@@ -6,7 +6,7 @@ import time
 import warnings
 from pathlib import Path
 
-from recsys.bench import (
+from bench import (
     build,
     index,
     ingest,
@@ -19,7 +19,7 @@ from recsys.bench import (
     speed,
     tuning,
 )
-from recsys.settings import Settings
+from recsys.core.settings import Settings
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ from typing import Any
 
 import psutil
 
-from recsys.bench.load import open_loop, recommendation_requests
-from recsys.bench.report import RESULTS_DIR, markdown_table, save
+from bench.load import open_loop, recommendation_requests
+from bench.report import RESULTS_DIR, markdown_table, save
+from recsys.core.versions import VersionStore
 from recsys.processes import served
-from recsys.versions import VersionStore
 
 RATE = 100  # requests/s
 WINDOW = 10  # seconds per row
@@ -34,7 +34,7 @@ def _service_rss_mb(port: int) -> float:
 
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
-    from recsys.bench.serving import movielens_version, user_range
+    from bench.serving import movielens_version, user_range
 
     artifacts = movielens_version(work)
     users = user_range(VersionStore(artifacts).current())

@@ -17,12 +17,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recsys.artifacts import read_manifest, write_manifest
-from recsys.errors import ArtifactError
+from recsys.core.artifacts import MANIFEST, read_manifest, write_manifest
+from recsys.core.errors import ArtifactError
 
 VERSIONS = "versions"
 CURRENT = "current"
 _STAGING_PREFIX = ".staging-"
+
+
+def verify_version(path: Path) -> dict[str, Any]:
+    """The manifest of a committed version, after checking every file against it and that
+    it names its own directory (a copied or renamed version would otherwise look new on
+    every poll of the pointer, and be reloaded forever)."""
+    manifest = read_manifest(path, verify=True)
+    if manifest.get("version") != path.name:
+        raise ArtifactError(
+            f"{path / MANIFEST}: names version {manifest.get('version')!r} but lives in "
+            f"'{path.name}'; a version directory must keep the name its build gave it"
+        )
+    return manifest
 
 
 class VersionStore:

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from bench.report import markdown_table, save
+from bench.tuning_grid import best_on_validation
 from features.feature_set import FeatureSet
 from features.history import UserHistories
 from features.sources import resolve_source
 from features.splits import random_holdout
-from recsys import schema as s
-from recsys.bench.report import markdown_table, save
+from recsys.core import schema as s
 from training.baselines import Ease, ItemKnn, MatrixFactorization, Popularity
 from training.evaluate import EvalTask, Scorer, eval_task, evaluate
 
@@ -80,15 +81,15 @@ def _tune(
     full: Side,
 ) -> dict[str, Any]:
     """Pick the grid point with the best validation Recall@20, refit on all training."""
-    best: tuple[float, dict[str, Any]] = (-1.0, {})
-    for params in grid:
-        score = evaluate(fit(inner[0], inner[1], **params), inner[2])["recall@20"]
-        print(f"  {name} {params}: valid recall@20 {score:.4f}", flush=True)
-        if score > best[0]:
-            best = (score, params)
-    started = time.perf_counter()
-    metrics = evaluate(fit(full[0], full[1], **best[1]), full[2])
-    return {"model": name, "params": best[1], "seconds": time.perf_counter() - started, **metrics}
+    return best_on_validation(
+        name,
+        grid,
+        lambda params: fit(inner[0], inner[1], **params),
+        lambda params: fit(full[0], full[1], **params),
+        inner[2],
+        full[2],
+        "recall@20",
+    )
 
 
 def peers(features: FeatureSet, test: EvalTask, quick: bool) -> list[dict[str, Any]]:
@@ -247,7 +248,7 @@ def protocol(
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     from data import movielens, synthetic
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     ml = pl.read_parquet(movielens.fetch(Settings().datasets_dir) / "interactions.parquet")
     results = protocol("MovieLens-100K", ml, work / "sets-ml-100k", quick, ablations=not quick)
@@ -274,13 +275,13 @@ def _changes(assignments: list[str]) -> dict[str, dict[str, Any]]:
 
 def main() -> None:
     """One build of the protocol with changed settings, for exploring before a default
-    changes: `python -m recsys.bench.quality_sets [--synthetic ROWS] train.temperature=0.2`."""
+    changes: `python -m bench.quality_sets [--synthetic ROWS] train.temperature=0.2`."""
     import argparse
     import logging
     import warnings
 
     from data import movielens, synthetic
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("changes", nargs="*", help="SECTION.KEY=VALUE (TOML value)")

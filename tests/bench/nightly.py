@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bench.build import job
+from bench.report import bar_chart, markdown_table, save
 from data.daily import write_days
 from data.synthetic import SyntheticConfig, generate
-from recsys.bench.build import job
-from recsys.bench.report import bar_chart, markdown_table, save
 
 NEW_DAYS = 3  # of the synthetic log's 30
 

@@ -1,10 +1,12 @@
 """One build at a time per artifacts directory.
 
-The lock is an advisory `flock` on `<root>/.build.lock`: the kernel releases it when the
-holder dies, however it dies (SIGKILL included), so a stale lock can never block the next
-build. The file also records who holds it (pid, host, start time), which names the running
-build in the error a second build gets, and tells the next holder that the previous one
-died without finishing (its pid is still written there) so it can clean up after it.
+The lock is an advisory `flock` on the artifacts directory itself: the kernel releases it
+when the holder dies, however it dies (SIGKILL included), so a stale lock can never block
+the next build, and no file can be deleted from under it (a lock on `.build.lock` was lost
+when someone removed the file, and a second build then deleted the first one's staging
+directory). `<root>/.build.lock` records who holds it (pid, host, start time), which names
+the running build in the error a second build gets, and tells the next holder that the
+previous one died without finishing (its pid is still written there) so it can clean up.
 """
 
 import fcntl
@@ -18,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import RecsysError
+from recsys.core.errors import RecsysError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,10 @@ def build_lock(root: Path) -> Iterator[dict[str, Any]]:
     (empty when it finished cleanly, its pid/host/start when it died mid-build)."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    directory = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(directory, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(path)
             raise BuildLockedError(
@@ -66,11 +68,10 @@ def build_lock(root: Path) -> Iterator[dict[str, Any]]:
             "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(me).encode(), 0)
+        path.write_text(json.dumps(me))
         try:
             yield stale
         finally:
-            os.ftruncate(fd, 0)  # a clean exit leaves an empty file: nothing stale
+            path.write_text("")  # a clean exit leaves an empty file: nothing stale
     finally:
-        os.close(fd)  # releases the flock
+        os.close(directory)  # releases the flock

@@ -8,15 +8,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.report import markdown_table, save
 from data.synthetic import SyntheticConfig, generate
-from recsys.bench.report import markdown_table, save
 
 TARGET_MINUTES = 15
 
 
 def job(data: Path, artifacts: Path, epochs: int | None, *flags: str) -> dict[str, Any]:
     """One `recsys build` in a fresh process (its own peak RSS); `flags` go to build_job."""
-    command = [sys.executable, "-m", "recsys.bench.build_job", "--data", str(data)]
+    command = [sys.executable, "-m", "bench.build_job", "--data", str(data)]
     command += ["--artifacts", str(artifacts), *flags]
     if epochs is not None:
         command += ["--epochs", str(epochs)]

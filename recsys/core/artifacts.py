@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from recsys.errors import ArtifactError
+from recsys.core.errors import ArtifactError
 
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
@@ -61,10 +61,11 @@ def confined(root: Path, relative: str) -> Path:
 
 
 def _artifact_files(root: Path) -> list[Path]:
+    """Every file but the manifest being written (nested manifests, such as the ingest
+    output's inside a version, are covered like any other file)."""
+    own = root / MANIFEST
     return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+        p for p in root.rglob("*") if p.is_file() and p != own and not p.name.startswith(".")
     )
 
 
@@ -88,7 +89,10 @@ def read_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{path}: not valid JSON ({exc})") from exc
     if verify:
-        for relative, expected in manifest.get("checksums", {}).items():
+        checksums = manifest.get("checksums")
+        if not isinstance(checksums, dict) or not checksums:
+            raise ArtifactError(f"{path}: no checksums to verify; the manifest was altered")
+        for relative, expected in checksums.items():
             file = confined(root, relative)
             if not file.is_file():
                 raise ArtifactError(f"{root}: file '{relative}' listed in the manifest is missing")

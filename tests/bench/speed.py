@@ -13,17 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchrec import KeyedJaggedTensor
 
+from bench.report import RESULTS_DIR, markdown_table, save
 from data.synthetic import SyntheticConfig, generate
 from features.feature_set import FeatureSet
 from features.ingest import ingest
 from features.sources import resolve_source
-from recsys.bench.report import RESULTS_DIR, markdown_table, save
 from training.batches import BatchBuilder
 from training.config import TowerConfig, TrainConfig
 from training.losses import InBatchSoftmaxLoss
-from training.model import ModelSpec, TwoTower
+from training.model import ModelSpec, TwoTower, model_spec
 from training.parallel import build_parallel
-from training.trainer import model_spec
 
 
 class PlainTwoTower(nn.Module):

@@ -12,9 +12,9 @@ from typing import Any
 
 import polars as pl
 
+from bench.quality_sets import EmbeddingScorer, _indexed, holdout_files, two_tower
+from bench.report import markdown_table, save
 from features.feature_set import FeatureSet
-from recsys.bench.quality_sets import EmbeddingScorer, _indexed, holdout_files, two_tower
-from recsys.bench.report import markdown_table, save
 from recsys.build_config import BuildConfig
 from training.evaluate import eval_task, evaluate
 
@@ -26,7 +26,7 @@ HEADER = re.compile(
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     from data import movielens
-    from recsys.settings import Settings
+    from recsys.core.settings import Settings
 
     events = pl.read_parquet(movielens.fetch(Settings().datasets_dir) / "interactions.parquet")
     train_path, test_pairs = holdout_files(events, work / "tune-ml-100k")

@@ -19,10 +19,10 @@ import httpx
 import numpy as np
 import polars as pl
 
-from recsys.bench.load import open_loop, recommendation_requests
-from recsys.bench.report import markdown_table, save
+from bench.load import open_loop, recommendation_requests
+from bench.report import markdown_table, save
+from recsys.core.versions import VersionStore
 from recsys.processes import free_port, served, wait_listening, wait_ready
-from recsys.versions import VersionStore
 
 WRK_SECONDS = 10
 WORKERS = 2  # one per core, for the service and the ceiling alike
@@ -79,7 +79,7 @@ def _ceiling_server() -> Iterator[str]:
     port = free_port()
     launch = (
         "from serving.workers import serve; "
-        f"serve('recsys.bench.ceiling_app:app', port={port}, workers={WORKERS})"
+        f"serve('bench.ceiling_app:app', port={port}, workers={WORKERS})"
     )
     ceiling = _start([sys.executable, "-c", launch], dict(os.environ))
     url = f"http://127.0.0.1:{port}/v1/users/1/recommendations"
@@ -157,8 +157,8 @@ def movielens_version(work: Path) -> Path:
     """Artifacts with a MovieLens-100K version (built on first use)."""
     from data import movielens
     from features.sources import resolve_source
+    from recsys.core.settings import Settings
     from recsys.pipeline import build
-    from recsys.settings import Settings
 
     artifacts = work / "serving-ml-100k"
     if VersionStore(artifacts).current_name() is None:
@@ -169,7 +169,7 @@ def movielens_version(work: Path) -> Path:
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is needed for the serving benchmark: apt-get install wrk")
-    from recsys.bench.build import huge_version
+    from bench.build import huge_version
 
     versions = [("MovieLens-100K", movielens_version(work))]
     if not quick:

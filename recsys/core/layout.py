@@ -1,0 +1,64 @@
+"""Where each part of a version lives: the one place that spells the file names inside a
+version directory (every reader and writer asks a `VersionLayout`).
+
+    <version>/manifest.json        written last, with a checksum of every other file
+    <version>/data/                the ingested log (its own manifest, vocabularies, tables)
+    <version>/model/               model.json, weights (and validated weights, row state)
+    <version>/embeddings/          users.parquet, items.parquet
+    <version>/index/               the Annoy index and its parameters
+    <version>/build_config.toml    the resolved settings the version was built with
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = "data"
+MODEL = "model"
+EMBEDDINGS = "embeddings"
+INDEX = "index"
+BUILD_CONFIG = "build_config.toml"
+INTERACTIONS = "interactions.parquet"
+VOCAB = "vocab"
+
+
+@dataclass(frozen=True)
+class VersionLayout:
+    """Paths inside one version directory (staged or committed)."""
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / DATA
+
+    @property
+    def model(self) -> Path:
+        return self.root / MODEL
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / EMBEDDINGS
+
+    @property
+    def index(self) -> Path:
+        return self.root / INDEX
+
+    @property
+    def build_config(self) -> Path:
+        return self.root / BUILD_CONFIG
+
+    def side_embeddings(self, side: str) -> Path:
+        """`side` is "users" or "items"."""
+        return self.embeddings / f"{side}.parquet"
+
+    @property
+    def interactions(self) -> Path:
+        return self.data / INTERACTIONS
+
+    def table(self, side: str) -> Path:
+        """The ingested side table ("users" or "items"), when the build had one."""
+        return self.data / f"{side}.parquet"
+
+    def vocabulary(self, column: str) -> Path:
+        """Raw ID -> dense index of `column` ("user_id" or "item_id")."""
+        return self.data / VOCAB / f"{column}.parquet"

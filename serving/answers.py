@@ -1,0 +1,217 @@
+"""What the service answers, free of HTTP: look a request up, search on a cache miss, and
+shape the answer. This module owns every cache key (each carries the model version, so a
+new version never reads an old one's entries).
+
+Which code runs where: `for_user` and `similar` are coroutines for the event loop (a
+lookup and a Redis round trip bounded by its millisecond timeout; a thread-pool hop would
+cost more than a cache hit); only a miss on a version with slow searches goes to the
+search threads. `for_request` may run the user tower and is called from a thread.
+"""
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.cache import CACHE_EVENTS, Cache, pack_results, unpack_results
+from serving.live import LiveVersion
+from serving.metrics import INDEX_SECONDS
+from serving.schemas import ItemId, RecommendationRequest
+from serving.state import VersionState
+
+Search = Callable[[], tuple[np.ndarray, np.ndarray]]  # a retrieval to run on a cache miss
+Found = tuple[np.ndarray, np.ndarray, bool]  # items, scores, cached
+Answer = dict[str, object]
+
+
+class AnswerError(Exception):
+    """A request that cannot be answered; `status` is the HTTP status it maps to."""
+
+    status = 400
+
+
+class NotReady(AnswerError):
+    status = 503
+
+
+class UnknownItem(AnswerError):
+    status = 404
+
+
+class Invalid(AnswerError):
+    status = 422
+
+
+def user_key(version: str, user: int, k: int, exclude_seen: bool) -> str:
+    return f"recsys:{version}:user:{user}:{k}:{int(exclude_seen)}"
+
+
+def popular_key(version: str, k: int) -> str:
+    return f"recsys:{version}:popular:{k}"
+
+
+def similar_key(version: str, item: int, k: int) -> str:
+    return f"recsys:{version}:similar:{item}:{k}"
+
+
+def query_key(version: str, query: np.ndarray, banned: np.ndarray, k: int) -> str:
+    digest = hashlib.blake2b(query.tobytes() + banned.tobytes(), digest_size=12).hexdigest()
+    return f"recsys:{version}:query:{digest}:{k}"
+
+
+CACHE_PREFIX = "recsys:"  # of every key above: what a flush deletes
+
+
+def _scored(state: VersionState, items: np.ndarray, scores: np.ndarray) -> list[Answer]:
+    return [
+        {"item_id": i, "score": s}
+        for i, s in zip(state.item_ids(items), scores.astype(float).tolist(), strict=True)
+    ]
+
+
+def _recommendations(
+    state: VersionState,
+    user_id: ItemId | None,
+    found: Found,
+    fallback: bool = False,
+    unknown_items: list[ItemId] | None = None,
+) -> Answer:
+    items, scores, cached = found
+    return {
+        "model_version": state.version,
+        "user_id": user_id,
+        "items": _scored(state, items, scores),
+        "cached": cached,
+        "fallback": fallback,
+        "unknown_items": unknown_items or [],
+    }
+
+
+@dataclass
+class Answers:
+    live: LiveVersion
+    cache: Cache
+    ttl_seconds: int
+    search_threads: ThreadPoolExecutor
+    offload_search_ms: float  # misses of versions whose searches take this long: threads
+    max_k: int
+    max_history: int  # longest history a request may give
+
+    def current(self) -> VersionState:
+        """The version a request uses from start to end (read once: see serving.live)."""
+        state = self.live.state
+        if state is None:
+            raise NotReady("no model loaded yet")
+        return state
+
+    def _lookup(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        hit = self.cache.get(key)
+        CACHE_EVENTS.labels("miss" if hit is None else "hit").inc()
+        return None if hit is None else unpack_results(hit)
+
+    def _store(self, key: str, items: np.ndarray, scores: np.ndarray) -> None:
+        self.cache.set(key, pack_results(items, scores), self.ttl_seconds)
+
+    @staticmethod
+    def _timed(search: Search) -> tuple[np.ndarray, np.ndarray]:
+        started = time.perf_counter()
+        found = search()
+        INDEX_SECONDS.observe(time.perf_counter() - started)
+        return found
+
+    def cached(self, key: str, search: Search) -> Found:
+        """A lookup for callers already off the event loop."""
+        hit = self._lookup(key)
+        if hit is not None:
+            return *hit, True
+        items, scores = self._timed(search)
+        self._store(key, items, scores)
+        return items, scores, False
+
+    async def cached_on_loop(self, state: VersionState, key: str, search: Search) -> Found:
+        """A hit is answered on the loop. A miss on a version whose searches are slow
+        searches in the search threads: Annoy and NumPy release the GIL while they search,
+        so the loop keeps answering hits meanwhile. Faster searches run on the loop:
+        handing the GIL back and forth cost more than it saved at 2 ms per search."""
+        hit = self._lookup(key)
+        if hit is not None:
+            return *hit, True
+        if state.search_ms >= self.offload_search_ms:
+            loop = asyncio.get_running_loop()
+            items, scores = await loop.run_in_executor(self.search_threads, self._timed, search)
+        else:
+            items, scores = self._timed(search)
+        self._store(key, items, scores)
+        return items, scores, False
+
+    def _user_search(
+        self, state: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
+    ) -> tuple[str, Search, bool]:
+        """(cache key, search, fallback): an unknown user gets the most popular items."""
+        user = state.user_index(raw_user)
+        rec = state.recommender
+        if user is None:
+            return popular_key(state.version, k), lambda: rec.for_unknown(k), True
+        exclude = state.seen(user) if exclude_seen else np.zeros(0, np.int64)
+        key = user_key(state.version, user, k, exclude_seen)
+        return key, lambda: rec.for_vector(rec.user_emb[user], exclude, k), False
+
+    async def for_user(self, raw_user: ItemId, k: int, exclude_seen: bool) -> Answer:
+        """Top-k for a user ID (event loop)."""
+        state = self.current()
+        key, search, fallback = self._user_search(state, raw_user, k, exclude_seen)
+        found = await self.cached_on_loop(state, key, search)
+        return _recommendations(state, state.user_key(raw_user), found, fallback)
+
+    def for_request(self, body: RecommendationRequest) -> Answer:
+        """Top-k for a user, a session history, or both (a thread: may run the tower)."""
+        state = self.current()
+        if body.k > self.max_k:
+            raise Invalid(f"k must be at most {self.max_k}")
+        if len(body.history) > self.max_history:
+            raise Invalid(f"history holds {len(body.history)} items; at most {self.max_history}")
+        unknown = [i for i in [*body.history, *body.exclude] if state.item_index(i) is None]
+        if not body.history and not body.exclude and body.user_id is not None:
+            key, search, fallback = self._user_search(state, body.user_id, body.k, True)
+            found = self.cached(key, search)
+            return _recommendations(state, state.user_key(body.user_id), found, fallback)
+        user = None if body.user_id is None else state.user_index(body.user_id)
+        history = [h for i in body.history if (h := state.item_index(i)) is not None]
+        excluded = [e for i in body.exclude if (e := state.item_index(i)) is not None]
+        rec = state.recommender
+        seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
+        banned = np.unique(np.concatenate([np.asarray(history + excluded, np.int64), seen]))
+        if history:
+            query = state.embed_history(user, history)
+        elif user is not None:
+            query = rec.user_emb[user]
+        else:
+            items, scores = rec.popular(banned, body.k)
+            found = (items, scores, False)
+            return _recommendations(state, body.user_id, found, True, unknown)
+        key = query_key(state.version, query, banned, body.k)
+        found = self.cached(key, lambda: rec.for_vector(query, banned, body.k))
+        return _recommendations(state, body.user_id, found, unknown_items=unknown)
+
+    async def similar(self, raw_item: ItemId, k: int) -> Answer:
+        """Nearest items to an item, the item itself excluded (event loop)."""
+        state = self.current()
+        item = state.item_index(raw_item)
+        if item is None:
+            raise UnknownItem(f"unknown item_id {raw_item!r}")
+        rec = state.recommender
+        items, scores, cached = await self.cached_on_loop(
+            state,
+            similar_key(state.version, item, k),
+            lambda: rec.for_vector(rec.item_emb[item], np.array([item]), k),
+        )
+        return {
+            "model_version": state.version,
+            "item_id": state.item_ids(np.array([item]))[0],
+            "items": _scored(state, items, scores),
+            "cached": cached,
+        }

@@ -1,0 +1,56 @@
+"""What the service reports to Prometheus, and the middleware that counts requests.
+
+Label values are bounded: routes are the app's route templates (or "unmatched"), methods
+the standard HTTP verbs (anything else is "other"), statuses the three-digit codes, so no
+client can grow `/metrics` by sending odd requests."""
+
+import time
+
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUESTS = Counter("recsys_http_requests_total", "HTTP requests", ["route", "method", "status"])
+LATENCY = Histogram(
+    "recsys_http_request_seconds",
+    "HTTP request latency",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+INDEX_SECONDS = Histogram(
+    "recsys_index_query_seconds",
+    "Index query time",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+class Measure:
+    """Request counts and latency by route and status, as a plain ASGI middleware (the
+    decorator kind wraps every response in extra tasks and queues)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            REQUESTS.labels(path, method_label(scope["method"]), str(status)).inc()
+            LATENCY.labels(path).observe(time.perf_counter() - started)

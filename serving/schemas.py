@@ -1,0 +1,54 @@
+"""Request and response bodies of the HTTP API (they document it in the OpenAPI schema).
+Floats must be finite: JSON's NaN and Infinity extensions are refused with a 422."""
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ItemId = int | str
+
+
+class ScoredItem(BaseModel):
+    item_id: ItemId
+    score: float
+
+
+class Recommendations(BaseModel):
+    model_version: str
+    user_id: ItemId | None = None
+    items: list[ScoredItem]
+    cached: bool = Field(description="True when the answer came from the cache")
+    fallback: bool = Field(
+        default=False, description="True when the user is unknown: popular items"
+    )
+    unknown_items: list[ItemId] = Field(
+        default_factory=list, description="History or exclude IDs not in the catalogue, ignored"
+    )
+
+
+class RecommendationRequest(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    user_id: ItemId | None = None
+    history: list[ItemId] = Field(
+        default_factory=list, max_length=1000, description="Recent item IDs, oldest first"
+    )
+    k: int = Field(10, ge=1, le=1000)
+    exclude: list[ItemId] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _needs_someone(self) -> "RecommendationRequest":
+        if self.user_id is None and not self.history:
+            raise ValueError("give a user_id, a history of item IDs, or both")
+        return self
+
+
+class SimilarItems(BaseModel):
+    model_version: str
+    item_id: ItemId
+    items: list[ScoredItem]
+    cached: bool
+
+
+class Reloaded(BaseModel):
+    model_version: str | None
+    previous_version: str | None
+    switched: bool
