@@ -2,6 +2,7 @@
 
 import numpy as np
 import polars as pl
+import pytest
 
 from data.synthetic import SyntheticConfig, generate, home_clusters
 from features.ingest import ingest
@@ -51,6 +52,7 @@ def test_synthetic_generation_is_reproducible(tmp_path):
     assert first.equals(second)
 
 
+@pytest.mark.slow  # builds a model
 def test_a_movielens_version_serves_with_titles_over_its_side_features(movielens_dir, tmp_path):
     """Two item features (genres, year) and three user features: the served towers read
     the features by name, whatever order the tables list them in."""
