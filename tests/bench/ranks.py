@@ -25,7 +25,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     for nproc in (1, 2):
         out = work / f"ranks-model-{nproc}"
         shutil.rmtree(out, ignore_errors=True)
-        config = TrainConfig(max_epochs=1, batch_size=BATCH)
+        config = TrainConfig(max_epochs=1, batch_size=BATCH, refit=False)  # throughput only
         result = train_with_torchrun(features, out, nproc, TowerConfig(), config)
         epoch = result.history[0]
         results.append(
