@@ -32,7 +32,9 @@ Side = tuple[pl.DataFrame, UserHistories, EvalTask]  # fit events, query histori
 
 def holdout_files(events: pl.DataFrame, out: Path, seed: int = 0) -> tuple[Path, pl.DataFrame]:
     """Write the training 80% (no timestamp, sorted by user then item); return the test 20%."""
-    pairs = events.select(s.USER_ID, s.ITEM_ID).unique()
+    # Sorted before the draw: `unique()` returns rows in no fixed order, which made the
+    # split (and every figure) differ from run to run.
+    pairs = events.select(s.USER_ID, s.ITEM_ID).unique().sort(s.USER_ID, s.ITEM_ID)
     rng = np.random.default_rng(seed)
     pairs = pairs.with_columns(pl.Series("_key", rng.random(pairs.height)))
     pairs = pairs.with_columns(
