@@ -279,7 +279,7 @@ def build(
         ("ordering", f"{report.ingest.ordering}: {report.ingest.ordering_reason}"),
         (
             "epochs (best; refit)",
-            f"{len(report.train.history)} ({report.train.best_epoch}; "
+            f"{report.train.epochs_run} ({report.train.best_epoch}; "
             + (
                 f"{report.train.refit_epochs} on every event)"
                 if report.train.refitted

@@ -122,9 +122,11 @@ def build(
 @dataclass
 class WarmPlan:
     """Where a rebuild starts from: the current version's model directory (None: from
-    scratch), and the training settings with the warm budget filled in."""
+    scratch), the training settings with the warm budget filled in, and the towers (the
+    lineage's number of members when the settings leave it to the log's size)."""
 
     config: TrainConfig
+    tower: TowerConfig
     model_dir: Path | None = None
     from_version: str | None = None
     full_run_epochs: int | None = None  # of the last from-scratch run in the lineage
@@ -141,18 +143,21 @@ def plan_warm_start(
     is then a third of the epochs its lineage's last full run took (early stopping
     included), so that it follows what this data set needs, not the example budget."""
     if previous is None or policy.from_scratch:
-        return WarmPlan(config)
+        return WarmPlan(config, tower)
     model_dir = VersionLayout(previous).model
     old = ModelSpec.from_dict(json.loads((model_dir / SPEC).read_text()))
-    problem = warm_start_problem(old, model_spec(features, tower))
+    warm_tower = tower
+    if tower.members is None:  # chosen by log size: keep the lineage's, which the weights have
+        warm_tower = replace(tower, members=old.members)
+    problem = warm_start_problem(old, model_spec(features, warm_tower))
     if problem:
         log.warning("training from scratch: cannot warm-start from %s (%s)", previous.name, problem)
-        return WarmPlan(config)
+        return WarmPlan(config, tower)
     train = read_manifest(previous, verify=False).get("train", {})
     full_run_epochs = int(train.get("full_run_epochs") or train.get("epochs_run") or 1)
     if config.warm_epochs is None:
         config = replace(config, warm_epochs=warm_budget(full_run_epochs))
-    return WarmPlan(config, model_dir, previous.name, full_run_epochs)
+    return WarmPlan(config, warm_tower, model_dir, previous.name, full_run_epochs)
 
 
 @dataclass
@@ -210,13 +215,15 @@ def _manifest(
     return {
         "kind": "build",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "embedding_dim": settings.tower.embedding_dim,
+        "embedding_dim": result.spec.tower.output_dim,
+        "members": result.spec.members,
         "similarity": settings.tower.similarity.value,
         "index": asdict(index),
         "data": asdict(ingest_report),
         "train": {
             "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
+            "epochs_run": result.epochs_run,
+            "member_best_epochs": result.member_best_epochs or None,
             "seconds": round(result.seconds, 2),
             "seed": result.config.seed,
             "ranks": compute.nproc,
@@ -224,7 +231,7 @@ def _manifest(
             "sharding": result.sharding,
             "valid_metrics": result.best_metrics,
             "warm_start_from": plan.from_version,
-            "full_run_epochs": plan.full_run_epochs or len(result.history),
+            "full_run_epochs": plan.full_run_epochs or result.epochs_run,
             "refit_epochs": result.refit_epochs,
         },
         "gate": asdict(gate) if gate else None,
@@ -269,7 +276,7 @@ def _build_locked(
             features,
             split,
             layout.model,
-            tower,
+            plan.tower,
             plan.config,
             nproc=compute.nproc,
             device=compute.device,

@@ -91,6 +91,9 @@ def tune(
         # its score, only double its time.
         overrides = _overrides(params)
         overrides["train"] = {**overrides.get("train", {}), "refit": False}
+        # One tower per trial: the settings searched are a member's, and the build's
+        # ensemble (small logs) trains every member with them; trials stay 1/members as long.
+        overrides["tower"] = {**overrides.get("tower", {}), "members": 1}
         config = base.with_overrides(overrides)
         best = -1.0
         epoch_seconds: list[float] = []

@@ -55,13 +55,16 @@ def test_build_writes_a_complete_promoted_version(built):
         "data/vocab/item_id.parquet",
     ):
         assert name in manifest["checksums"], name
-    assert manifest["embedding_dim"] == 64 and manifest["similarity"] == "cosine"
+    assert manifest["embedding_dim"] == 64 * manifest["members"]
+    assert manifest["similarity"] == "cosine"
     assert manifest["index"]["recall_at_100"] >= 0.95
     assert manifest["train"]["valid_metrics"]["hit_rate@10"] > 0.2
     epochs = [
         json.loads(line) for line in (version / "model/metrics.jsonl").read_text().splitlines()
     ]
-    assert len(epochs) == manifest["train"]["epochs_run"]
+    assert max(e["epoch"] for e in epochs) == manifest["train"]["epochs_run"]
+    if manifest["members"] > 1:  # an ensemble: every member's epochs, each named
+        assert {e["member"] for e in epochs} == set(range(manifest["members"]))
     assert not list(version.rglob("*.pt")) and not list(version.rglob("*.pkl"))
 
 

@@ -79,7 +79,8 @@ def test_warm_rebuild_on_a_grown_log_starts_from_the_current_rows(dataset, tmp_p
     manifest = read_manifest(store.current())
     assert manifest["train"]["warm_start_from"] == first
     assert manifest["gate"]["slice"] == "recent" and manifest["gate"]["users"] >= 100
-    assert len(warm.train.history) == 1  # the warm budget, not a full run
+    assert warm.train.epochs_run == 1  # the warm budget, not a full run
+    assert warm.train.spec.members == read_manifest(warm.path.parent / first)["members"]
     warm_rows = load_file(str(warm.path / "model/weights.safetensors"))[ITEM_ROWS].numpy()
     known = len(old_rows)
     scratch = build(

@@ -19,7 +19,7 @@ from training.trainer import build_split, train
 
 pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
-TOWER = TowerConfig(embedding_dim=32, id_dim=32, hidden_dim=64, history_length=20)
+TOWER = TowerConfig(embedding_dim=32, id_dim=32, hidden_dim=64, history_length=20, members=1)
 CONFIG = TrainConfig(max_epochs=3, batch_size=256, patience=3, seed=1, refit=False)
 
 

@@ -23,7 +23,7 @@ from training.trainer import train
 
 pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
-TOWER = TowerConfig(embedding_dim=32, id_dim=32, hidden_dim=64, history_length=20)
+TOWER = TowerConfig(embedding_dim=32, id_dim=32, hidden_dim=64, history_length=20, members=1)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,11 @@ class Similarity(enum.Enum):
     DOT = "dot"  # raw dot product; the index uses an inner-product augmentation
 
 
+MAX_MEMBERS = 8
+AUTO_MEMBERS = 4  # the most `members` a log gets by default
+ENSEMBLE_EVENTS = 1_000_000  # below this many training events, members = this // events
+
+
 @dataclass(frozen=True)
 class TowerConfig:
     """Shape of both towers."""
@@ -27,6 +32,8 @@ class TowerConfig:
     dropout: float = 0.1  # on each tower's pooled inputs, while training: slows the decline
     # of validation recall after its peak (planted 300k-event log: 0.43 -> 0.42 in three
     # epochs with 0.2, against 0.43 -> 0.37 without)
+    members: int | None = None  # independently initialised towers trained side by side and
+    # averaged (a deep ensemble, served as one concatenated vector); None: by log size
 
     def __post_init__(self) -> None:
         if min(self.embedding_dim, self.id_dim, self.feature_dim) < 1 or self.hidden_dim < 0:
@@ -37,13 +44,33 @@ class TowerConfig:
             raise ValueError("id_dropout must be in [0, 1)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must be in [0, 1)")
+        if self.members is not None and not 1 <= self.members <= MAX_MEMBERS:
+            raise ValueError(f"members must be between 1 and {MAX_MEMBERS}")
+
+    def resolve(self, train_events: int) -> "TowerConfig":
+        """Fill `members`: small logs train several towers and average them, because their
+        models differ most from one random start to another (MovieLens-100K without
+        timestamps: Recall@20 0.341-0.346 for single seeds, 0.351 / 0.354 / 0.355 for
+        averages of 2 / 3 / 4); from about a million events one tower is kept, so the
+        cost never grows past what a million-event build costs."""
+        if self.members is not None:
+            return self
+        members = min(AUTO_MEMBERS, max(1, ENSEMBLE_EVENTS // max(1, train_events)))
+        return replace(self, members=members)
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the served vectors (every member's embedding, concatenated)."""
+        return self.embedding_dim * (self.members or 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "similarity": self.similarity.value}
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "TowerConfig":
-        return cls(**{**payload, "similarity": Similarity(payload["similarity"])})
+        # Versions built before `members` existed hold one tower.
+        payload = {"members": 1, **payload, "similarity": Similarity(payload["similarity"])}
+        return cls(**payload)
 
 
 class LossKind(enum.Enum):

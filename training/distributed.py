@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             "sharding": result.sharding,
             "world_size": world_size,
             "refit_epochs": result.refit_epochs,
+            "member_best_epochs": result.member_best_epochs,
         }
         (args.model_dir / RESULT_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     dist.barrier()
@@ -139,6 +140,7 @@ def train_with_torchrun(
         row_state=load_file(str(model_dir / ROW_STATE)),
         sharding=summary["sharding"],
         refit_epochs=summary.get("refit_epochs", 0),
+        member_best_epochs=summary.get("member_best_epochs", []),
         validated_state=load_file(str(model_dir / VALIDATED_WEIGHTS))
         if (model_dir / VALIDATED_WEIGHTS).is_file()
         else None,

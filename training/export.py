@@ -14,7 +14,7 @@ from features.feature_set import FeatureSet
 from recsys.core.errors import ArtifactError
 from recsys.core.layout import VersionLayout
 from training.batches import BatchBuilder
-from training.model import ModelSpec, TwoTower, model_spec
+from training.model import ModelSpec, TwoTower, legacy_keys, model_spec
 
 WEIGHTS = "weights.safetensors"
 SPEC = "model.json"
@@ -57,7 +57,7 @@ def load_model(directory: Path, validated: bool = False) -> TwoTower:
         weights = directory / VALIDATED_WEIGHTS
     try:
         spec = ModelSpec.from_dict(json.loads((directory / SPEC).read_text()))
-        state = load_file(str(weights))
+        state = legacy_keys(load_file(str(weights)))
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ArtifactError(f"{directory}: cannot load the model ({exc})") from exc
     model = TwoTower(spec, device=torch.device("cpu"))

@@ -1,7 +1,13 @@
 """The two-tower model: one TorchRec EmbeddingBagCollection holds every table (the item
 ID table serves the item tower and both history bags of the user tower), and an MLP per
-tower maps pooled features to the shared embedding space."""
+tower maps pooled features to the shared embedding space.
 
+With `members` > 1 the model is a deep ensemble: every table is `members` times as wide,
+member m owns the m-th slice of each row and its own MLPs (each trained alone as a
+one-member model: `training.ensemble`). The served vector is the members' embeddings
+side by side, scaled so that its dot products are the members' average."""
+
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +35,10 @@ class ModelSpec:
     @property
     def keys(self) -> FeatureKeys:
         return feature_keys(list(self.user_categories), list(self.item_categories))
+
+    @property
+    def members(self) -> int:
+        return self.tower.members or 1
 
     def table_rows(self) -> dict[str, int]:
         """Rows of the table each feature key looks up."""
@@ -64,18 +74,18 @@ def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
 
 
 def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
-    cfg = spec.tower
+    cfg, members = spec.tower, spec.members
     tables = [
         EmbeddingBagConfig(
             name="item_table",
-            embedding_dim=cfg.id_dim,
+            embedding_dim=cfg.id_dim * members,
             num_embeddings=max(1, spec.num_items),
             feature_names=[s.ITEM_ID, HISTORY, RECENT],
             pooling=PoolingType.MEAN,
         ),
         EmbeddingBagConfig(
             name="user_table",
-            embedding_dim=cfg.id_dim,
+            embedding_dim=cfg.id_dim * members,
             num_embeddings=max(1, spec.num_users),
             feature_names=[s.USER_ID],
             pooling=PoolingType.MEAN,
@@ -87,7 +97,7 @@ def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
             tables.append(
                 EmbeddingBagConfig(
                     name=f"{key}_table",
-                    embedding_dim=cfg.feature_dim,
+                    embedding_dim=cfg.feature_dim * members,
                     num_embeddings=max(1, size),
                     feature_names=[key],
                     pooling=PoolingType.MEAN,
@@ -114,18 +124,39 @@ class TwoTower(nn.Module):
         self.item_keys = list(keys.item)
         user_in = 3 * cfg.id_dim + cfg.feature_dim * len(spec.user_categories)
         item_in = cfg.id_dim + cfg.feature_dim * len(spec.item_categories)
-        self.user_mlp = _mlp(user_in, cfg.hidden_dim, cfg.embedding_dim)
-        self.item_mlp = _mlp(item_in, cfg.hidden_dim, cfg.embedding_dim)
+        members = range(spec.members)
+        out = cfg.embedding_dim
+        self.user_mlps = nn.ModuleList(_mlp(user_in, cfg.hidden_dim, out) for _ in members)
+        self.item_mlps = nn.ModuleList(_mlp(item_in, cfg.hidden_dim, out) for _ in members)
         # On the pooled inputs while training: regularises the embedding rows feeding them.
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _finish(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) if self.spec.tower.similarity is Similarity.COSINE else x
+    def _tower(self, pooled: dict[str, Tensor], keys: list[str], mlps: nn.ModuleList) -> Tensor:
+        """Each member's MLP on its slice of the pooled features -> (B, members x dim)."""
+        members = self.spec.members
+        # (B, members, width) per key, side by side: member m's inputs are row m.
+        inputs = torch.cat([pooled[k].unflatten(1, (members, -1)) for k in keys], dim=2)
+        inputs = self.dropout(inputs)
+        out = torch.stack([mlp(inputs[:, m]) for m, mlp in enumerate(mlps)], dim=1)
+        if self.spec.tower.similarity is Similarity.COSINE:
+            out = F.normalize(out, dim=-1)
+        return out.flatten(1) / math.sqrt(members)
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
-        """(user embeddings, item embeddings), each (B, embedding_dim)."""
+        """(user embeddings, item embeddings), each (B, members x embedding_dim): the
+        vectors the index holds."""
         pooled = self.ebc(features).to_dict()
-        user = torch.cat([pooled[k] for k in self.user_keys], dim=1)  # (B, user_in)
-        item = torch.cat([pooled[k] for k in self.item_keys], dim=1)  # (B, item_in)
-        user, item = self.dropout(user), self.dropout(item)
-        return self._finish(self.user_mlp(user)), self._finish(self.item_mlp(item))
+        user = self._tower(pooled, self.user_keys, self.user_mlps)
+        item = self._tower(pooled, self.item_keys, self.item_mlps)
+        return user, item
+
+
+def legacy_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weights saved before members existed (`user_mlp.*`) under today's names."""
+    renamed = {}
+    for key, value in state.items():
+        for tower in ("user_mlp.", "item_mlp."):
+            if key.startswith(tower):
+                key = f"{tower[:-1]}s.0.{key.removeprefix(tower)}"
+        renamed[key] = value
+    return renamed

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -31,6 +32,7 @@ from training.embed import (
     item_embeddings,
     user_embeddings_now,
 )
+from training.ensemble import join_row_states, join_states, member_warm_start
 from training.evaluate import EvalTask, eval_task, evaluate, sample_task
 from training.losses import (
     CombinedLoss,
@@ -39,7 +41,7 @@ from training.losses import (
     NPairLoss,
     TripletLoss,
 )
-from training.model import ModelSpec, model_spec
+from training.model import ModelSpec, TwoTower, model_spec
 from training.parallel import (
     build_parallel,
     embedding_optimizer_state,
@@ -70,10 +72,16 @@ class TrainResult:
     refit_epochs: int = 0  # epochs of the final run on every event (0: no refit)
     refit_events: int = 0  # events that run trained on: the split's training + validation
     validated_state: dict[str, Tensor] | None = None  # best weights before the refit
+    member_best_epochs: list[int] = field(default_factory=list)  # of an ensemble's members
 
     @property
     def refitted(self) -> bool:
         return self.refit_epochs > 0
+
+    @property
+    def epochs_run(self) -> int:
+        """Epochs of the validated run (of its longest member, for an ensemble)."""
+        return max((int(record["epoch"]) for record in self.history), default=0)
 
 
 @dataclass
@@ -158,8 +166,115 @@ def train(
     `resume=True` continues an interrupted run from its last completed epoch.
     `warm_start` (a previous version's weights, checked with `warm_start_problem`) seeds
     the model, and the epoch budget becomes `config.warm_epochs`.
+
+    An ensemble (`tower.members` > 1, the default for small logs) trains its members one
+    after another, each from its own seed (its own initialisation, batch order and
+    history draws: members trained side by side on shared batches stayed too alike to
+    gain from averaging, 0.347 against 0.355 on MovieLens-100K), then joins them.
     """
-    tower = tower or TowerConfig()
+    cfg = config or TrainConfig()
+    train_events = int(all_sum(np.array([split.train.height]))[0])
+    tower = (tower or TowerConfig()).resolve(train_events)
+    members = tower.members or 1
+    if members == 1:
+        return _train_one(
+            features,
+            split,
+            tower,
+            cfg,
+            device,
+            metrics_path,
+            checkpoint_dir,
+            resume,
+            progress,
+            on_epoch,
+            warm_start,
+        )
+    spec = model_spec(features.restricted_to(split.train), tower)
+    single = replace(tower, members=1)
+    results = []
+    for m in range(members):
+        log.info("ensemble member %d of %d", m + 1, members)
+        results.append(
+            _train_one(
+                features,
+                split,
+                single,
+                replace(cfg, seed=cfg.seed + m),
+                device,
+                metrics_path,
+                checkpoint_dir / f"member-{m}" if checkpoint_dir is not None else None,
+                resume,
+                progress,
+                on_epoch,
+                member_warm_start(warm_start, spec, m) if warm_start is not None else None,
+                member=m,
+            )
+        )
+    return join_results(results, spec, cfg, features, split, device)
+
+
+def join_results(
+    results: list[TrainResult],
+    spec: ModelSpec,
+    config: TrainConfig,
+    features: FeatureSet,
+    split: Split,
+    device: torch.device | None,
+) -> TrainResult:
+    """The members' runs as one ensemble's: weights side by side, histories together
+    (each record names its member), and validation metrics of the joined model."""
+    joined = TrainResult(
+        state=join_states([r.state for r in results]),
+        spec=spec,
+        config=replace(results[0].config, seed=config.seed),
+        history=[record for r in results for record in r.history],
+        best_epoch=max(r.best_epoch for r in results),
+        seconds=sum(r.seconds for r in results),
+        row_state=join_row_states([r.row_state for r in results]),
+        sharding=results[0].sharding,
+        refit_epochs=max(r.refit_epochs for r in results),
+        refit_events=results[0].refit_events,
+        member_best_epochs=[r.best_epoch for r in results],
+    )
+    if all(r.validated_state is not None for r in results):
+        joined.validated_state = join_states([r.validated_state or {} for r in results])
+    if int(all_sum(np.array([split.valid.height]))[0]):
+        state = joined.validated_state or joined.state
+        if dist.is_initialized() and dist.get_world_size() > 1:  # rank 0 holds the weights
+            box = [state]
+            dist.broadcast_object_list(box, src=0)
+            state = box[0]
+        validated = TwoTower(spec, device=torch.device("cpu"))
+        validated.load_state_dict(state)
+        validated.eval()
+        train_features = features.restricted_to(split.train)
+        builder = BatchBuilder(train_features, spec.tower)
+        builder.mark_known(train_features.interactions)
+        task = sample_task(
+            eval_task(split.valid, train_features.histories), config.max_valid_users, config.seed
+        )
+        joined.best_metrics = validate(
+            validated, builder, train_features.num_items, task, torch.device("cpu")
+        )
+    return joined
+
+
+def _train_one(
+    features: FeatureSet,
+    split: Split,
+    tower: TowerConfig,
+    config: TrainConfig,
+    device: torch.device | None,
+    metrics_path: Path | None,
+    checkpoint_dir: Path | None,
+    resume: bool,
+    progress: bool,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+    warm_start: WarmStart | None,
+    member: int | None = None,
+) -> TrainResult:
+    """One model (one member of an ensemble): see `train`."""
     device = device or torch.device("cpu")
     rank, world_size = ensure_process_group(device)
     given = features
@@ -167,7 +282,7 @@ def train(
     validating = int(all_sum(np.array([split.valid.height]))[0]) > 0
     train_rows = np.arange(features.interactions.height, dtype=np.int64)
     total_rows = int(all_sum(np.array([len(train_rows)]))[0])
-    cfg = (config or TrainConfig()).resolve(total_rows, warm=warm_start is not None)
+    cfg = config.resolve(total_rows, warm=warm_start is not None)
     assert cfg.batch_size is not None and cfg.max_epochs is not None
     batch_size = max(1, cfg.batch_size // world_size)  # per rank; the global batch is the same
     rng = np.random.default_rng(cfg.seed + rank)
@@ -245,6 +360,7 @@ def train(
         else:  # a refit: the last epoch is the one to keep
             metrics = {f"recall@{cfg.eval_k}": float(epoch)}
         record = {
+            **({"member": member} if member is not None else {}),
             "epoch": epoch,
             "loss": float(np.mean(losses)),
             "examples_per_s": steps_per_epoch * cfg.batch_size / train_seconds,
@@ -305,13 +421,17 @@ def _refit(
     everything = features.restricted_to(seen)
     rows = everything.interactions.with_row_index(ROW)
     log.info("refit on %d events for %d epochs", rows.height, epochs)
-    refit = train(
+    refit = _train_one(
         everything,
         Split(train=rows, valid=rows.clear(), test=rows.clear()),
         tower,
         config,
         device,
+        metrics_path=None,
+        checkpoint_dir=None,
+        resume=False,
         progress=progress,
+        on_epoch=None,
         warm_start=warm_start,
     )
     result.validated_state = result.state

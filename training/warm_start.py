@@ -12,7 +12,7 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor
 
-from training.model import ModelSpec
+from training.model import ModelSpec, legacy_keys
 from training.parallel import ParallelModel
 
 
@@ -87,5 +87,6 @@ def load_warm_start(model_dir: Path, weights: str, row_state: str) -> WarmStart:
     """A saved version's weights and (when saved) its per-row optimizer state."""
     rows = model_dir / row_state
     return WarmStart(
-        load_file(str(model_dir / weights)), load_file(str(rows)) if rows.is_file() else {}
+        legacy_keys(load_file(str(model_dir / weights))),
+        load_file(str(rows)) if rows.is_file() else {},
     )

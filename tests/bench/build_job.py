@@ -45,7 +45,7 @@ def main() -> None:
                 "rows": report.ingest.read,
                 "users": report.ingest.users,
                 "items": report.ingest.items,
-                "epochs": len(report.train.history),
+                "epochs": report.train.epochs_run,
                 "batch": report.train.config.batch_size,
                 "train_s": report.train.seconds,
                 "total_s": time.perf_counter() - started,

@@ -41,8 +41,8 @@ class PlainTwoTower(nn.Module):
             )
             for feature in table.feature_names:
                 self.table_of[feature] = name
-        self.user_mlp = TwoTower(spec, device=torch.device("cpu")).user_mlp
-        self.item_mlp = TwoTower(spec, device=torch.device("cpu")).item_mlp
+        self.user_mlp = TwoTower(spec, device=torch.device("cpu")).user_mlps[0]
+        self.item_mlp = TwoTower(spec, device=torch.device("cpu")).item_mlps[0]
 
     def forward(self, features: KeyedJaggedTensor) -> tuple[Tensor, Tensor]:
         pooled = {}
@@ -78,7 +78,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         generate(data, SyntheticConfig(rows=rows, seed=1))
     ingest(resolve_source(data), work / f"speed-{rows}-ingest")
     features = FeatureSet.load(work / f"speed-{rows}-ingest")
-    tower = TowerConfig(embedding_dim=64, history_length=50)
+    tower = TowerConfig(embedding_dim=64, history_length=50, members=1)  # one step, one tower
     spec = model_spec(features, tower)
     builder = BatchBuilder(features, tower)
     train_rows = np.arange(len(features.histories.items))
