@@ -15,6 +15,7 @@ from recsys.core import schema as s
 from recsys.core.errors import RecsysError
 
 ROW = "row"  # position of the event in the cleaned table (its index in UserHistories)
+_ORIGINAL = "_original_row"
 
 
 @dataclass(frozen=True)
@@ -127,9 +128,27 @@ def validation_split(
     share: float,
     max_users: int | None,
     seed: int = 0,
+    targets: pl.Series | None = None,
 ) -> Split:
     """The split a build early-stops on: each user's last event when time orders the
-    log, a random share of each user's items when it does not."""
+    log, a random share of each user's items when it does not.
+
+    `targets` (a boolean per row) limits what is held out to target events (a purchase,
+    not a view): each user's last target event, or a share of the items of their target
+    events (with every event of a held-out pair, so that no history shows it)."""
+    if targets is None:
+        if ordering is Ordering.SEQUENCE:
+            return leave_last_out(interactions, n_test=0, n_valid=1)
+        return random_holdout(interactions, share, max_users, seed)
+    frame = _with_rows(interactions)
+    chosen = frame.filter(targets)
     if ordering is Ordering.SEQUENCE:
-        return leave_last_out(interactions, n_test=0, n_valid=1)
-    return random_holdout(interactions, share, max_users, seed)
+        inner = leave_last_out(chosen.drop(ROW).with_columns(chosen[ROW].alias(_ORIGINAL)), 0, 1)
+        held = frame[ROW].is_in(inner.valid[_ORIGINAL])
+    else:
+        inner = random_holdout(chosen.drop(ROW), share, max_users, seed)
+        pairs = inner.valid.select(s.USER_IDX, s.ITEM_IDX).unique().with_columns(_held=True)
+        held = frame.join(pairs, on=[s.USER_IDX, s.ITEM_IDX], how="left", maintain_order="left")[
+            "_held"
+        ].fill_null(False)
+    return Split(train=frame.filter(~held), valid=frame.filter(held), test=frame.clear())

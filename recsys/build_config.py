@@ -6,6 +6,8 @@ printed and stored in each version (`build_config.toml`, and the manifest).
     [train]
     temperature = 0.1
     losses = ["softmax"]          # NAME[:WEIGHT] as with --loss
+    event_weights = {purchase = 1.0, view = 0.1}   # as with --event-weights
+    target_events = ["purchase"]  # as with --events
     [tower]
     embedding_dim = 64
     [index]
@@ -25,6 +27,7 @@ from typing import Any
 
 import tomli_w
 
+from features.events import parse_event_weights
 from recsys.core.errors import RecsysError
 from serving.index import IndexTargets
 from training.config import LossKind, TowerConfig, TrainConfig, parse_losses
@@ -120,6 +123,19 @@ def _parse(section: str, key: str, value: Any, current: Any) -> Any:
     """A TOML or flag value in the type the dataclass field holds."""
     if key == "losses":
         return parse_losses([value] if isinstance(value, str) else list(value))
+    if key == "event_weights":
+        if isinstance(value, str):
+            return parse_event_weights(value)
+        if not isinstance(value, dict) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
+        ):
+            raise TypeError(f"event_weights must map event types to numbers, got {value!r}")
+        return {str(k): float(v) for k, v in value.items()}
+    if key == "target_events":
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"target_events must be event type names, got {value!r}")
+        return tuple(n.strip() for n in names if n.strip())
     default = getattr(current, key)
     if isinstance(default, enum.Enum):
         return type(default)(value)

@@ -166,6 +166,20 @@ def build(
         bool | None, typer.Option(help="Add the item -> user softmax term.")
     ] = None,
     similarity: Annotated[str | None, typer.Option(help="cosine | dot")] = None,
+    event_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="EVENT=WEIGHT,... (purchase=1,cart=0.5,view=0.1): example weights per event "
+            "type, over the weight column."
+        ),
+    ] = None,
+    events: Annotated[
+        str | None,
+        typer.Option(
+            help="EVENT,... (purchase,cart): the event types that are targets; "
+            "every event still feeds the histories."
+        ),
+    ] = None,
     seed: int | None = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     from_scratch: Annotated[
@@ -231,6 +245,8 @@ def build(
             "seed": seed,
             "warm_epochs": warm_epochs,
             "sharding": sharding,
+            "event_weights": event_weights,
+            "target_events": events,
         },
         "index": {"recall_at_100": index_recall, "max_query_ms": index_max_query_ms},
         "rebuild": {

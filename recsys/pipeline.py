@@ -238,6 +238,7 @@ def _manifest(
         "previous_version": previous.name if previous else None,
         "settings": settings.to_dict(),  # as given; model/train_config.json: as resolved
         "ordering": {"ordering": ingest_report.ordering, "reason": ingest_report.ordering_reason},
+        "events": result.config.events.describe(),
     }
 
 

@@ -3,8 +3,10 @@ them, resolved against the data (sizes that scale with it) and written into each
 
 import enum
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from features.events import EventRule
 
 
 class Similarity(enum.Enum):
@@ -128,6 +130,10 @@ class TrainConfig:
     warm_epochs: int | None = None  # budget of a warm-started rebuild (default: a third)
     sharding: str = "auto"  # embedding tables over ranks: auto (the planner) or one of SHARDINGS
     seed: int = 0
+    # What each event counts for (features.events): weights per event type, overriding the
+    # weight column for the types named; the event types that are targets (empty: all).
+    event_weights: dict[str, float] = field(default_factory=dict)
+    target_events: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.losses or any(weight <= 0 for _, weight in self.losses):
@@ -144,6 +150,11 @@ class TrainConfig:
             raise ValueError(f"extra_negatives must be >= 0, got {self.extra_negatives}")
         if self.sharding not in SHARDINGS:
             raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
+        EventRule(dict(self.event_weights), tuple(self.target_events))  # checks the weights
+
+    @property
+    def events(self) -> EventRule:
+        return EventRule(dict(self.event_weights), tuple(self.target_events))
 
     def to_dict(self) -> dict[str, Any]:
         payload = asdict(self)
@@ -153,7 +164,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "TrainConfig":
         losses = tuple((LossKind(kind), float(weight)) for kind, weight in payload["losses"])
-        return cls(**{**payload, "losses": losses})
+        targets = tuple(payload.get("target_events", ()))
+        return cls(**{**payload, "losses": losses, "target_events": targets})
 
     def resolve(self, train_events: int, warm: bool = False) -> "TrainConfig":
         """Fill data-dependent defaults: batches grow with the log, epochs shrink; a

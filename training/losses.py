@@ -1,10 +1,12 @@
 """Retrieval losses as small modules with one signature:
 
-    loss(query_emb (B, D), item_emb (B, D), item_ids (B,)) -> scalar
+    loss(query_emb (B, D), item_emb (B, D), item_ids (B,), weights=None) -> scalar
 
 Row i of `item_emb` is the positive of query i and a negative for every other query.
 `item_ids` mask accidental hits: the same item appearing as another row's positive is not
-a negative. Options (temperature, logQ correction, mining) are constructor arguments.
+a negative. `weights` (B,), when given, weight each row's term (a weighted mean: a
+purchase at 1.0 counts ten times a view at 0.1). Options (temperature, logQ correction,
+mining) are constructor arguments.
 """
 
 import enum
@@ -12,6 +14,13 @@ import enum
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def weighted_mean(per_row: Tensor, weights: Tensor | None) -> Tensor:
+    """The mean of per-row losses, weighted by `weights` when given."""
+    if weights is None:
+        return per_row.mean()
+    return (per_row * weights).sum() / weights.sum().clamp(min=1e-12)
 
 
 def accidental_hits(item_ids: Tensor) -> Tensor:
@@ -30,13 +39,16 @@ class NPairLoss(nn.Module):
         self.l2_reg = l2_reg
         self.mask_accidental_hits = mask_accidental_hits
 
-    def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor) -> Tensor:
+    def forward(
+        self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor, weights: Tensor | None = None
+    ) -> Tensor:
         logits = query_emb @ item_emb.T  # (B, B)
         if self.mask_accidental_hits:
             logits = logits.masked_fill(accidental_hits(item_ids), float("-inf"))
         target = torch.arange(len(logits), device=logits.device)
         norms = query_emb.pow(2).sum(1) + item_emb.pow(2).sum(1)  # (B,)
-        return F.cross_entropy(logits, target) + self.l2_reg * norms.mean()
+        per_row = F.cross_entropy(logits, target, reduction="none") + self.l2_reg * norms
+        return weighted_mean(per_row, weights)
 
 
 class Mining(enum.Enum):
@@ -54,7 +66,9 @@ class TripletLoss(nn.Module):
         self.margin = margin
         self.mining = mining
 
-    def forward(self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor) -> Tensor:
+    def forward(
+        self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor, weights: Tensor | None = None
+    ) -> Tensor:
         sim = query_emb @ item_emb.T  # (B, B)
         positive = sim.diagonal()  # (B,)
         invalid = accidental_hits(item_ids) | torch.eye(
@@ -68,7 +82,11 @@ class TripletLoss(nn.Module):
             hardest = torch.where(torch.isfinite(best_semi), best_semi, hardest)
         has_negative = torch.isfinite(hardest)
         losses = F.relu(hardest - positive + self.margin)
-        return losses[has_negative].sum() / has_negative.sum().clamp(min=1)
+        if not has_negative.any():
+            return losses.sum() * 0.0
+        return weighted_mean(
+            losses[has_negative], weights[has_negative] if weights is not None else None
+        )
 
 
 class InBatchSoftmaxLoss(nn.Module):
@@ -102,6 +120,7 @@ class InBatchSoftmaxLoss(nn.Module):
         query_emb: Tensor,
         item_emb: Tensor,
         item_ids: Tensor,
+        weights: Tensor | None = None,
         extra_item_emb: Tensor | None = None,
         extra_item_ids: Tensor | None = None,
     ) -> Tensor:
@@ -122,13 +141,13 @@ class InBatchSoftmaxLoss(nn.Module):
                 extra = extra - torch.log(torch.tensor(uniform))
             extra = extra.masked_fill(item_ids[:, None] == extra_item_ids[None, :], float("-inf"))
             all_logits = torch.cat([logits, extra], dim=1)  # (B, B + M)
-        loss = F.cross_entropy(all_logits, target)
+        per_row = F.cross_entropy(all_logits, target, reduction="none")
         if self.symmetric:
             reverse = (item_emb @ query_emb.T / self.temperature).masked_fill(
                 accidental_hits(item_ids), float("-inf")
             )  # (B, B): item i against every query
-            loss = (loss + F.cross_entropy(reverse, target)) / 2
-        return loss
+            per_row = (per_row + F.cross_entropy(reverse, target, reduction="none")) / 2
+        return weighted_mean(per_row, weights)
 
 
 class CombinedLoss(nn.Module):
@@ -142,10 +161,15 @@ class CombinedLoss(nn.Module):
         self.parts = nn.ModuleList([loss for _, loss in parts])
 
     def forward(
-        self, query_emb: Tensor, item_emb: Tensor, item_ids: Tensor, **extra: Tensor
+        self,
+        query_emb: Tensor,
+        item_emb: Tensor,
+        item_ids: Tensor,
+        weights: Tensor | None = None,
+        **extra: Tensor,
     ) -> Tensor:
         total = query_emb.new_zeros(())
         for weight, loss in zip(self.weights, self.parts, strict=True):
             kwargs = extra if isinstance(loss, InBatchSoftmaxLoss) else {}
-            total = total + weight * loss(query_emb, item_emb, item_ids, **kwargs)
+            total = total + weight * loss(query_emb, item_emb, item_ids, weights, **kwargs)
         return total

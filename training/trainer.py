@@ -21,6 +21,7 @@ from tqdm import tqdm
 from features.feature_set import FeatureSet
 from features.splits import ROW, Split, validation_split
 from recsys.core.artifacts import atomic_path
+from recsys.core.errors import RecsysError
 from training.batches import BatchBuilder
 from training.checkpoint import TRAINER_STATE, load_checkpoint, save_checkpoint
 from training.collective import all_max, all_mean, all_min, all_sum
@@ -109,9 +110,16 @@ def validate(
 
 
 def build_split(features: FeatureSet, cfg: TrainConfig) -> Split:
-    """The validation split a build early-stops on, by how the log orders time."""
+    """The validation split a build early-stops on, by how the log orders time; it holds
+    out target events only (`cfg.target_events`, weight > 0)."""
+    targets = cfg.events.is_target(features.interactions)
     return validation_split(
-        features.interactions, features.ordering, cfg.valid_share, cfg.max_valid_users, cfg.seed
+        features.interactions,
+        features.ordering,
+        cfg.valid_share,
+        cfg.max_valid_users,
+        cfg.seed,
+        targets=None if targets.all() else targets,
     )
 
 
@@ -280,8 +288,15 @@ def _train_one(
     given = features
     features = features.restricted_to(split.train)
     validating = int(all_sum(np.array([split.valid.height]))[0]) > 0
-    train_rows = np.arange(features.interactions.height, dtype=np.int64)
+    row_weights = config.events.weights(features.interactions)  # 0: history only
+    train_rows = np.flatnonzero(row_weights > 0).astype(np.int64)
     total_rows = int(all_sum(np.array([len(train_rows)]))[0])
+    if total_rows == 0:
+        raise RecsysError(
+            "no training targets: every event is excluded by target_events "
+            f"{list(config.target_events)} or has weight 0"
+        )
+    uniform = bool(all_min(int(np.all(row_weights[train_rows] == row_weights[train_rows][:1]))))
     cfg = config.resolve(total_rows, warm=warm_start is not None)
     assert cfg.batch_size is not None and cfg.max_epochs is not None
     batch_size = max(1, cfg.batch_size // world_size)  # per rank; the global batch is the same
@@ -331,20 +346,27 @@ def _train_one(
         losses, epoch_start = [], time.perf_counter()
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not progress, leave=False)
         for b in bar:
-            batch = builder.training_batch(order[b * batch_size : (b + 1) * batch_size], rng)
+            rows = order[b * batch_size : (b + 1) * batch_size]
+            batch = builder.training_batch(rows, rng)
             for group in parallel.dense_optimizer.param_groups:
                 group["lr"] = cfg.learning_rate * lr_factor(state.step, total_steps, warmup)
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
+            weights = None if uniform else torch.from_numpy(row_weights[rows]).to(device)
             if cfg.extra_negatives and isinstance(loss_fn, TAKES_EXTRA_NEGATIVES):
                 extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
                 _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
                 extra = torch.from_numpy(extra_ids).to(device)
                 loss = loss_fn(
-                    user_emb, item_emb, item_ids, extra_item_emb=extra_emb, extra_item_ids=extra
+                    user_emb,
+                    item_emb,
+                    item_ids,
+                    weights,
+                    extra_item_emb=extra_emb,
+                    extra_item_ids=extra,
                 )
             else:
-                loss = loss_fn(user_emb, item_emb, item_ids)
+                loss = loss_fn(user_emb, item_emb, item_ids, weights)
             parallel.optimizer.zero_grad()
             loss.backward()
             parallel.optimizer.step()
