@@ -26,6 +26,7 @@ class UserHistories:
     items: np.ndarray  # (E,) int64
     timestamps: np.ndarray  # (E,) int64; all zero when the log has no timestamps
     ordering: Ordering = Ordering.SEQUENCE
+    weights: np.ndarray | None = None  # (E,) float32, each event's weight (None: all 1)
 
     @classmethod
     def from_interactions(
@@ -39,7 +40,10 @@ class UserHistories:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         timestamps = frame[s.TIMESTAMP].fill_null(0).to_numpy().astype(np.int64)
         items = frame[s.ITEM_IDX].to_numpy().astype(np.int64)
-        return cls(offsets, items, timestamps, ordering)
+        weights = None
+        if s.WEIGHT in frame.columns:
+            weights = frame[s.WEIGHT].fill_null(1.0).to_numpy().astype(np.float32)
+        return cls(offsets, items, timestamps, ordering, weights)
 
     @property
     def num_users(self) -> int:
@@ -62,23 +66,43 @@ class UserHistories:
             hi = np.where(before, hi, mid)
         return lo
 
+    def weights_of(self, rows: np.ndarray) -> np.ndarray:
+        """The weights of these event rows (1 where the log has none)."""
+        if self.weights is None:
+            return np.ones(len(rows), dtype=np.float32)
+        return self.weights[rows]
+
     def previous_items(self, events: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Jagged (values, lengths): for each event row, up to `n` items the same user had
-        strictly before it, oldest first. The event itself, events with the same timestamp
-        and later events never appear."""
+        rows, lengths = self.previous_rows(events, n)
+        return self.items[rows], lengths
+
+    def other_items(
+        self, events: np.ndarray, n: int, position: np.ndarray, order: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows, lengths = self.other_rows(events, n, position, order)
+        return self.items[rows], lengths
+
+    def latest_items(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, lengths = self.latest_rows(users, n)
+        return self.items[rows], lengths
+
+    def previous_rows(self, events: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Jagged (event rows, lengths): for each event row, up to `n` events the same user
+        had strictly before it, oldest first. The event itself, events with the same
+        timestamp and later events never appear."""
         if self.ordering is not Ordering.SEQUENCE:
             raise ValueError("previous items need time order; this log is a set")
         events = np.asarray(events, dtype=np.int64)
         ends = self._tie_starts(events)
         starts = np.maximum(self.offsets[self.user_of(events)], ends - n)
         lengths = ends - starts  # (B,)
-        return self.items[ranges(starts, lengths)], lengths
+        return ranges(starts, lengths), lengths
 
-    def other_items(
+    def other_rows(
         self, events: np.ndarray, n: int, position: np.ndarray, order: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Jagged (values, lengths): up to `n` of the user's other items for each event row,
-        never the event itself. `order` shuffles rows within each user (see `shuffled`),
+        """Jagged (event rows, lengths): up to `n` of the user's other events for each
+        event row, never the event itself. `order` shuffles rows within each user (see `shuffled`),
         `position` is its inverse; an event takes the `n` rows after it in that order,
         wrapping around, so each item of a user is drawn without replacement."""
         events = np.asarray(events, dtype=np.int64)
@@ -89,7 +113,7 @@ class UserHistories:
         steps = ranges(np.ones(len(events), dtype=np.int64), lengths)  # 1..L per event
         within = np.repeat(position[events] - starts, lengths) + steps
         picked = np.repeat(starts, lengths) + within % np.repeat(sizes, lengths)
-        return self.items[order[picked]], lengths
+        return order[picked], lengths
 
     def shuffled(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(order, position): rows shuffled within each user's slice, and the inverse."""
@@ -99,11 +123,11 @@ class UserHistories:
         position[order] = np.arange(len(order))
         return order, position
 
-    def latest_items(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Jagged (values, lengths): each user's last `n` items, for scoring after the log
-        (in a set: a fixed pseudo-random `n` of them, as ingest orders a set)."""
+    def latest_rows(self, users: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Jagged (event rows, lengths): each user's last `n` events, for scoring after the
+        log (in a set: a fixed pseudo-random `n` of them, as ingest orders a set)."""
         users = np.asarray(users, dtype=np.int64)
         ends = self.offsets[users + 1]
         starts = np.maximum(self.offsets[users], ends - n)
         lengths = ends - starts
-        return self.items[ranges(starts, lengths)], lengths
+        return ranges(starts, lengths), lengths

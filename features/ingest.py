@@ -127,11 +127,20 @@ def _side_features(
 
 
 def _clean_interactions(
-    kept: pl.LazyFrame, vocabs: dict[str, Vocabulary], id_dtypes: dict[str, pl.DataType]
+    kept: pl.LazyFrame,
+    vocabs: dict[str, Vocabulary],
+    id_dtypes: dict[str, pl.DataType],
+    event_weights: dict[str, float],
 ) -> pl.LazyFrame:
-    """Collapse duplicate rows, map IDs to indices and sort each user's events in time."""
+    """Collapse duplicate rows, map IDs to indices, resolve the weights of event types
+    that have one, and sort each user's events in time."""
     keys = [s.USER_ID, s.ITEM_ID, s.TIMESTAMP, s.WEIGHT, s.EVENT]
     deduplicated = kept.group_by(keys).agg(pl.col(ORDER).min())
+    if event_weights:
+        weight = pl.col(s.WEIGHT)
+        for event, value in event_weights.items():
+            weight = pl.when(pl.col(s.EVENT) == event).then(pl.lit(value)).otherwise(weight)
+        deduplicated = deduplicated.with_columns(weight.cast(pl.Float32).alias(s.WEIGHT))
     for column, index in ((s.USER_ID, s.USER_IDX), (s.ITEM_ID, s.ITEM_IDX)):
         lookup = vocabs[column].join_key(id_dtypes[column]).rename({ID: column, INDEX: index})
         deduplicated = deduplicated.join(lookup.lazy(), on=column, how="inner")
@@ -208,7 +217,9 @@ def ingest(
 
     # Pass 2: the cleaned, indexed, time-ordered interactions.
     with atomic_path(out / INTERACTIONS_FILE) as clean_tmp:
-        _clean_interactions(kept, vocabs, id_dtypes).sink_parquet(clean_tmp, engine="streaming")
+        _clean_interactions(kept, vocabs, id_dtypes, config.event_weights).sink_parquet(
+            clean_tmp, engine="streaming"
+        )
     for column, vocab in vocabs.items():
         vocab.save(_vocab_path(out, column))
     side_summary = _write_side_tables(out, side)

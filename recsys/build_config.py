@@ -39,7 +39,9 @@ class RebuildPolicy:
 
     from_scratch: bool = False  # else warm-start from the current version when possible
     gate: bool = True  # compare a rebuild with the current version before promoting it
-    gate_margin: float = 0.05  # promote if recall >= (1 - margin) x the current version's
+    # Tolerated loss against a reference, relative (0: none beyond noise; negative: demand an
+    # improvement); the gate rejects only what is worse with 95% confidence (recsys.gate).
+    gate_margin: float = 0.0
     keep_versions: int = 5  # versions kept on disk, the current one included
 
 
@@ -52,12 +54,23 @@ class Compute:
 
 
 @dataclass(frozen=True)
+class Inputs:
+    """What a build reads (absolute paths). Each version remembers them, so that a plain
+    `recsys build --artifacts DIR` rebuilds from the same log and tables."""
+
+    data: str | None = None
+    items: str | None = None
+    users: str | None = None
+
+
+@dataclass(frozen=True)
 class BuildConfig:
     tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     index: IndexTargets = dataclasses.field(default_factory=IndexTargets)
     rebuild: RebuildPolicy = dataclasses.field(default_factory=RebuildPolicy)
     compute: Compute = dataclasses.field(default_factory=Compute)
+    inputs: Inputs = dataclasses.field(default_factory=Inputs)
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "BuildConfig":
         """A copy with `{section: {setting: value}}` applied; `None` values are skipped (a
@@ -83,6 +96,10 @@ class BuildConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "BuildConfig":
+        return cls().with_file(path)
+
+    def with_file(self, path: Path) -> "BuildConfig":
+        """A copy with the settings of a TOML file applied."""
         try:
             document = tomllib.loads(path.read_text())
         except OSError as exc:
@@ -93,9 +110,14 @@ class BuildConfig:
             if not isinstance(values, dict):
                 raise RecsysError(f"{path}: '{section}' must be a [section] of settings")
         try:
-            return cls().with_overrides(document)
+            return self.with_overrides(document)
         except RecsysError as exc:
             raise RecsysError(f"{path}: {exc}") from exc
+
+    def remembered(self) -> "BuildConfig":
+        """These settings as the base of the next build: the one-off choices of a run
+        (`--from-scratch`, `--no-gate`) are not carried over."""
+        return replace(self, rebuild=replace(self.rebuild, from_scratch=False, gate=True))
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain TOML-able values (enums by value, losses as NAME:WEIGHT, no None)."""
@@ -112,6 +134,19 @@ class BuildConfig:
         return tomli_w.dumps(self.to_dict())
 
 
+def current_settings(artifacts: Path) -> BuildConfig | None:
+    """The settings the current version under `artifacts` was built with (None: no
+    version yet, or one built before versions stored them)."""
+    from recsys.core.layout import VersionLayout
+    from recsys.core.versions import VersionStore
+
+    store = VersionStore(artifacts)
+    if not store.current_name():
+        return None
+    stored = VersionLayout(store.current()).build_config
+    return BuildConfig.from_file(stored).remembered() if stored.is_file() else None
+
+
 def _section(name: str) -> str:
     known = [f.name for f in fields(BuildConfig)]
     if name not in known:
@@ -123,6 +158,10 @@ def _parse(section: str, key: str, value: Any, current: Any) -> Any:
     """A TOML or flag value in the type the dataclass field holds."""
     if key == "losses":
         return parse_losses([value] if isinstance(value, str) else list(value))
+    if section == "inputs":
+        if not isinstance(value, str):
+            raise TypeError(f"{key} must be a path, got {value!r}")
+        return value
     if key == "event_weights":
         if isinstance(value, str):
             return parse_event_weights(value)

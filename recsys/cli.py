@@ -135,8 +135,15 @@ ArtifactsOption = Annotated[
 @app.command()
 @friendly_errors
 def build(
-    data: DataOption,
     artifacts: ArtifactsOption,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Interaction log (file, directory, or data set directory). Default: the "
+            "inputs the current version was built from.",
+        ),
+    ] = None,
     items: ItemsOption = None,
     users: UsersOption = None,
     config_file: Annotated[
@@ -198,8 +205,9 @@ def build(
         typer.Option(
             min=-1.0,
             max=1.0,
-            help="Promote a rebuild only if its validation recall@20 is at least "
-            "(1 - margin) x the current version's, on the same recent slice.",
+            help="Loss tolerated against the current and the best recent version, relative "
+            "(default 0: reject only what is worse with 95% confidence; negative: demand "
+            "an improvement).",
         ),
     ] = None,
     gate: Annotated[bool | None, typer.Option(help="Apply the quality gate to rebuilds.")] = None,
@@ -230,7 +238,7 @@ def build(
     when the candidate is rejected; the current version stays). Settings: defaults, then
     the --config file, then flags; the resolved settings are printed and stored."""
     from features.sources import resolve_source
-    from recsys.build_config import BuildConfig
+    from recsys.build_config import BuildConfig, current_settings
     from recsys.pipeline import build as run_build
 
     flags: dict[str, dict[str, Any]] = {
@@ -257,8 +265,19 @@ def build(
         },
         "compute": {"nproc": nproc, "device": device},
     }
-    settings = BuildConfig.from_file(config_file) if config_file else BuildConfig()
+    flags["inputs"] = {
+        name: str(path.resolve()) if path is not None else None
+        for name, path in (("data", data), ("items", items), ("users", users))
+    }
+    # The current version's settings and inputs are the base: a plain rebuild repeats it.
+    settings = current_settings(artifacts) or BuildConfig()
+    settings = settings.with_file(config_file) if config_file else settings
     settings = settings.with_overrides(flags)
+    given = settings.inputs
+    if given.data is None:
+        raise RecsysError(
+            f"--data is needed: {artifacts} has no current version that records its inputs"
+        )
     device_name = settings.compute.device
     if device_name not in ("cpu", "cuda"):
         raise RecsysError(f"--device must be cpu or cuda, got {device_name!r}")
@@ -268,12 +287,16 @@ def build(
         if not torch.cuda.is_available():
             raise RecsysError("--device cuda: PyTorch sees no CUDA device on this machine")
     err.print(
-        "settings (defaults < --config < flags):\n" + settings.to_toml().rstrip(),
+        "settings (defaults < current version < --config < flags):\n" + settings.to_toml().rstrip(),
         markup=False,
         highlight=False,
         soft_wrap=True,
     )
-    source = resolve_source(data, items=items, users=users)
+    source = resolve_source(
+        Path(given.data),
+        items=Path(given.items) if given.items else None,
+        users=Path(given.users) if given.users else None,
+    )
     report = run_build(
         source,
         artifacts,
@@ -283,6 +306,7 @@ def build(
         policy=settings.rebuild,
         index_targets=settings.index,
         compute=settings.compute,
+        inputs=settings.inputs,
     )
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)

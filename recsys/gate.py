@@ -1,24 +1,46 @@
-"""The quality gate of a rebuild: the candidate and the current version are measured on the
-same recent held-out slice, and the candidate is promoted only if it is not worse than the
-current version by more than a margin.
+"""The quality gate of a rebuild: the candidate, the current version and the best of the
+recent versions are measured on the same held-out slice, user by user, and the candidate
+is promoted unless it is worse than either reference with 95% confidence.
 
-The slice is the candidate's validation events (each user's last event, never trained on)
-that are newer than everything the current version saw, so neither model has trained on
-them. When too few users have such events (a log that did not grow in time, or has no
-timestamps), all validation events are used and the decision says so.
+The rule is noise-aware: the per-user differences of the metric are resampled (a
+bootstrap over users), and the candidate fails only when the whole 95% interval of its
+mean difference lies below zero (or below `-margin x` the reference, with a margin). A
+fixed relative margin let quality slide: 0.314 promoted over 0.324, and one small loss
+after another would pass. Comparing with the best recent version too stops that drift:
+losses that are each within noise add up until they are not.
+
+The slice is the candidate's validation events (never trained on) that are newer than
+everything the current version saw, so neither model has trained on them. When too few
+users have such events (a log that did not grow in time, or has no timestamps), all
+validation events are used and the decision says so.
 """
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from features.feature_set import FeatureSet
 from recsys.core import schema as s
 from recsys.core.artifacts import read_manifest
-from training.evaluate import Scorer, eval_task, evaluate, sample_task
+from training.evaluate import Scorer, eval_task, evaluate_per_user, sample_task
 
 MIN_RECENT_USERS = 100
+BOOTSTRAP_SAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The candidate against one reference version on the same users."""
+
+    version: str
+    reference: float  # the reference's mean metric
+    difference: float  # candidate minus reference
+    interval: tuple[float, float]  # 95% bootstrap interval of the difference
+    worse: bool  # the whole interval lies below -margin x reference
 
 
 @dataclass(frozen=True)
@@ -26,11 +48,28 @@ class GateDecision:
     metric: str
     candidate: float
     current: float
-    margin: float  # relative: promote if candidate >= current * (1 - margin)
+    margin: float  # tolerated loss, relative to a reference (0: none beyond noise)
     slice: str  # "recent" or "validation"
     users: int
     promoted: bool
     reason: str
+    comparisons: list[Comparison] = field(default_factory=list)  # current, then best recent
+
+
+def bootstrap_interval(
+    differences: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES
+) -> tuple[float, float]:
+    """The 95% percentile interval of the mean of `differences`, resampled over users."""
+    if len(differences) == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for start in range(0, samples, 200):  # (200, users) at a time: bounded memory
+        draws = rng.integers(0, len(differences), (min(200, samples - start), len(differences)))
+        means[start : start + len(draws)] = differences[draws].mean(axis=1)
+    tail = (1.0 - CONFIDENCE) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def gate_slice(valid: pl.DataFrame, seen_until: int | None) -> tuple[pl.DataFrame, str]:
@@ -43,13 +82,37 @@ def gate_slice(valid: pl.DataFrame, seen_until: int | None) -> tuple[pl.DataFram
     return recent, "recent"
 
 
-def passes(candidate: float, current: float, margin: float) -> bool:
-    return candidate >= current * (1.0 - margin)
+def compare(
+    name: str, candidate: np.ndarray, reference: np.ndarray, margin: float, seed: int
+) -> Comparison:
+    low, high = bootstrap_interval(candidate - reference, seed)
+    mean = float(reference.mean()) if len(reference) else 0.0
+    return Comparison(
+        version=name,
+        reference=round(mean, 6),
+        difference=round(float((candidate - reference).mean()) if len(reference) else 0.0, 6),
+        interval=(round(low, 6), round(high, 6)),
+        worse=high < -margin * mean,
+    )
+
+
+def decide(
+    candidate: np.ndarray,
+    references: Mapping[str, np.ndarray],
+    current: str,
+    margin: float,
+    seed: int = 0,
+) -> list[Comparison]:
+    """The candidate's per-user metric against the current version's and, when another
+    recent version scores higher, against that best one too."""
+    best = max(references, key=lambda name: float(references[name].mean()))
+    names = [current] + ([best] if best != current else [])
+    return [compare(n, candidate, references[n], margin, seed) for n in names]
 
 
 def quality_gate(
     candidate: Scorer,
-    current: Scorer,
+    current: tuple[str, Scorer],
     features: FeatureSet,
     valid: pl.DataFrame,
     seen_until: int | None,
@@ -57,28 +120,44 @@ def quality_gate(
     metric: str = "recall@20",
     max_users: int = 10_000,
     seed: int = 0,
+    recent: Mapping[str, Scorer] | None = None,
 ) -> GateDecision:
+    """Compare the candidate with the current version and with the best of `recent`
+    (other kept versions that read the same features), user by user."""
     rows, slice_name = gate_slice(valid, seen_until)
     task = sample_task(eval_task(rows, features.histories), max_users, seed)
-    new, old = evaluate(candidate, task)[metric], evaluate(current, task)[metric]
-    promoted = passes(new, old, margin)
-    verdict = "not worse than" if promoted else "worse than"
+    new = evaluate_per_user(candidate, task)[metric]
+    references = {current[0]: evaluate_per_user(current[1], task)[metric]}
+    for name, scorer in (recent or {}).items():
+        references[name] = evaluate_per_user(scorer, task)[metric]
+    comparisons = decide(new, references, current[0], margin, seed)
+    promoted = not any(c.worse for c in comparisons)
+    score = float(new.mean()) if len(new) else 0.0
+    parts = [
+        f"{c.version} {c.reference:.4f} (difference {c.difference:+.4f}, 95% interval "
+        f"{c.interval[0]:+.4f} to {c.interval[1]:+.4f}{': worse' if c.worse else ''})"
+        for c in comparisons
+    ]
+    verdict = "promoted" if promoted else "rejected: worse with 95% confidence"
     return GateDecision(
         metric=metric,
-        candidate=round(new, 6),
-        current=round(old, 6),
+        candidate=round(score, 6),
+        current=comparisons[0].reference,
         margin=margin,
         slice=slice_name,
         users=len(task),
         promoted=promoted,
-        reason=f"candidate {metric} {new:.4f} is {verdict} current {old:.4f} "
-        f"minus {margin:.0%} on {len(task)} users ({slice_name} slice)",
+        reason=f"candidate {metric} {score:.4f} against current {parts[0]}"
+        + (f" and best recent {parts[1]}" if len(parts) > 1 else "")
+        + f" on {len(task)} users ({slice_name} slice): {verdict}",
+        comparisons=comparisons,
     )
 
 
-def skipped(reason: str) -> GateDecision:
-    """No comparison possible (the current version reads other features): promote."""
-    return GateDecision("", 0.0, 0.0, 0.0, "", 0, True, reason)
+def not_comparable(reason: str) -> GateDecision:
+    """No comparison possible (the current version reads other features): a gate that
+    cannot compare does not promote; `--no-gate` is the way to promote anyway."""
+    return GateDecision("", 0.0, 0.0, 0.0, "", 0, False, reason)
 
 
 def last_timestamp(version_dir: Path) -> int | None:

@@ -17,18 +17,19 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from features.config import FeatureConfig
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
 from features.sources import DataSource
 from features.splits import Split
-from recsys.build_config import BuildConfig, Compute, RebuildPolicy
+from recsys.build_config import BuildConfig, Compute, Inputs, RebuildPolicy
 from recsys.core import schema as s
 from recsys.core.artifacts import read_manifest
 from recsys.core.errors import ArtifactError, RecsysError
 from recsys.core.layout import VersionLayout
 from recsys.core.lock import build_lock
 from recsys.core.versions import VersionStore
-from recsys.gate import GateDecision, last_timestamp, quality_gate, skipped
+from recsys.gate import GateDecision, last_timestamp, not_comparable, quality_gate
 from serving.index import IndexParams, IndexTargets, build_annoy
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig, warm_budget
@@ -100,6 +101,7 @@ def build(
     policy: RebuildPolicy | None = None,
     index_targets: IndexTargets | None = None,
     compute: Compute | None = None,
+    inputs: Inputs | None = None,
 ) -> BuildReport:
     """One build under the artifacts directory's lock; see the module docstring."""
     with build_lock(root) as died:
@@ -116,6 +118,7 @@ def build(
             policy or RebuildPolicy(),
             index_targets or IndexTargets(),
             compute or Compute(),
+            inputs or Inputs(),
         )
 
 
@@ -251,6 +254,7 @@ def _build_locked(
     policy: RebuildPolicy,
     index_targets: IndexTargets,
     compute: Compute,
+    inputs: Inputs,
 ) -> BuildReport:
     """The stages in order, each writing into the staging directory; any failure
     discards it and leaves `current` as it was."""
@@ -258,10 +262,13 @@ def _build_locked(
     previous = store.current() if store.current_name() else None
     name, staging = store.stage()
     layout = VersionLayout(staging)
-    settings = BuildConfig(tower, config or TrainConfig(), index_targets, policy, compute)
+    settings = BuildConfig(tower, config or TrainConfig(), index_targets, policy, compute, inputs)
     try:
         ingest_report = ingest(
-            source, layout.data, previous=VersionLayout(previous).data if previous else None
+            source,
+            layout.data,
+            FeatureConfig(event_weights=dict(settings.train.event_weights)),
+            previous=VersionLayout(previous).data if previous else None,
         )
         features = FeatureSet.load(layout.data)
         if features.num_items < MIN_ITEMS:
@@ -315,6 +322,24 @@ def _build_locked(
     )
 
 
+RECENT_VERSIONS = 3  # versions that served lately (the current one included) the gate asks
+
+
+def _recent_versions(previous: Path) -> list[Path]:
+    """Versions beside `previous` that served (promoted, or a first build), newest first."""
+    served = []
+    for version in sorted(previous.parent.iterdir(), reverse=True):
+        if version == previous or version.name.startswith(".") or not version.is_dir():
+            continue
+        try:
+            gate = read_manifest(version, verify=False).get("gate")
+        except ArtifactError:
+            continue
+        if gate is None or gate.get("promoted"):
+            served.append(version)
+    return served[: RECENT_VERSIONS - 1]
+
+
 def _gate(
     previous: Path,
     model: TwoTower,
@@ -323,21 +348,34 @@ def _gate(
     config: TrainConfig,
     margin: float,
 ) -> GateDecision:
-    """Both versions see each user's training events and are asked for the held-out ones."""
+    """All versions see each user's training events and are asked for the held-out ones."""
     seen = features.restricted_to(split.train)
     builder = BatchBuilder(seen, model.spec.tower)
     builder.mark_known(split.train)
     candidate = TowerScorer(model, builder, features.num_items)
+
+    def scorer(version: Path) -> TowerScorer:
+        old_model, old_builder = version_towers(version, seen, validated=True)
+        return TowerScorer(
+            old_model, old_builder, old_model.spec.num_items, catalogue=features.num_items
+        )
+
     try:
-        old_model, old_builder = version_towers(previous, seen, validated=True)
+        current = scorer(previous)
     except ArtifactError as exc:
-        return skipped(f"current version {previous.name} not comparable: {exc}")
-    current = TowerScorer(
-        old_model, old_builder, old_model.spec.num_items, catalogue=features.num_items
-    )
+        return not_comparable(
+            f"current version {previous.name} is not comparable ({exc}); not promoted "
+            "(--no-gate promotes without comparing)"
+        )
+    recent = {}
+    for version in _recent_versions(previous):
+        try:
+            recent[version.name] = scorer(version)
+        except ArtifactError as exc:  # built from other features: no common ground
+            log.info("quality gate: %s left out (%s)", version.name, exc)
     return quality_gate(
         candidate,
-        current,
+        (previous.name, current),
         seen,
         split.valid,
         last_timestamp(previous),
@@ -345,6 +383,7 @@ def _gate(
         metric=f"recall@{config.eval_k}",
         max_users=config.max_valid_users,
         seed=config.seed,
+        recent=recent,
     )
 
 

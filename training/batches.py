@@ -20,6 +20,9 @@ from training.collective import all_sum
 from training.config import TowerConfig
 
 Jagged = tuple[np.ndarray, np.ndarray]  # (values, lengths)
+# (values, lengths, weights): a bag whose items count by their events' weights.
+Weighted = tuple[np.ndarray, np.ndarray, np.ndarray]
+Part = Jagged | Weighted
 
 HISTORY = "history"
 RECENT = "recent"
@@ -83,44 +86,47 @@ class BatchBuilder:
         users = np.bincount(train[s.USER_IDX].to_numpy(), minlength=len(self.known_users))
         self.known_items, self.known_users = all_sum(items) > 0, all_sum(users) > 0
 
-    def _assemble(
-        self, parts: dict[str, tuple[np.ndarray, np.ndarray]], size: int
-    ) -> KeyedJaggedTensor:
+    def _assemble(self, parts: dict[str, Part], size: int) -> KeyedJaggedTensor:
+        """One KJT of every key; with weighted bags each bag's weights are normalised to
+        sum to 1 (the tables sum-pool), so an unweighted bag is its plain mean."""
         empty = (np.zeros(0, dtype=np.int64), np.zeros(size, dtype=np.int64))
-        values, lengths = zip(*(parts.get(k, empty) for k in self.keys.order), strict=True)
-        if self.table_rows is not None:
-            values, lengths = zip(
-                *(
-                    _within(v, n, rows)
-                    for v, n, rows in zip(values, lengths, self.table_rows, strict=True)
-                ),
-                strict=True,
-            )
+        bags: list[Weighted] = []
+        for position, key in enumerate(self.keys.order):
+            part = parts.get(key, empty)
+            values, lengths = part[0], part[1]
+            weights = part[2] if len(part) == 3 else np.ones(len(values), dtype=np.float32)
+            if self.table_rows is not None:
+                values, lengths, weights = _within(
+                    values, lengths, weights, int(self.table_rows[position])
+                )
+            bags.append((values, lengths, weights))
+        pooled = None
+        if self.tower.weighted_bags:
+            pooled = torch.from_numpy(np.concatenate([_normalised(w, n) for _, n, w in bags]))
         return KeyedJaggedTensor.from_lengths_sync(
             keys=list(self.keys.order),
-            values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
+            values=torch.from_numpy(np.concatenate([v for v, _, _ in bags])),
+            lengths=torch.from_numpy(np.concatenate([n for _, n, _ in bags])),
+            weights=pooled,
         )
 
     def _ids(self, ids: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return ids[keep], keep.astype(np.int64)
 
     def _user_parts(
-        self,
-        users: np.ndarray,
-        history: tuple[np.ndarray, np.ndarray],
-        recent: tuple[np.ndarray, np.ndarray],
-        keep_id: np.ndarray,
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        parts = {s.USER_ID: self._ids(users, keep_id), HISTORY: history, RECENT: recent}
+        self, users: np.ndarray, history: Part, recent: Part, keep_id: np.ndarray
+    ) -> dict[str, Part]:
+        parts: dict[str, Part] = {
+            s.USER_ID: self._ids(users, keep_id),
+            HISTORY: history,
+            RECENT: recent,
+        }
         for column, bags in self.user_bags.items():
             parts[side_key("user", column)] = bags.gather(users)
         return parts
 
-    def _item_parts(
-        self, items: np.ndarray, keep_id: np.ndarray
-    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        parts = {s.ITEM_ID: self._ids(items, keep_id)}
+    def _item_parts(self, items: np.ndarray, keep_id: np.ndarray) -> dict[str, Part]:
+        parts: dict[str, Part] = {s.ITEM_ID: self._ids(items, keep_id)}
         for column, bags in self.item_bags.items():
             parts[side_key("item", column)] = bags.gather(items)
         return parts
@@ -130,27 +136,31 @@ class BatchBuilder:
         if self.histories.ordering is Ordering.SET:
             self._shuffle = self.histories.shuffled(rng)
 
-    def _histories_of(self, rows: np.ndarray) -> tuple[Jagged, Jagged]:
+    def _bag(self, rows: np.ndarray, lengths: np.ndarray) -> Weighted:
+        """Event rows -> their items, weighted by the events' weights."""
+        return self.histories.items[rows], lengths, self.histories.weights_of(rows)
+
+    def _histories_of(self, rows: np.ndarray) -> tuple[Part, Part]:
         """(history, recent) bags of training events: the items before each event in a
         sequence; in a set, other items of the user drawn at random (no recent bag)."""
-        cfg = self.tower
-        if self.histories.ordering is Ordering.SEQUENCE:
+        cfg, histories = self.tower, self.histories
+        if histories.ordering is Ordering.SEQUENCE:
             return (
-                self.histories.previous_items(rows, cfg.history_length),
-                self.histories.previous_items(rows, cfg.recent_length),
+                self._bag(*histories.previous_rows(rows, cfg.history_length)),
+                self._bag(*histories.previous_rows(rows, cfg.recent_length)),
             )
         if self._shuffle is None:
-            self._shuffle = self.histories.shuffled(np.random.default_rng(0))
+            self._shuffle = histories.shuffled(np.random.default_rng(0))
         order, position = self._shuffle
-        history = self.histories.other_items(rows, cfg.history_length, position, order)
+        history = self._bag(*histories.other_rows(rows, cfg.history_length, position, order))
         return history, _empty(len(rows))
 
-    def _latest(self, users: np.ndarray) -> tuple[Jagged, Jagged]:
+    def _latest(self, users: np.ndarray) -> tuple[Part, Part]:
         """(history, recent) bags of users after all their events in the histories."""
-        history = self.histories.latest_items(users, self.tower.history_length)
+        history = self._bag(*self.histories.latest_rows(users, self.tower.history_length))
         if self.histories.ordering is Ordering.SET:
             return history, _empty(len(users))
-        return history, self.histories.latest_items(users, self.tower.recent_length)
+        return history, self._bag(*self.histories.latest_rows(users, self.tower.recent_length))
 
     def training_batch(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
         """Event rows -> users with their history as of the event (never the event's own
@@ -199,8 +209,9 @@ class BatchBuilder:
             else jagged(self.tower.recent_length)
         )
         parts = self._user_parts(safe, jagged(self.tower.history_length), recent, keep_id)
-        for key, (values, lengths) in list(parts.items()):
+        for key, part in list(parts.items()):
             if key.startswith("user:") and anonymous.any():
+                values, lengths = part[0], part[1]
                 keep = np.repeat(~anonymous, lengths)
                 parts[key] = (values[keep], np.where(anonymous, 0, lengths))
         return self._assemble(parts, len(users))
@@ -214,13 +225,28 @@ def _empty(size: int) -> Jagged:
     return np.zeros(0, dtype=np.int64), np.zeros(size, dtype=np.int64)
 
 
-def _within(values: np.ndarray, lengths: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _within(values: np.ndarray, lengths: np.ndarray, weights: np.ndarray, rows: int) -> Weighted:
     """A jagged feature without the values that are not rows of a `rows`-row table."""
     keep = values < rows
     if keep.all():
-        return values, lengths
+        return values, lengths, weights
     bag = np.repeat(np.arange(len(lengths)), lengths)
-    return values[keep], np.bincount(bag[keep], minlength=len(lengths)).astype(np.int64)
+    kept = np.bincount(bag[keep], minlength=len(lengths)).astype(np.int64)
+    return values[keep], kept, weights[keep]
+
+
+def _normalised(weights: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Weights scaled to sum to 1 within each bag; a bag whose weights are all 0 counts its
+    items alike."""
+    if not len(weights):
+        return weights.astype(np.float32)
+    bag = np.repeat(np.arange(len(lengths)), lengths)
+    totals = np.bincount(bag, weights=weights, minlength=len(lengths))
+    empty = totals[bag] <= 0
+    if empty.any():
+        weights = np.where(empty, 1.0, weights)
+        totals = np.bincount(bag, weights=weights, minlength=len(lengths))
+    return (weights / totals[bag]).astype(np.float32)
 
 
 def _side_bags(table, rows: int) -> dict[str, CsrBags]:

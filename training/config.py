@@ -36,6 +36,8 @@ class TowerConfig:
     # epochs with 0.2, against 0.43 -> 0.37 without)
     members: int | None = None  # independently initialised towers trained side by side and
     # averaged (a deep ensemble, served as one concatenated vector); None: by log size
+    weighted_bags: bool = True  # bags average their items by event weight (a purchase
+    # counts more than a view in the user's history); False: a plain mean (older versions)
 
     def __post_init__(self) -> None:
         if min(self.embedding_dim, self.id_dim, self.feature_dim) < 1 or self.hidden_dim < 0:
@@ -70,8 +72,9 @@ class TowerConfig:
 
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "TowerConfig":
-        # Versions built before `members` existed hold one tower.
-        payload = {"members": 1, **payload, "similarity": Similarity(payload["similarity"])}
+        # Versions built before `members` and weighted bags existed: one tower, plain means.
+        payload = {"members": 1, "weighted_bags": False, **payload}
+        payload["similarity"] = Similarity(payload["similarity"])
         return cls(**payload)
 
 

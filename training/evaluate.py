@@ -91,6 +91,12 @@ def ranking_metrics(
     top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS
 ) -> dict[str, float]:
     """Mean Recall, NDCG and HitRate at each K for ranked lists `top` (Q, >= max K)."""
+    return {name: float(np.mean(values)) for name, values in per_query(top, targets, ks).items()}
+
+
+def per_query(top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS) -> dict[str, np.ndarray]:
+    """Recall, NDCG and HitRate at each K of every query (Q,): what a paired comparison
+    of two models on the same users needs."""
     queries = len(top)
     target_sets = [
         set(targets.values[targets.offsets[q] : targets.offsets[q + 1]].tolist())
@@ -101,16 +107,14 @@ def ranking_metrics(
     )
     discounts = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
     sizes = np.diff(targets.offsets)
-    metrics = {}
+    metrics: dict[str, np.ndarray] = {}
     for k in ks:
         hit_k = hits[:, :k]
         found = hit_k.sum(axis=1)
         ideal = np.array([discounts[: min(int(n), k)].sum() for n in sizes])
-        metrics[f"recall@{k}"] = float(np.mean(found / np.maximum(sizes, 1)))
-        metrics[f"hit_rate@{k}"] = float(np.mean(found > 0))
-        metrics[f"ndcg@{k}"] = float(
-            np.mean((hit_k * discounts[:k]).sum(axis=1) / np.maximum(ideal, 1e-12))
-        )
+        metrics[f"recall@{k}"] = found / np.maximum(sizes, 1)
+        metrics[f"hit_rate@{k}"] = (found > 0).astype(np.float64)
+        metrics[f"ndcg@{k}"] = (hit_k * discounts[:k]).sum(axis=1) / np.maximum(ideal, 1e-12)
     return metrics
 
 
@@ -136,6 +140,20 @@ def evaluate(scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS) -> dict[s
     if len(task) == 0:
         empty = {f"{m}@{k}": 0.0 for k in ks for m in ("recall", "hit_rate", "ndcg")}
         return {**empty, "users": 0.0}
+    metrics = ranking_metrics(_top(scorer, task, ks), task.targets, ks)
+    metrics["users"] = float(len(task))
+    return metrics
+
+
+def evaluate_per_user(
+    scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS
+) -> dict[str, np.ndarray]:
+    """`evaluate`'s metrics for each query of the task, in the task's order."""
+    return per_query(_top(scorer, task, ks), task.targets, ks)
+
+
+def _top(scorer: Scorer, task: EvalTask, ks: tuple[int, ...]) -> np.ndarray:
+    """(Q, max K) ranked unseen items of every query."""
     tops, start, chunk = [], 0, 1  # the first chunk tells the catalogue size
     while start < len(task):
         index = np.arange(start, min(start + chunk, len(task)))
@@ -143,6 +161,4 @@ def evaluate(scorer: Scorer, task: EvalTask, ks: tuple[int, ...] = KS) -> dict[s
         tops.append(top_k_unseen(scores, task.seen, index, max(ks)))
         start += len(index)
         chunk = max(1, min(1024, SCORE_BUDGET // max(1, scores.shape[1])))
-    metrics = ranking_metrics(np.concatenate(tops), task.targets, ks)
-    metrics["users"] = float(len(task))
-    return metrics
+    return np.concatenate(tops)

@@ -74,21 +74,24 @@ def model_spec(features: FeatureSet, tower: TowerConfig) -> ModelSpec:
 
 
 def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
+    """Every table; with weighted bags each bag is a sum over weights that add up to 1 (a
+    weighted mean: `training.batches` normalises them)."""
     cfg, members = spec.tower, spec.members
+    pooling = PoolingType.SUM if cfg.weighted_bags else PoolingType.MEAN
     tables = [
         EmbeddingBagConfig(
             name="item_table",
             embedding_dim=cfg.id_dim * members,
             num_embeddings=max(1, spec.num_items),
             feature_names=[s.ITEM_ID, HISTORY, RECENT],
-            pooling=PoolingType.MEAN,
+            pooling=pooling,
         ),
         EmbeddingBagConfig(
             name="user_table",
             embedding_dim=cfg.id_dim * members,
             num_embeddings=max(1, spec.num_users),
             feature_names=[s.USER_ID],
-            pooling=PoolingType.MEAN,
+            pooling=pooling,
         ),
     ]
     for side, categories in (("user", spec.user_categories), ("item", spec.item_categories)):
@@ -100,7 +103,7 @@ def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
                     embedding_dim=cfg.feature_dim * members,
                     num_embeddings=max(1, size),
                     feature_names=[key],
-                    pooling=PoolingType.MEAN,
+                    pooling=pooling,
                 )
             )
     return tables
@@ -118,7 +121,9 @@ class TwoTower(nn.Module):
         super().__init__()
         self.spec = spec
         cfg = spec.tower
-        self.ebc = EmbeddingBagCollection(tables=_tables(spec), device=device)
+        self.ebc = EmbeddingBagCollection(
+            tables=_tables(spec), is_weighted=cfg.weighted_bags, device=device
+        )
         keys = spec.keys
         self.user_keys = list(keys.user)
         self.item_keys = list(keys.item)
