@@ -91,7 +91,8 @@ def _open_logs(source: DataSource) -> list[ValidatedLog]:
     logs = []
     for number, path in enumerate(source.interactions):
         text = _CSV_TEXT_COLUMNS if path.suffix.lower() in CSV_SUFFIXES else ()
-        logs.append(validate_log(path, scan_table(path, string_columns=text), number))
+        frame = scan_table(path, string_columns=text, columns=source.columns)
+        logs.append(validate_log(path, frame, number))
     return logs
 
 
@@ -103,7 +104,7 @@ def _side_features(
     for side, (key, _) in _SIDES.items():
         path = getattr(source, side)
         if path is not None:
-            tables[side] = read_side_table(path, key)
+            tables[side] = read_side_table(path, key, source.columns)
             vocabs[key] = vocabs[key].extend(tables[side][0][key])
     features = {}
     for side, (table, null_keys, duplicate_keys) in tables.items():
@@ -235,6 +236,7 @@ def ingest(
                 "interactions": [str(p) for p in source.interactions],
                 "items": str(source.items) if source.items else None,
                 "users": str(source.users) if source.users else None,
+                "columns": dict(source.columns),
             },
             "id_dtypes": {c: str(vocabs[c].dtype) for c in vocabs},
             "feature_config": asdict(config),

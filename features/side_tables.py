@@ -30,14 +30,16 @@ class SideFeatures:
     duplicate_keys: int = 0
 
 
-def read_side_table(path: Path, key: str) -> tuple[pl.DataFrame, int, int]:
+def read_side_table(
+    path: Path, key: str, columns: dict[str, str] | None = None
+) -> tuple[pl.DataFrame, int, int]:
     """Read a side table whole (it has one row per item or user), one row per key.
 
     Returns the table, the number of rows without a key and the number of repeated keys
     (the first row of each key is kept).
     """
     strings = (key,) if path.suffix.lower() in CSV_SUFFIXES else ()
-    frame = scan_table(path, string_columns=strings)
+    frame = scan_table(path, string_columns=strings, columns={key: (columns or {}).get(key, key)})
     names = frame.collect_schema().names()
     if key not in names:
         raise DataValidationError(
@@ -56,9 +58,31 @@ def read_side_table(path: Path, key: str) -> tuple[pl.DataFrame, int, int]:
     return unique, null_keys, table.height - unique.height
 
 
+def _bucketed(column: pl.Series) -> pl.Series:
+    """A continuous column (a price, a rating average) as one category per value: the
+    quarter-octave bucket of its magnitude (10.0 and 10.5 share one, 10 and 20 do not).
+    Scale-free, needs no statistics of the table, and gives a value the same bucket in
+    every build, so category indices stay stable across rebuilds."""
+    x = pl.col(column.name).cast(pl.Float64)
+    edge = pl.lit(2.0).pow((x.abs().log(2) * 4).floor() / 4).round_sig_figs(3).cast(pl.String)
+    label = (
+        pl.when(x.is_nan() | x.is_infinite())
+        .then(None)
+        .when(x == 0)
+        .then(pl.lit("0"))
+        .when(x < 0)
+        .then(pl.lit("<=-") + edge)
+        .otherwise(pl.lit(">=") + edge)
+    )
+    frame = pl.DataFrame({column.name: column})
+    return frame.select(pl.concat_list(label).alias(column.name))[column.name]
+
+
 def _as_bags(column: pl.Series, separator: str) -> pl.Series | None:
-    """The column as lists of text values, or None if it is continuous."""
+    """The column as lists of text values, or None if it cannot be a feature."""
     dtype = column.dtype
+    if dtype.is_float() or isinstance(dtype, pl.Decimal):
+        return _bucketed(column)
     if isinstance(dtype, pl.List):
         return column.cast(pl.List(pl.String))
     if dtype == pl.String and column.str.contains(separator, literal=True).any():
@@ -109,11 +133,13 @@ def build_side_features(
             continue
         values = _as_bags(table[name], config.multi_value_separator)
         if values is None:
-            ignored[name] = f"continuous {table.schema[name]} column"
+            ignored[name] = f"{table.schema[name]} column (not text, numbers or lists)"
             continue
         categories = values.explode().drop_nulls()
         categories = categories.filter(categories != "")
-        if categories.n_unique() > max(1.0, config.max_category_ratio * len(categories)):
+        bucketed = table.schema[name].is_float() or isinstance(table.schema[name], pl.Decimal)
+        near_unique = categories.n_unique() > max(1.0, config.max_category_ratio * len(categories))
+        if near_unique and not bucketed:  # buckets group values already: a few per octave
             ignored[name] = "near-unique values (say no more than the ID)"
             continue
         vocab = previous.get(name, Vocabulary.empty(name, text=True)).extend(categories)

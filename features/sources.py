@@ -1,11 +1,12 @@
 """Find the input files behind a `--data PATH` and open each one lazily with Polars."""
 
 import codecs
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from recsys.core import schema as s
 from recsys.core.errors import DataValidationError, RecsysError
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -15,11 +16,35 @@ TABLE_SUFFIXES = PARQUET_SUFFIXES + CSV_SUFFIXES
 
 @dataclass(frozen=True)
 class DataSource:
-    """The files of one data set: interaction logs plus optional item and user tables."""
+    """The files of one data set: interaction logs plus optional item and user tables, and
+    the names its files give our columns (`{"user_id": "customer_id"}`; none: ours)."""
 
     interactions: tuple[Path, ...]
     items: Path | None = None
     users: Path | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+
+
+MAPPABLE = (s.USER_ID, s.ITEM_ID, s.TIMESTAMP, s.WEIGHT, s.EVENT)
+
+
+def parse_columns(text: str | dict[str, str]) -> dict[str, str]:
+    """'user_id=customer_id,item_id=sku' -> {'user_id': 'customer_id', 'item_id': 'sku'}:
+    our column name = the name in the files."""
+    pairs = (
+        dict(text)
+        if isinstance(text, dict)
+        else dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+    )
+    if not isinstance(text, dict) and len(pairs) != len([p for p in text.split(",") if p.strip()]):
+        raise RecsysError(f"columns are OURS=THEIRS pairs separated by commas, got {text!r}")
+    mapping = {str(k).strip(): str(v).strip() for k, v in pairs.items()}
+    unknown = sorted(set(mapping) - set(MAPPABLE))
+    if unknown:
+        raise RecsysError(
+            f"cannot map column(s) {', '.join(unknown)}; mappable: {', '.join(MAPPABLE)}"
+        )
+    return mapping
 
 
 def _table_files(directory: Path) -> list[Path]:
@@ -40,7 +65,12 @@ def _named_entry(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def resolve_source(data: Path, items: Path | None = None, users: Path | None = None) -> DataSource:
+def resolve_source(
+    data: Path,
+    items: Path | None = None,
+    users: Path | None = None,
+    columns: dict[str, str] | None = None,
+) -> DataSource:
     """Interpret `--data PATH`.
 
     PATH is a log file, a directory of log files (one per day, say), or a data set directory
@@ -67,7 +97,7 @@ def resolve_source(data: Path, items: Path | None = None, users: Path | None = N
     for side in (items, users):
         if side is not None and not side.is_file():
             raise RecsysError(f"{side}: no such file")
-    return DataSource(interactions=tuple(logs), items=items, users=users)
+    return DataSource(tuple(logs), items, users, dict(columns or {}))
 
 
 def _check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:
@@ -91,13 +121,18 @@ def _check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:
         raise DataValidationError(path, None, "not UTF-8 text (truncated at the end)") from None
 
 
-def scan_table(path: Path, string_columns: tuple[str, ...] = ()) -> pl.LazyFrame:
+def scan_table(
+    path: Path, string_columns: tuple[str, ...] = (), columns: dict[str, str] | None = None
+) -> pl.LazyFrame:
     """Open one Parquet or CSV file lazily and read its schema, so that a corrupt or empty
     file fails here, with its name, rather than half-way through a job.
 
     `string_columns` are read from CSV as text (IDs: a CSV has no types, and "007" must
-    stay "007"); Parquet keeps the types it stores.
+    stay "007"); Parquet keeps the types it stores. `columns` renames the file's columns
+    to ours (ours -> theirs).
     """
+    columns = columns or {}
+    string_columns = tuple(columns.get(c, c) for c in string_columns)
     suffix = path.suffix.lower()
     try:
         if suffix in PARQUET_SUFFIXES:
@@ -115,11 +150,19 @@ def scan_table(path: Path, string_columns: tuple[str, ...] = ()) -> pl.LazyFrame
                 schema_overrides={c: pl.String for c in string_columns if c in header},
                 infer_schema_length=10_000,
             )
-        frame.collect_schema()
+        names = frame.collect_schema().names()
     except DataValidationError:
         raise
     except (pl.exceptions.PolarsError, OSError) as exc:
         kind = "Parquet" if suffix in PARQUET_SUFFIXES else "CSV"
         problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataValidationError(path, None, f"not a readable {kind} file ({problem})") from exc
-    return frame
+    renames = {
+        theirs: ours for ours, theirs in columns.items() if theirs in names and theirs != ours
+    }
+    for theirs, ours in renames.items():
+        if ours in names:
+            raise DataValidationError(
+                path, ours, f"the file has both '{ours}' and '{theirs}', which is mapped to it"
+            )
+    return frame.rename(renames) if renames else frame

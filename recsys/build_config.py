@@ -28,6 +28,7 @@ from typing import Any
 import tomli_w
 
 from features.events import parse_event_weights
+from features.sources import parse_columns
 from recsys.core.errors import RecsysError
 from serving.index import IndexTargets
 from training.config import LossKind, TowerConfig, TrainConfig, parse_losses
@@ -61,6 +62,7 @@ class Inputs:
     data: str | None = None
     items: str | None = None
     users: str | None = None
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # ours -> the files'
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,10 @@ def _parse(section: str, key: str, value: Any, current: Any) -> Any:
     """A TOML or flag value in the type the dataclass field holds."""
     if key == "losses":
         return parse_losses([value] if isinstance(value, str) else list(value))
+    if section == "inputs" and key == "columns":
+        if not isinstance(value, str | dict):
+            raise TypeError(f"columns must be OURS=THEIRS pairs, got {value!r}")
+        return parse_columns(value)
     if section == "inputs":
         if not isinstance(value, str):
             raise TypeError(f"{key} must be a path, got {value!r}")

@@ -3,6 +3,7 @@ function and print its report. Errors the user can fix print one line and exit 2
 
 import functools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -62,6 +63,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not verbose:  # TorchRec's planner and torch.fx are chatty about single-process runs
+        # torch sets its own loggers' levels when imported (later, in the commands):
+        # TORCH_LOGS is what it reads then. Child processes (workers, ranks) inherit it.
+        os.environ.setdefault("TORCH_LOGS", "-all")
         warnings.filterwarnings("ignore")
         for name in ("torch", "torchrec"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -77,6 +81,13 @@ DataOption = Annotated[
 ]
 ItemsOption = Annotated[Path | None, typer.Option(help="Item table (item_id + features).")]
 UsersOption = Annotated[Path | None, typer.Option(help="User table (user_id + features).")]
+ColumnsOption = Annotated[
+    str | None,
+    typer.Option(
+        help="The files' names for our columns, OURS=THEIRS,... "
+        "(user_id=customer_id,item_id=sku,timestamp=ts)."
+    ),
+]
 
 
 @app.command()
@@ -88,13 +99,16 @@ def ingest(
     ),
     items: ItemsOption = None,
     users: UsersOption = None,
+    columns: ColumnsOption = None,
 ) -> None:
     """Validate the logs and write cleaned tables, vocabularies and rejects (history bags
     are cut at training time: `history_length` in a build's settings)."""
     from features.ingest import ingest as run_ingest
-    from features.sources import resolve_source
+    from features.sources import parse_columns, resolve_source
 
-    source = resolve_source(data, items=items, users=users)
+    source = resolve_source(
+        data, items=items, users=users, columns=parse_columns(columns) if columns else None
+    )
     report = run_ingest(source, out_dir)
     table = Table(title=f"ingest of {data}", show_header=False)
     rows: list[tuple[str, object]] = [
@@ -146,6 +160,7 @@ def build(
     ] = None,
     items: ItemsOption = None,
     users: UsersOption = None,
+    columns: ColumnsOption = None,
     config_file: Annotated[
         Path | None,
         typer.Option(
@@ -269,6 +284,7 @@ def build(
         name: str(path.resolve()) if path is not None else None
         for name, path in (("data", data), ("items", items), ("users", users))
     }
+    flags["inputs"]["columns"] = columns
     # The current version's settings and inputs are the base: a plain rebuild repeats it.
     settings = current_settings(artifacts) or BuildConfig()
     settings = settings.with_file(config_file) if config_file else settings
@@ -296,6 +312,7 @@ def build(
         Path(given.data),
         items=Path(given.items) if given.items else None,
         users=Path(given.users) if given.users else None,
+        columns=given.columns,
     )
     report = run_build(
         source,
@@ -421,8 +438,25 @@ def serve(
         ServiceSettings()
     except ValidationError as exc:
         raise RecsysError(settings_problem(exc)) from None
-    verify_version(VersionStore(artifacts).current())
-    serve_workers("serving.main:app_factory", factory=True, host=host, port=port, workers=workers)
+    version = verify_version(VersionStore(artifacts).current())["version"]
+
+    def announce(bound_host: str, bound_port: int) -> None:
+        err.print(
+            f"listening on http://{bound_host}:{bound_port}: version {version}, {workers} "
+            f"worker{'s' if workers > 1 else ''} (ready when /readyz answers 200)",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    serve_workers(
+        "serving.main:app_factory",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        announce=announce,
+    )
 
 
 def show_recommendations(recs: pl.DataFrame, items_path: Path, users: int) -> None:
@@ -453,6 +487,7 @@ def tune(
     ] = Path("tuned.toml"),
     items: ItemsOption = None,
     users: UsersOption = None,
+    columns: ColumnsOption = None,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="Settings to start from (TOML).")
     ] = None,
@@ -462,17 +497,18 @@ def tune(
 ) -> None:
     """Search the settings that matter most on the validation split only (Optuna), within
     a time budget; write the best as a file for `recsys build --config`."""
-    from features.sources import resolve_source
+    from features.sources import parse_columns, resolve_source
     from recsys.build_config import BuildConfig
     from recsys.tune import tune as run_tune
 
     base = BuildConfig.from_file(config_file) if config_file else BuildConfig()
-    source = resolve_source(data, items=items, users=users)
+    source = resolve_source(
+        data, items=items, users=users, columns=parse_columns(columns) if columns else None
+    )
     result = run_tune(source, budget_minutes, base, seed, trials, progress)
     table = Table(title=f"trials ({result.metric} on validation)")
-    columns = list(result.trials[0]) if result.trials else []
-    for column in columns:
-        table.add_column(column, justify="right")
+    for heading in list(result.trials[0]) if result.trials else []:
+        table.add_column(heading, justify="right")
     for trial in result.trials:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in trial.values()))
     out.print(table)

@@ -61,13 +61,14 @@ def served(
     workers: int = 1,
     port: int | None = None,
     quiet: bool = True,
+    log: Path | None = None,
 ) -> Iterator[str]:
     """`recsys serve` on a free loopback port; yields its base URL once every worker
-    listens, stops it on exit."""
+    listens, stops it on exit. `log`: a file that gets its output."""
     port = port or free_port()
     command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
     command += ["--port", str(port), "--workers", str(workers)]
-    output = subprocess.DEVNULL if quiet else None
+    output = log.open("wb") if log is not None else subprocess.DEVNULL if quiet else None
     process = subprocess.Popen(
         command, env={**os.environ, **(env or {})}, stdout=output, stderr=output
     )
@@ -83,3 +84,5 @@ def served(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if log is not None and output is not None and not isinstance(output, int):
+            output.close()

@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from recsys.core.versions import VersionStore
 from serving.answers import AnswerError, Answers
@@ -90,7 +91,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         held.close()
         del app.state.resources
 
-    app = FastAPI(
+    # The docs pages load Swagger UI and ReDoc from files in the package, not from a CDN,
+    # so /docs works on a machine without internet access.
+    app = FastAPIOffline(
         title="recsys",
         version="1",
         description="Recommendations from a two-tower model over an Annoy index, cached in Redis.",

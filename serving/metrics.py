@@ -9,6 +9,10 @@ import time
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Set by `recsys serve` for its workers (a fresh directory per service): prometheus-client
+# then keeps every worker's counts in files there, and /metrics sums them.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
 REQUESTS = Counter("recsys_http_requests_total", "HTTP requests", ["route", "method", "status"])
 LATENCY = Histogram(
     "recsys_http_request_seconds",

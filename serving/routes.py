@@ -4,15 +4,22 @@ routes run in FastAPI's thread pool (the user tower, admin work)."""
 
 import hmac
 import json
+import os
 from typing import Annotated
 
 import orjson
 import redis
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    multiprocess,
+)
 
 from recsys.core.errors import RecsysError
 from serving.answers import CACHE_PREFIX, Answer, Answers
+from serving.metrics import MULTIPROCESS_DIR
 from serving.resources import Resources
 from serving.schemas import RecommendationRequest, Recommendations, Reloaded, SimilarItems
 from serving.settings import ServiceSettings
@@ -147,5 +154,11 @@ def readyz(request: Request, response: Response) -> dict[str, object]:
 
 @probes.get("/metrics")
 def metrics() -> Response:
-    """Prometheus metrics of this worker."""
+    """Prometheus metrics of the whole service: with several workers, every worker's
+    counters summed (prometheus-client's multiprocess mode, which `recsys serve` turns on),
+    so that consecutive scrapes never see one worker's counts and then another's."""
+    if os.environ.get(MULTIPROCESS_DIR):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -12,13 +12,20 @@ connections), restarts a worker that dies, and stops them all on SIGTERM or SIGI
 
 import logging
 import multiprocessing
+import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import uvicorn
+from prometheus_client import multiprocess
+
+from serving.metrics import MULTIPROCESS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +74,13 @@ def serve(
     port: int = 8000,
     workers: int = 1,
     log_level: str = "warning",
+    announce: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Serve `app` ("module:attribute") until SIGTERM or SIGINT."""
+    """Serve `app` ("module:attribute") until SIGTERM or SIGINT; `announce(host, port)` is
+    called once the port is known (uvicorn's own start-up lines are left out: one line)."""
     if workers == 1:
+        if announce is not None:
+            announce(host, port)
         uvicorn.run(
             app, factory=factory, http=HTTP_PROTOCOL, host=host, port=port, log_level=log_level
         )
@@ -81,6 +92,10 @@ def serve(
     port = holder.getsockname()[1]
     spawn = multiprocessing.get_context("spawn")
     stopping = False
+    # Workers count into files of one fresh directory, and /metrics sums them (the
+    # environment is read when a worker first imports prometheus-client).
+    metrics_dir = tempfile.mkdtemp(prefix="recsys-metrics-")
+    os.environ[MULTIPROCESS_DIR] = metrics_dir
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping
@@ -94,7 +109,8 @@ def serve(
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     processes = [start() for _ in range(workers)]
-    log.info("serving on http://%s:%d with %d workers", host, port, workers)
+    if announce is not None:
+        announce(host, port)
     try:
         while not stopping:
             time.sleep(RESTART_CHECK_SECONDS)
@@ -104,6 +120,8 @@ def serve(
                 if process.exitcode == STARTUP_FAILURE:
                     raise SystemExit(f"worker {process.pid} could not start the app; stopping")
                 log.error("worker %d exited (%s); starting another", process.pid, process.exitcode)
+                if process.pid is not None:
+                    multiprocess.mark_process_dead(process.pid, metrics_dir)
                 processes[n] = start()
     finally:
         for process in processes:
@@ -114,3 +132,4 @@ def serve(
                 process.kill()
                 process.join()
         holder.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -112,6 +112,7 @@ def test_evaluate_reproduces_the_validation_metrics_of_the_build(built):
     _, artifacts = built
     result = recsys("evaluate", "--artifacts", artifacts)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no third-party warnings (torch.fx printed one every time)
     manifest = read_manifest(VersionStore(artifacts).current())
     expected = manifest["train"]["valid_metrics"]["hit_rate@10"]
     row = next(line for line in result.stdout.splitlines() if line.strip("│ ").startswith("10 "))

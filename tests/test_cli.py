@@ -100,3 +100,23 @@ def test_doctor_names_a_version_mismatch():
     with mock.patch.object(doctor.importlib.metadata, "version", fake):
         ok, detail = doctor.check_versions()
     assert not ok and "needs fbgemm-gpu 1.8.x" in detail
+
+
+def test_a_log_with_its_own_column_names_is_mapped(tmp_path: Path):
+    """customer_id / sku / ts needed a rewrite of the log; --columns maps them, the item
+    table's key included."""
+    data = tmp_path / "shop"
+    data.mkdir()
+    pl.DataFrame(
+        {"customer_id": ["a", "a", "b"], "sku": ["x", "y", "x"], "ts": [1, 2, 3]}
+    ).write_csv(data / "interactions.csv")
+    pl.DataFrame({"sku": ["x", "y", "z"], "brand": ["p", "q", "p"]}).write_csv(data / "items.csv")
+    mapping = "user_id=customer_id,item_id=sku,timestamp=ts"
+    result = recsys("ingest", "--data", data, "--out", tmp_path / "out", "--columns", mapping)
+    assert result.returncode == 0, result.stderr
+    clean = pl.read_parquet(tmp_path / "out" / "interactions.parquet")
+    assert clean.height == 3 and clean["timestamp"].to_list() == [1, 2, 3]
+    items = pl.read_parquet(tmp_path / "out" / "vocab" / "item_id.parquet")
+    assert sorted(items["id"].to_list()) == ["x", "y", "z"]  # the catalogue's z too
+    bad = recsys("ingest", "--data", data, "--out", tmp_path / "o2", "--columns", "userid=x")
+    assert bad.returncode == 2 and "cannot map column(s) userid" in bad.stderr

@@ -194,6 +194,30 @@ def test_side_tables_add_cold_items_and_features(tmp_path):
     assert bags.height == 6 and bags["genres"].list.len().to_list() == [2, 1, 1, 1, 1, 0]
 
 
+def test_continuous_columns_become_bucketed_features(tmp_path):
+    """A price was dropped as a "continuous Float64 column"; it is a feature now, one
+    category per quarter-octave of its value, the same in every build."""
+    data = tmp_path / "dataset"
+    data.mkdir()
+    pl.DataFrame({"user_id": [1, 1, 2], "item_id": [1, 2, 3]}).write_parquet(
+        data / "interactions.parquet"
+    )
+    prices = [10.0, 10.5, 20.0, 0.0, None, 999.0]
+    pl.DataFrame({"item_id": [1, 2, 3, 4, 5, 6], "price": prices}).write_parquet(
+        data / "items.parquet"
+    )
+    report = run(data, tmp_path / "out")
+    assert report.side_tables["items"]["features"] == {"price": 4}  # 4 buckets, null: none
+    bags = pl.read_parquet(tmp_path / "out" / "item_features.parquet").sort("item_idx")
+    price = bags["price"].to_list()
+    assert price[0] == price[1] != price[2]  # 10 and 10.5 share a bucket, 20 does not
+    assert price[4] == [] and all(len(b) == 1 for i, b in enumerate(price) if i != 4)
+    again = run(data, tmp_path / "again")
+    assert again.side_tables == report.side_tables
+    rebuilt = pl.read_parquet(tmp_path / "again" / "item_features.parquet").sort("item_idx")
+    assert rebuilt["price"].to_list() == price
+
+
 @pytest.mark.parametrize("form", ["uint64 parquet", "csv text", "csv float text"])
 def test_one_out_of_range_timestamp_is_one_rejected_row(tmp_path, form):
     """A timestamp beyond Int64 (1e19) refused the whole ingest with a message naming no

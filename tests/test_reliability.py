@@ -177,11 +177,18 @@ def test_serve_stops_with_a_message_when_its_workers_cannot_load_the_version(art
     assert "could not start the app" in result.stderr
 
 
-def test_connections_are_spread_over_the_workers(artifacts):
+def test_connections_are_spread_over_the_workers(artifacts, tmp_path):
     """Each worker listens on its own socket (serving.workers): a burst of keep-alive
     connections must not all land on whichever worker woke first, and no other service
     may join those sockets on the same port."""
-    with served(artifacts, workers=2) as base:
+    log = tmp_path / "serve.log"
+    with served(artifacts, workers=2, log=log) as base:
+        # One line says where it listens, and nothing else is printed at start.
+        lines = log.read_text().splitlines()
+        assert lines == [
+            f"listening on {base}: version {VersionStore(artifacts).current_name()}, "
+            "2 workers (ready when /readyz answers 200)"
+        ], lines
         port = int(base.rsplit(":", 1)[1])
         clients = [httpx.Client(base_url=base, timeout=10) for _ in range(16)]
         try:
@@ -197,6 +204,17 @@ def test_connections_are_spread_over_the_workers(artifacts):
                 client.close()
         assert len(owners) == 16
         assert len(set(owners)) == 2
+        # /metrics sums both workers: every scrape counts all 16 requests, whichever
+        # worker answers it (per-worker counts would alternate and look like resets).
+        for _ in range(4):
+            with httpx.Client(base_url=base, timeout=10) as scraper:
+                text = scraper.get("/metrics").text
+            counted = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("recsys_http_requests_total{") and 'route="/healthz"' in line
+            )
+            assert counted == 16, text
         # The workers' shared port is not open to a second service started by mistake.
         command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
         second = subprocess.run(

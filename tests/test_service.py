@@ -2,6 +2,7 @@
 Redis outages, and `recsys serve` as a subprocess answering over real HTTP."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -283,3 +284,15 @@ def test_service_process_imports_no_trainer_pipeline_or_benchmark(artifacts):
     loaded = set(done.stdout.split())
     assert "serving.app" in loaded and "training.model" in loaded
     assert not [m for m in loaded if m.startswith(NEVER_IN_THE_SERVICE)]
+
+
+def test_docs_are_served_from_local_files(client):
+    """/docs must work offline: no CDN in the page, and the assets it names answer here."""
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn." not in page.text and "unpkg" not in page.text
+    assets = re.findall(r"""(?:src|href)=["'](/[^"']+\.(?:js|css))["']""", page.text)
+    assert len(assets) >= 2, page.text
+    for asset in assets:
+        answer = client.get(asset)
+        assert answer.status_code == 200 and len(answer.content) > 10_000, asset
