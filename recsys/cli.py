@@ -527,23 +527,56 @@ def tune(
 
 @app.command()
 @friendly_errors
-def evaluate(artifacts: ArtifactsOption) -> None:
-    """Full-ranking Recall / NDCG / HitRate @10,20,50,100 of the current version on its
-    validation split (each user's last event), seen items excluded."""
-    from recsys.core.versions import VersionStore, verify_version
-    from recsys.pipeline import evaluate_version
+def evaluate(
+    artifacts: ArtifactsOption,
+    version: Annotated[
+        str | None, typer.Option(help="The version to score (default: current).")
+    ] = None,
+    compare: Annotated[
+        tuple[str, str] | None,
+        typer.Option(help="Score two versions on one fixed set of users: --compare V1 V2."),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="A grown log: its events after the versions' logs ended are the test "
+            "(never trained on, never used for early stopping).",
+        ),
+    ] = None,
+    items: ItemsOption = None,
+    users: UsersOption = None,
+    columns: ColumnsOption = None,
+) -> None:
+    """Full-ranking Recall / NDCG / HitRate @10,20,50,100 of a version (or two) and of
+    popularity, on one set of users: the events after the versions' logs ended, else
+    the newest version's validation split (it says which)."""
+    from features.sources import parse_columns, resolve_source
+    from recsys.core.errors import ArtifactError
+    from recsys.core.versions import VersionStore
+    from recsys.evaluation import evaluate_versions
 
-    version = VersionStore(artifacts).current()
-    verify_version(version)
-    metrics = evaluate_version(version)
-    table = Table(title=f"evaluation of {version.name} ({int(metrics.pop('users'))} users)")
-    table.add_column("K")
-    for name in ("recall", "ndcg", "hit_rate"):
+    store = VersionStore(artifacts)
+    names = list(compare) if compare else [version] if version else [store.current().name]
+    paths = []
+    for name in names:
+        path = store.versions / name
+        if not path.is_dir():
+            raise ArtifactError(f"{artifacts}: no version {name!r}; have {', '.join(store.list())}")
+        paths.append(path)
+    source = None
+    if data is not None:
+        mapping = parse_columns(columns) if columns else None
+        source = resolve_source(data, items=items, users=users, columns=mapping)
+    chosen, results = evaluate_versions(paths, source)
+    table = Table(title=f"evaluation on {len(chosen.task):,} users: {chosen.description}")
+    table.add_column("metric")
+    for name in results:
         table.add_column(name)
     for k in (10, 20, 50, 100):
-        table.add_row(
-            str(k), *(f"{metrics[f'{n}@{k}']:.4f}" for n in ("recall", "ndcg", "hit_rate"))
-        )
+        for metric in ("recall", "ndcg", "hit_rate"):
+            key = f"{metric}@{k}"
+            table.add_row(key, *(f"{r[key]:.4f}" for r in results.values()))
     out.print(table)
 
 

@@ -290,3 +290,43 @@ def test_a_swapped_out_version_is_freed_although_the_heap_was_frozen(dataset, tm
     assert asyncio.run(live.refresh()) is True
     assert live.version == second
     assert old() is None
+
+
+def _table(stdout: str) -> dict[str, list[str]]:
+    """A rich table's rows by their first cell."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) > 1:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_evaluate_scores_versions_on_events_they_never_saw(dataset, tmp_path):
+    """`recsys evaluate` was hard to read: no baseline, no way to name a version, a split
+    early stopping had used, and users that changed between versions."""
+    data, artifacts, first = first_build(dataset, tmp_path)  # days 1-24
+    full = grown_log(dataset, tmp_path / "full", None)  # days 1-30
+    alone = recsys("evaluate", "--artifacts", artifacts, "--version", first, "--data", full)
+    assert alone.returncode == 0, alone.stderr
+    assert "events after the versions' logs ended" in alone.stdout
+    rows = _table(alone.stdout)
+    ours, popularity = (float(v) for v in rows["recall@20"])
+    assert ours > popularity  # the planted clusters are there to find
+
+    grown_log(dataset, data, 27)
+    build(resolve_source(data), artifacts, config=FAST, progress=False)
+    second = VersionStore(artifacts).current_name()
+    assert second is not None and second != first
+    both = recsys("evaluate", "--artifacts", artifacts, "--compare", first, second, "--data", full)
+    assert both.returncode == 0, both.stderr
+    assert "events after the versions' logs ended" in both.stdout  # days 28-30, for both
+    header = next(line for line in both.stdout.splitlines() if "metric" in line)
+    assert first in header and second in header and "popularity" in header
+    assert len(_table(both.stdout)["recall@20"]) == 3
+    # Without a grown log: the newest version's validation split, and it says so.
+    fallback = recsys("evaluate", "--artifacts", artifacts, "--compare", first, second)
+    assert fallback.returncode == 0, fallback.stderr
+    assert f"the validation split of {second}" in fallback.stdout
+    missing = recsys("evaluate", "--artifacts", artifacts, "--version", "nope")
+    assert missing.returncode == 2 and "no version 'nope'" in missing.stderr

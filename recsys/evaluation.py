@@ -1,0 +1,105 @@
+"""`recsys evaluate`: versions scored on one fixed set of users, beside popularity.
+
+The honest test of a version is events it never saw: those after its log ended (a grown
+log, `--data`, or a newer version's data). Such events were used neither for training
+nor for early stopping, so the figure says what serving will see. When there are none
+(the log has not grown, or has no time), the slice falls back to the newest version's
+validation split, scored with the weights validated before the refit, and says that
+early stopping chose them on it. Every version and the popularity baseline are asked
+about the same users, each seeing the same events before the slice.
+"""
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from features.feature_set import FeatureSet
+from features.ingest import ingest
+from features.sources import DataSource
+from recsys.core import schema as s
+from recsys.core.artifacts import read_manifest
+from recsys.core.layout import VersionLayout
+from recsys.core.versions import verify_version
+from training.baselines import Popularity
+from training.config import TrainConfig
+from training.embed import TowerScorer
+from training.evaluate import EvalTask, eval_task, evaluate, sample_task
+from training.export import version_towers
+from training.fit import TRAIN_CONFIG
+from training.trainer import build_split
+
+MAX_USERS = 10_000
+
+
+@dataclass
+class Slice:
+    description: str
+    seen: FeatureSet  # the events every model sees of each user
+    task: EvalTask
+    validated: bool  # score the weights from before the refit (a validation slice)
+
+
+def _last_timestamp(version: Path) -> int | None:
+    value = read_manifest(version, verify=False).get("data", {}).get("last_timestamp")
+    return None if value is None else int(value)
+
+
+def _after(features: FeatureSet, cutoff: int) -> Slice | None:
+    events = features.interactions.with_row_index("row")
+    later = events.filter(pl.col(s.TIMESTAMP) > cutoff)
+    if later.is_empty():
+        return None
+    seen = features.restricted_to(events.filter(pl.col(s.TIMESTAMP) <= cutoff))
+    task = sample_task(eval_task(later, seen.histories), MAX_USERS)
+    if len(task) == 0:
+        return None
+    return Slice(f"{later.height:,} events after the versions' logs ended", seen, task, False)
+
+
+def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path) -> Slice:
+    """Events after every version's log (from `source`, or the newest version's data),
+    else the newest version's validation split."""
+    newest = max(versions, key=lambda v: v.name)
+    data = VersionLayout(newest).data
+    if source is not None:
+        ingest(source, work / "data", previous=data)
+        data = work / "data"
+    features = FeatureSet.load(data)
+    stamps = [_last_timestamp(v) for v in versions]
+    if all(stamp is not None for stamp in stamps):
+        later = _after(features, max(stamp for stamp in stamps if stamp is not None))
+        if later is not None:
+            return later
+    config = TrainConfig.from_dict(
+        json.loads((VersionLayout(newest).model / TRAIN_CONFIG).read_text())
+    )
+    split = build_split(features, config)
+    seen = features.restricted_to(split.train)
+    task = sample_task(eval_task(split.valid, seen.histories), MAX_USERS)
+    description = (
+        f"the validation split of {newest.name} (early stopping chose the weights on it; "
+        "no events after the versions' logs: give the grown log with --data)"
+    )
+    return Slice(description, seen, task, True)
+
+
+def evaluate_versions(
+    versions: list[Path], source: DataSource | None = None
+) -> tuple[Slice, dict[str, dict[str, float]]]:
+    """Metrics of each version and of popularity on one slice, keyed by name."""
+    for version in versions:
+        verify_version(version)
+    with tempfile.TemporaryDirectory(prefix="recsys-evaluate-") as tmp:
+        chosen = evaluation_slice(versions, source, Path(tmp))
+    results = {}
+    features = chosen.seen
+    for version in versions:
+        model, builder = version_towers(version, features, validated=chosen.validated)
+        scorer = TowerScorer(model, builder, model.spec.num_items, catalogue=features.num_items)
+        results[version.name] = evaluate(scorer, chosen.task)
+    popularity = Popularity.fit(features.interactions, features.num_items)
+    results["popularity"] = evaluate(popularity, chosen.task)
+    return chosen, results
