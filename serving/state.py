@@ -1,19 +1,18 @@
 """What a service worker holds for one version: the recommender (embeddings, mmap'd index,
-seen items), the user tower for history-based requests, and ID lookups."""
+seen items), the user tower for history-based requests (in NumPy: a worker never imports
+torch), and ID lookups."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
-from features.feature_set import FeatureSet
+from features.ordering import Ordering
+from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
 from serving.recommender import Recommender
-from training.batches import BatchBuilder
-from training.export import version_towers
-from training.model import TwoTower
+from serving.user_tower import UserTower
 
 
 @dataclass
@@ -21,8 +20,7 @@ class VersionState:
     version: str
     path: Path
     recommender: Recommender
-    model: TwoTower
-    builder: BatchBuilder
+    tower: UserTower
     item_list: list[int | str]  # item_idx -> raw item ID, a list: indexing it beats a gather
     item_lookup: dict[object, int]  # raw item ID -> item_idx
     user_lookup: dict[object, int]
@@ -30,17 +28,14 @@ class VersionState:
     @classmethod
     def load(cls, path: Path) -> "VersionState":
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
-        features = FeatureSet.load(
-            VersionLayout(path).data, verify=False
-        )  # covered by the check above
-        model, builder = version_towers(path, features)
+        summary = read_manifest(VersionLayout(path).data, verify=False)["summary"]
+        ordering = Ordering(summary.get("ordering", Ordering.SEQUENCE.value))
         item_list = recommender.item_ids.to_list()
         return cls(
             version=recommender.version,
             path=path,
             recommender=recommender,
-            model=model,
-            builder=builder,
+            tower=UserTower.load(path, ordering),
             item_list=item_list,
             item_lookup={v: i for i, v in enumerate(item_list)},
             user_lookup={v: i for i, v in enumerate(recommender.user_ids.to_list())},
@@ -81,11 +76,7 @@ class VersionState:
 
     def embed_history(self, user: int | None, history: list[int]) -> np.ndarray:
         """The user tower applied to a history given in the request (oldest first)."""
-        users = np.array([-1 if user is None else user], dtype=np.int64)
-        features = self.builder.users_with_history(users, [np.asarray(history, dtype=np.int64)])
-        with torch.no_grad():
-            user_emb, _ = self.model(features)
-        return user_emb[0].numpy()
+        return self.tower.embed(user, history)
 
     def item_ids(self, indices: np.ndarray) -> list[int | str]:
         ids = self.item_list

@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from features.feature_set import FeatureSet
 from recsys.core.errors import ArtifactError
-from recsys.core.layout import VersionLayout
+from recsys.core.layout import MODEL_SPEC, MODEL_WEIGHTS, VersionLayout
 from training.batches import BatchBuilder
 from training.model import ModelSpec, TwoTower, legacy_keys, model_spec
 
-WEIGHTS = "weights.safetensors"
-SPEC = "model.json"
+WEIGHTS = MODEL_WEIGHTS
+SPEC = MODEL_SPEC
 ROW_STATE = "row_state.safetensors"  # embedding optimizer's per-row state, for warm starts
 # The best weights before the refit on every event (present only after a refit): the
 # quality gate compares models that have not trained on the validation events.

@@ -19,6 +19,8 @@ INDEX = "index"
 BUILD_CONFIG = "build_config.toml"
 INTERACTIONS = "interactions.parquet"
 VOCAB = "vocab"
+MODEL_SPEC = "model.json"  # inside model/: the towers' shape
+MODEL_WEIGHTS = "weights.safetensors"  # inside model/: the served weights
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ class VersionLayout:
     def build_config(self) -> Path:
         return self.root / BUILD_CONFIG
 
+    @property
+    def model_spec(self) -> Path:
+        return self.model / MODEL_SPEC
+
+    @property
+    def model_weights(self) -> Path:
+        return self.model / MODEL_WEIGHTS
+
     def side_embeddings(self, side: str) -> Path:
         """`side` is "users" or "items"."""
         return self.embeddings / f"{side}.parquet"
@@ -58,6 +68,10 @@ class VersionLayout:
     def table(self, side: str) -> Path:
         """The ingested side table ("users" or "items"), when the build had one."""
         return self.data / f"{side}.parquet"
+
+    def side_features(self, side: str) -> Path:
+        """The ingested feature bags of "users" or "items", when the build had a table."""
+        return self.data / f"{side[:-1]}_features.parquet"
 
     def vocabulary(self, column: str) -> Path:
         """Raw ID -> dense index of `column` ("user_id" or "item_id")."""

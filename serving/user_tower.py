@@ -1,0 +1,137 @@
+"""The user tower in NumPy, for request-time histories: the same computation as
+`training.model.TwoTower` in evaluation mode (the tests hold the two to 1e-5), from the
+version's own files, so that a service worker never imports torch or TorchRec (about
+330 MB of a worker's memory went to importing them).
+
+Per member m of the towers: each user-side bag (the user's ID, the history, the recent
+items, each user feature) is the mean of its rows' m-th slices (an empty bag is zeros),
+the bags side by side go through the member's MLP (Linear, exact GELU, Linear; or one
+Linear), cosine towers normalise, and the members' vectors are joined side by side and
+divided by sqrt(members)."""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from safetensors.numpy import load_file
+from scipy.special import erf
+
+from features.jagged import CsrBags
+from features.ordering import Ordering
+from recsys.core import schema as s
+from recsys.core.layout import VersionLayout
+from training.config import Similarity, TowerConfig
+
+TABLE = "ebc.embedding_bags.{}_table.weight"
+
+
+def _legacy(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Weights saved before members existed (`user_mlp.*`) under today's names."""
+    out = {}
+    for key, value in weights.items():
+        if key.startswith("user_mlp."):
+            key = "user_mlps.0." + key.removeprefix("user_mlp.")
+        out[key] = value
+    return out
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+@dataclass
+class Layer:
+    weight: np.ndarray  # (out, in)
+    bias: np.ndarray  # (out,)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.weight.T + self.bias
+
+
+@dataclass
+class UserTower:
+    tower: TowerConfig
+    members: int
+    ordering: Ordering
+    user_table: np.ndarray  # (users, id_dim x members)
+    item_table: np.ndarray  # (items, id_dim x members)
+    side_tables: dict[str, np.ndarray]  # user feature column -> (categories, dim x members)
+    side_bags: dict[str, CsrBags]  # user feature column -> categories of each user
+    known_users: np.ndarray  # (users,) bool: trained with an ID row
+    mlps: list[list[Layer]]  # per member: the layers between activations
+
+    @classmethod
+    def load(cls, version: Path, ordering: Ordering) -> "UserTower":
+        layout = VersionLayout(version)
+        spec = json.loads(layout.model_spec.read_text())
+        tower = TowerConfig.from_dict(spec["tower"])
+        weights = _legacy(load_file(str(layout.model_weights)))
+        members = tower.members or 1
+        columns = list(spec["user_categories"])  # the model's order (sorted, as stored)
+        bags: dict[str, CsrBags] = {}
+        if columns and layout.side_features("users").is_file():
+            table = pl.read_parquet(layout.side_features("users")).sort(s.USER_IDX)
+            bags = {c: CsrBags.from_lists(table[c]) for c in columns}
+        known = pl.read_parquet(layout.side_embeddings("users"), columns=["known"])["known"]
+        mlps = []
+        for m in range(members):
+            prefix = f"user_mlps.{m}."
+            if f"{prefix}weight" in weights:  # a linear tower
+                mlps.append([Layer(weights[f"{prefix}weight"], weights[f"{prefix}bias"])])
+            else:
+                mlps.append(
+                    [
+                        Layer(weights[f"{prefix}{i}.weight"], weights[f"{prefix}{i}.bias"])
+                        for i in (0, 2)
+                    ]
+                )
+        return cls(
+            tower=tower,
+            members=members,
+            ordering=ordering,
+            user_table=weights[TABLE.format("user")],
+            item_table=weights[TABLE.format("item")],
+            side_tables={c: weights[TABLE.format(f"user:{c}")] for c in columns},
+            side_bags=bags,
+            known_users=known.to_numpy().astype(bool),
+            mlps=mlps,
+        )
+
+    def _mean(self, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        rows = rows[rows < len(table)]
+        return table[rows].mean(axis=0) if len(rows) else np.zeros(table.shape[1], np.float32)
+
+    def embed(self, user: int | None, history: list[int]) -> np.ndarray:
+        """(members x dim,) the vector a user with this history (oldest first) gets; `user`
+        None is anonymous (no ID, no user features)."""
+        cfg = self.tower
+        items = np.asarray(history, dtype=np.int64)
+        known = user is not None and 0 <= user < len(self.known_users) and self.known_users[user]
+        bags = [
+            self._mean(self.user_table, np.array([user] if known else [], dtype=np.int64)),
+            self._mean(self.item_table, items[-cfg.history_length :] if len(items) else items),
+            self._mean(
+                self.item_table,
+                items[-cfg.recent_length :]
+                if self.ordering is Ordering.SEQUENCE and len(items)
+                else items[:0],
+            ),
+        ]
+        for column, table in self.side_tables.items():
+            rows = np.zeros(0, dtype=np.int64)
+            column_bags = self.side_bags.get(column)
+            if user is not None and column_bags is not None and user < len(column_bags.offsets) - 1:
+                rows, _ = column_bags.gather(np.array([user]))
+            bags.append(self._mean(table, rows))
+        out = []
+        for m, layers in enumerate(self.mlps):
+            x = np.concatenate([b.reshape(self.members, -1)[m] for b in bags])
+            for n, layer in enumerate(layers):
+                x = layer(x if n == 0 else _gelu(x))
+            if cfg.similarity is Similarity.COSINE:
+                x = x / max(float(np.linalg.norm(x)), 1e-12)
+            out.append(x)
+        return (np.concatenate(out) / math.sqrt(self.members)).astype(np.float32)

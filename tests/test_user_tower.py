@@ -1,0 +1,95 @@
+"""The service's NumPy user tower against the PyTorch/TorchRec model it stands for: the same
+vectors for known, unknown and anonymous users, with and without features, for every
+shape of tower, so that serving without torch cannot drift from training."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from data.synthetic import SyntheticConfig, generate
+from features.feature_set import FeatureSet
+from features.ingest import ingest
+from features.ordering import Ordering
+from features.sources import resolve_source
+from recsys.core.layout import VersionLayout
+from serving.user_tower import UserTower
+from training.batches import BatchBuilder
+from training.config import Similarity, TowerConfig
+from training.export import save_model
+from training.model import TwoTower, model_spec
+
+BASE = TowerConfig(embedding_dim=8, id_dim=8, feature_dim=4, hidden_dim=16, history_length=6)
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> tuple[Path, FeatureSet]:
+    root = tmp_path_factory.mktemp("tower")
+    cfg = SyntheticConfig(rows=2_000, users=60, items=40, clusters=3, seed=2)
+    generate(root / "raw", cfg)
+    ingest(resolve_source(root / "raw"), root / "data")
+    return root, FeatureSet.load(root / "data")
+
+
+def _version(
+    root: Path, features: FeatureSet, tower: TowerConfig, version: Path
+) -> tuple[Path, TwoTower]:
+    """A version directory with what the NumPy tower reads: the data, the model, and which
+    users have an ID row (every other one is unknown)."""
+    torch.manual_seed(0)
+    spec = model_spec(features, tower)
+    model = TwoTower(spec).eval()
+    with torch.no_grad():  # non-zero biases and rows everywhere
+        for value in model.state_dict().values():
+            value.copy_(torch.randn_like(value) * 0.3)
+    layout = VersionLayout(version)
+    save_model(model.state_dict(), spec, layout.model)
+    layout.embeddings.mkdir(parents=True)
+    known = np.arange(features.num_users) % 2 == 0
+    pl.DataFrame({"known": known}).write_parquet(layout.side_embeddings("users"))
+    layout.data.symlink_to(root / "data")
+    return version, model
+
+
+@pytest.mark.parametrize(
+    "tower",
+    [
+        BASE,
+        replace(BASE, members=3),
+        replace(BASE, hidden_dim=0),
+        replace(BASE, similarity=Similarity.DOT, members=2),
+        replace(BASE, weighted_bags=False),
+    ],
+    ids=["one", "three-members", "linear", "dot-two-members", "plain-means"],
+)
+def test_numpy_tower_matches_the_model(features, tower, tmp_path):
+    root, data = features
+    tower = replace(tower, members=tower.members or 1)
+    version, model = _version(root, data, tower, tmp_path / "version")
+    numpy_tower = UserTower.load(version, data.ordering)
+    builder = BatchBuilder(data, tower)
+    builder.known_users = np.arange(data.num_users) % 2 == 0
+    rng = np.random.default_rng(1)
+    cases = [(0, [3, 4, 5]), (1, [7]), (None, [1, 2, 3, 4, 5, 6, 7, 8, 9]), (2, []), (None, [])]
+    cases += [
+        (int(u), list(rng.integers(0, data.num_items, rng.integers(0, 12))))
+        for u in rng.integers(0, data.num_users, 8)
+    ]
+    for user, history in cases:
+        users = np.array([-1 if user is None else user])
+        kjt = builder.users_with_history(users, [np.asarray(history, dtype=np.int64)])
+        with torch.no_grad():
+            expected = model(kjt)[0][0].numpy()
+        np.testing.assert_allclose(numpy_tower.embed(user, history), expected, atol=1e-5)
+
+
+def test_a_sequence_keeps_a_recent_bag_and_a_set_does_not(features, tmp_path):
+    root, data = features
+    version, _ = _version(root, data, replace(BASE, members=1), tmp_path / "version")
+    sequence = UserTower.load(version, Ordering.SEQUENCE)
+    as_set = UserTower.load(version, Ordering.SET)
+    history = [1, 2, 3, 4, 5, 6, 7, 8]
+    assert not np.allclose(sequence.embed(0, history), as_set.embed(0, history))
