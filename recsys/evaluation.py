@@ -1,6 +1,7 @@
 """`recsys evaluate`: versions scored on one fixed set of users, beside popularity.
 
-The honest test of a version is events it never saw: those after its log ended (a grown
+The honest test of a version is events it never saw (its target events, as the build
+chose them: `--events`): those after its log ended (a grown
 log, `--data`, or a newer version's data). Such events were used neither for training
 nor for early stopping, so the figure says what serving will see. When there are none
 (the log has not grown, or has no time), the slice falls back to the newest version's
@@ -47,9 +48,11 @@ def _last_timestamp(version: Path) -> int | None:
     return None if value is None else int(value)
 
 
-def _after(features: FeatureSet, cutoff: int) -> Slice | None:
+def _after(features: FeatureSet, cutoff: int, config: TrainConfig) -> Slice | None:
+    """Target events (the build's `target_events`, weight > 0) after `cutoff`."""
     events = features.interactions.with_row_index("row")
     later = events.filter(pl.col(s.TIMESTAMP) > cutoff)
+    later = later.filter(config.events.is_target(later))
     if later.is_empty():
         return None
     seen = features.restricted_to(events.filter(pl.col(s.TIMESTAMP) <= cutoff))
@@ -68,14 +71,15 @@ def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path
         ingest(source, work / "data", previous=data)
         data = work / "data"
     features = FeatureSet.load(data)
-    stamps = [_last_timestamp(v) for v in versions]
-    if all(stamp is not None for stamp in stamps):
-        later = _after(features, max(stamp for stamp in stamps if stamp is not None))
-        if later is not None:
-            return later
     config = TrainConfig.from_dict(
         json.loads((VersionLayout(newest).model / TRAIN_CONFIG).read_text())
     )
+    stamps = [_last_timestamp(v) for v in versions]
+    if all(stamp is not None for stamp in stamps):
+        cutoff = max(stamp for stamp in stamps if stamp is not None)
+        later = _after(features, cutoff, config)
+        if later is not None:
+            return later
     split = build_split(features, config)
     seen = features.restricted_to(split.train)
     task = sample_task(eval_task(split.valid, seen.histories), MAX_USERS)
