@@ -63,3 +63,10 @@ def parse_event_weights(text: str) -> dict[str, float]:
                 f"event weights are EVENT=WEIGHT pairs separated by commas, got {part!r}"
             ) from None
     return weights
+
+
+def weights_differ(interactions: pl.DataFrame) -> bool:
+    """Whether the log's events carry different weights (after `event_weights`): only
+    then do weighted bags say more than plain means."""
+    weights = interactions[s.WEIGHT].fill_null(1.0)
+    return interactions.height > 0 and weights.min() != weights.max()

@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from features.config import FeatureConfig
+from features.events import weights_differ
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
 from features.sources import DataSource
@@ -152,6 +153,8 @@ def plan_warm_start(
     warm_tower = tower
     if tower.members is None:  # chosen by log size: keep the lineage's, which the weights have
         warm_tower = replace(tower, members=old.members)
+    if tower.weighted_bags is None:  # chosen by the log: weights that appear need new bags
+        warm_tower = replace(warm_tower, weighted_bags=weights_differ(features.interactions))
     problem = warm_start_problem(old, model_spec(features, warm_tower))
     if problem:
         log.warning("training from scratch: cannot warm-start from %s (%s)", previous.name, problem)

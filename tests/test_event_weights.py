@@ -86,6 +86,8 @@ def test_weights_and_target_events_follow_the_purchases(tmp_path):
         shares[name] = favourite_share(report.path, log)
         manifest = read_manifest(report.path)
         assert manifest["events"]["target_events"] == (list(config.target_events) or "all")
+        # Bags weigh their items only where the weights differ (plain means train faster).
+        assert report.train.spec.tower.weighted_bags is (name != "unweighted")
     # Views outnumber purchases 17 to 3: counted alike, they pull answers to the decoy.
     assert shares["unweighted"] < 0.5, shares
     assert shares["weight column"] > shares["unweighted"] + 0.2, shares

@@ -57,13 +57,13 @@ def _version(
 @pytest.mark.parametrize(
     "tower",
     [
-        BASE,
+        replace(BASE, weighted_bags=True),
         replace(BASE, members=3),
         replace(BASE, hidden_dim=0),
         replace(BASE, similarity=Similarity.DOT, members=2),
         replace(BASE, weighted_bags=False),
     ],
-    ids=["one", "three-members", "linear", "dot-two-members", "plain-means"],
+    ids=["weighted", "three-members", "linear", "dot-two-members", "plain-means"],
 )
 def test_numpy_tower_matches_the_model(features, tower, tmp_path):
     root, data = features

@@ -36,8 +36,10 @@ class TowerConfig:
     # epochs with 0.2, against 0.43 -> 0.37 without)
     members: int | None = None  # independently initialised towers trained side by side and
     # averaged (a deep ensemble, served as one concatenated vector); None: by log size
-    weighted_bags: bool = True  # bags average their items by event weight (a purchase
-    # counts more than a view in the user's history); False: a plain mean (older versions)
+    weighted_bags: bool | None = None  # bags average their items by event weight (a
+    # purchase counts more than a view in the user's history); False: plain means (what
+    # equal weights amount to, and every earlier version's kernels); None: weighted when
+    # the log's weights differ
 
     def __post_init__(self) -> None:
         if min(self.embedding_dim, self.id_dim, self.feature_dim) < 1 or self.hidden_dim < 0:
@@ -51,16 +53,19 @@ class TowerConfig:
         if self.members is not None and not 1 <= self.members <= MAX_MEMBERS:
             raise ValueError(f"members must be between 1 and {MAX_MEMBERS}")
 
-    def resolve(self, train_events: int) -> "TowerConfig":
+    def resolve(self, train_events: int, weighted: bool = False) -> "TowerConfig":
         """Fill `members`: small logs train several towers and average them, because their
         models differ most from one random start to another (MovieLens-100K without
         timestamps: Recall@20 0.341-0.346 for single seeds, 0.351 / 0.354 / 0.355 for
         averages of 2 / 3 / 4); from about a million events one tower is kept, so the
         cost never grows past what a million-event build costs."""
-        if self.members is not None:
-            return self
-        members = min(AUTO_MEMBERS, max(1, ENSEMBLE_EVENTS // max(1, train_events)))
-        return replace(self, members=members)
+        tower = self
+        if tower.weighted_bags is None:
+            tower = replace(tower, weighted_bags=weighted)
+        if tower.members is None:
+            members = min(AUTO_MEMBERS, max(1, ENSEMBLE_EVENTS // max(1, train_events)))
+            tower = replace(tower, members=members)
+        return tower
 
     @property
     def output_dim(self) -> int:

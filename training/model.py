@@ -122,7 +122,7 @@ class TwoTower(nn.Module):
         self.spec = spec
         cfg = spec.tower
         self.ebc = EmbeddingBagCollection(
-            tables=_tables(spec), is_weighted=cfg.weighted_bags, device=device
+            tables=_tables(spec), is_weighted=bool(cfg.weighted_bags), device=device
         )
         keys = spec.keys
         self.user_keys = list(keys.user)

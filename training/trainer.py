@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from features.events import weights_differ
 from features.feature_set import FeatureSet
 from features.splits import ROW, Split, validation_split
 from recsys.core.artifacts import atomic_path
@@ -182,7 +183,8 @@ def train(
     """
     cfg = config or TrainConfig()
     train_events = int(all_sum(np.array([split.train.height]))[0])
-    tower = (tower or TowerConfig()).resolve(train_events)
+    weighted = bool(all_max(int(weights_differ(features.interactions))))
+    tower = (tower or TowerConfig()).resolve(train_events, weighted)
     members = tower.members or 1
     if members == 1:
         return _train_one(

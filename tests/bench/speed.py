@@ -37,7 +37,10 @@ class PlainTwoTower(nn.Module):
         for table in reference.ebc.embedding_bag_configs():
             name = table.name.replace(":", "_")
             self.bags[name] = nn.EmbeddingBag(
-                table.num_embeddings, table.embedding_dim, mode="sum", sparse=True
+                table.num_embeddings,
+                table.embedding_dim,
+                mode="sum" if spec.tower.weighted_bags else "mean",
+                sparse=True,
             )
             for feature in table.feature_names:
                 self.table_of[feature] = name
@@ -48,9 +51,9 @@ class PlainTwoTower(nn.Module):
         pooled = {}
         for key, jagged in features.to_dict().items():
             offsets = torch.cat([jagged.lengths().new_zeros(1), jagged.lengths().cumsum(0)[:-1]])
-            # Weighted sums with weights that add up to 1 per bag: the towers' weighted means.
+            # Weighted bags: sums with weights that add up to 1 per bag (weighted means).
             pooled[key] = self.bags[self.table_of[key]](
-                jagged.values(), offsets, per_sample_weights=jagged.weights()
+                jagged.values(), offsets, per_sample_weights=jagged.weights_or_none()
             )
         user = torch.cat([pooled[k] for k in self.user_keys], dim=1)
         item = torch.cat([pooled[k] for k in self.item_keys], dim=1)
