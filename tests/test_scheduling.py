@@ -73,7 +73,8 @@ def test_documented_schedules_rebuild_from_the_remembered_inputs(tmp_path):
     assert "quality gate" in (tmp_path / "nightly.log").read_text()
     rejected = max(p.name for p in store.versions.iterdir() if not p.name.startswith("."))
     manifest = read_manifest(store.versions / rejected)
-    assert manifest["settings"]["inputs"] == {"data": str(logs), "items": str(items)}
+    inputs = manifest["settings"]["inputs"]
+    assert (inputs["data"], inputs["items"], inputs["columns"]) == (str(logs), str(items), {})
     assert manifest["settings"]["train"]["max_epochs"] == 1  # the settings were repeated too
     spec = (store.versions / rejected / "model/model.json").read_text()
     assert '"item_categories": {}' not in spec  # trained with the item table's features
