@@ -29,16 +29,14 @@ MAPPABLE = (s.USER_ID, s.ITEM_ID, s.TIMESTAMP, s.WEIGHT, s.EVENT)
 
 
 def parse_columns(text: str | dict[str, str]) -> dict[str, str]:
-    """'user_id=customer_id,item_id=sku' -> {'user_id': 'customer_id', 'item_id': 'sku'}:
-    our column name = the name in the files."""
-    pairs = (
-        dict(text)
-        if isinstance(text, dict)
-        else dict(part.split("=", 1) for part in text.split(",") if "=" in part)
-    )
-    if not isinstance(text, dict) and len(pairs) != len([p for p in text.split(",") if p.strip()]):
-        raise RecsysError(f"columns are OURS=THEIRS pairs separated by commas, got {text!r}")
-    mapping = {str(k).strip(): str(v).strip() for k, v in pairs.items()}
+    """'user_id=customer_id,item_id=sku' (or the same as a table) -> {'user_id':
+    'customer_id', 'item_id': 'sku'}: our column name = the name in the files."""
+    if isinstance(text, str):
+        parts = [part for part in text.split(",") if part.strip()]
+        if not all("=" in part for part in parts):
+            raise RecsysError(f"columns are OURS=THEIRS pairs separated by commas, got {text!r}")
+        text = dict(part.split("=", 1) for part in parts)
+    mapping = {str(k).strip(): str(v).strip() for k, v in text.items()}
     unknown = sorted(set(mapping) - set(MAPPABLE))
     if unknown:
         raise RecsysError(

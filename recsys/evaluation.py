@@ -21,9 +21,9 @@ from features.feature_set import FeatureSet
 from features.ingest import ingest
 from features.sources import DataSource
 from recsys.core import schema as s
-from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
 from recsys.core.versions import verify_version
+from recsys.gate import last_timestamp
 from training.baselines import Popularity
 from training.config import TrainConfig
 from training.embed import TowerScorer
@@ -41,11 +41,6 @@ class Slice:
     seen: FeatureSet  # the events every model sees of each user
     task: EvalTask
     validated: bool  # score the weights from before the refit (a validation slice)
-
-
-def _last_timestamp(version: Path) -> int | None:
-    value = read_manifest(version, verify=False).get("data", {}).get("last_timestamp")
-    return None if value is None else int(value)
 
 
 def _after(features: FeatureSet, cutoff: int, config: TrainConfig) -> Slice | None:
@@ -74,7 +69,7 @@ def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path
     config = TrainConfig.from_dict(
         json.loads((VersionLayout(newest).model / TRAIN_CONFIG).read_text())
     )
-    stamps = [_last_timestamp(v) for v in versions]
+    stamps = [last_timestamp(v) for v in versions]
     if all(stamp is not None for stamp in stamps):
         cutoff = max(stamp for stamp in stamps if stamp is not None)
         later = _after(features, cutoff, config)

@@ -68,7 +68,8 @@ def served(
     port = port or free_port()
     command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
     command += ["--port", str(port), "--workers", str(workers)]
-    output = log.open("wb") if log is not None else subprocess.DEVNULL if quiet else None
+    log_file = log.open("wb") if log is not None else None
+    output = log_file or (subprocess.DEVNULL if quiet else None)
     process = subprocess.Popen(
         command, env={**os.environ, **(env or {})}, stdout=output, stderr=output
     )
@@ -84,5 +85,5 @@ def served(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if log is not None and output is not None and not isinstance(output, int):
-            output.close()
+        if log_file is not None:
+            log_file.close()

@@ -23,19 +23,9 @@ from features.jagged import CsrBags
 from features.ordering import Ordering
 from recsys.core import schema as s
 from recsys.core.layout import VersionLayout
-from training.config import Similarity, TowerConfig
+from training.config import Similarity, TowerConfig, legacy_keys
 
 TABLE = "ebc.embedding_bags.{}_table.weight"
-
-
-def _legacy(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Weights saved before members existed (`user_mlp.*`) under today's names."""
-    out = {}
-    for key, value in weights.items():
-        if key.startswith("user_mlp."):
-            key = "user_mlps.0." + key.removeprefix("user_mlp.")
-        out[key] = value
-    return out
 
 
 def _gelu(x: np.ndarray) -> np.ndarray:
@@ -68,7 +58,7 @@ class UserTower:
         layout = VersionLayout(version)
         spec = json.loads(layout.model_spec.read_text())
         tower = TowerConfig.from_dict(spec["tower"])
-        weights = _legacy(load_file(str(layout.model_weights)))
+        weights = legacy_keys(load_file(str(layout.model_weights)))
         members = tower.members or 1
         columns = list(spec["user_categories"])  # the model's order (sorted, as stored)
         bags: dict[str, CsrBags] = {}

@@ -13,10 +13,10 @@ from features.ingest import ingest
 from features.sources import resolve_source
 from features.splits import leave_last_out
 from training.batches import BatchBuilder
-from training.config import TowerConfig, TrainConfig
+from training.config import TowerConfig, TrainConfig, legacy_keys
 from training.embed import item_embeddings, user_embeddings_now
 from training.ensemble import join_states, member_state
-from training.model import TwoTower, legacy_keys, model_spec
+from training.model import TwoTower, model_spec
 
 TOWER = TowerConfig(embedding_dim=16, id_dim=16, hidden_dim=32, history_length=10)
 

@@ -4,7 +4,7 @@ them, resolved against the data (sizes that scale with it) and written into each
 import enum
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from features.events import EventRule
 
@@ -187,3 +187,17 @@ class TrainConfig:
         if warm:
             epochs = self.warm_epochs or warm_budget(epochs)
         return replace(self, batch_size=batch, max_epochs=epochs)
+
+
+Weight = TypeVar("Weight")  # a torch tensor, or a NumPy array in the service
+
+
+def legacy_keys(state: dict[str, Weight]) -> dict[str, Weight]:
+    """Weights saved before members existed (`user_mlp.*`) under today's names."""
+    renamed = {}
+    for key, value in state.items():
+        for tower in ("user_mlp.", "item_mlp."):
+            if key.startswith(tower):
+                key = f"{tower[:-1]}s.0.{key.removeprefix(tower)}"
+        renamed[key] = value
+    return renamed

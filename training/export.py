@@ -14,7 +14,8 @@ from features.feature_set import FeatureSet
 from recsys.core.errors import ArtifactError
 from recsys.core.layout import MODEL_SPEC, MODEL_WEIGHTS, VersionLayout
 from training.batches import BatchBuilder
-from training.model import ModelSpec, TwoTower, legacy_keys, model_spec
+from training.config import legacy_keys
+from training.model import ModelSpec, TwoTower, model_spec
 
 WEIGHTS = MODEL_WEIGHTS
 SPEC = MODEL_SPEC

@@ -154,14 +154,3 @@ class TwoTower(nn.Module):
         user = self._tower(pooled, self.user_keys, self.user_mlps)
         item = self._tower(pooled, self.item_keys, self.item_mlps)
         return user, item
-
-
-def legacy_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Weights saved before members existed (`user_mlp.*`) under today's names."""
-    renamed = {}
-    for key, value in state.items():
-        for tower in ("user_mlp.", "item_mlp."):
-            if key.startswith(tower):
-                key = f"{tower[:-1]}s.0.{key.removeprefix(tower)}"
-        renamed[key] = value
-    return renamed

@@ -12,7 +12,8 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor
 
-from training.model import ModelSpec, legacy_keys
+from training.config import legacy_keys
+from training.model import ModelSpec
 from training.parallel import ParallelModel
 
 
