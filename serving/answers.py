@@ -14,10 +14,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import polars as pl
 
+from features.event_log import SegmentWriter
 from serving.cache import CACHE_EVENTS, Cache, pack_results, unpack_results
+from serving.event_rows import parse_events
+from serving.fresh import UserEvents
 from serving.live import LiveVersion
 from serving.metrics import INDEX_SECONDS
 from serving.schemas import ItemId, RecommendationRequest
@@ -48,6 +53,13 @@ class Invalid(AnswerError):
 
 def user_key(version: str, user: int, k: int, exclude_seen: bool) -> str:
     return f"recsys:{version}:user:{user}:{k}:{int(exclude_seen)}"
+
+
+def fresh_key(version: str, user: str, sequence: int, k: int, exclude_seen: bool) -> str:
+    """A user with events newer than the version: the sequence number of their last event
+    is in the key, so an answer cached before an event is never served after it."""
+    digest = hashlib.blake2b(user.encode(), digest_size=12).hexdigest()
+    return f"recsys:{version}:fresh:{digest}:{sequence}:{k}:{int(exclude_seen)}"
 
 
 def popular_key(version: str, k: int) -> str:
@@ -94,6 +106,7 @@ def _recommendations(
 @dataclass
 class Answers:
     live: LiveVersion
+    events: SegmentWriter  # this worker's own event segment
     cache: Cache
     ttl_seconds: int
     search_threads: ThreadPoolExecutor
@@ -151,14 +164,48 @@ class Answers:
     def _user_search(
         self, state: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
     ) -> tuple[str, Search, bool]:
-        """(cache key, search, fallback): an unknown user gets the most popular items."""
+        """(cache key, search, fallback): an unknown user gets the most popular items, and a
+        user with events newer than the version the user tower on their whole history."""
         user = state.user_index(raw_user)
         rec = state.recommender
+        fresh = state.fresh_events(raw_user)
+        if fresh is not None:
+            return self._fresh_search(state, raw_user, user, fresh, k, exclude_seen)
         if user is None:
             return popular_key(state.version, k), lambda: rec.for_unknown(k), True
         exclude = state.seen(user) if exclude_seen else np.zeros(0, np.int64)
         key = user_key(state.version, user, k, exclude_seen)
         return key, lambda: rec.for_vector(rec.user_emb[user], exclude, k), False
+
+    def _fresh_search(
+        self,
+        state: VersionState,
+        raw_user: ItemId,
+        user: int | None,
+        fresh: UserEvents,
+        k: int,
+        exclude_seen: bool,
+    ) -> tuple[str, Search, bool]:
+        """The user tower on the version's history plus the new events (items the version
+        does not know are left out); the new items count as seen."""
+        new = np.array(
+            [i for raw in fresh.items if (i := state.item_index(raw)) is not None], np.int64
+        )
+        past = state.history(user) if user is not None else np.zeros(0, np.int64)
+        rec = state.recommender
+        key = fresh_key(
+            state.version, str(state.user_key(raw_user)), fresh.sequence, k, exclude_seen
+        )
+        if user is None and not len(new):
+            return key, lambda: rec.for_unknown(k), True
+        seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
+        exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
+
+        def search() -> tuple[np.ndarray, np.ndarray]:
+            query = state.embed_history(user, np.concatenate([past, new]).tolist())
+            return rec.for_vector(query, exclude, k)
+
+        return key, search, False
 
     async def for_user(self, raw_user: ItemId, k: int, exclude_seen: bool) -> Answer:
         """Top-k for a user ID (event loop)."""
@@ -196,6 +243,19 @@ class Answers:
         key = query_key(state.version, query, banned, body.k)
         found = self.cached(key, lambda: rec.for_vector(query, banned, body.k))
         return _recommendations(state, body.user_id, found, unknown_items=unknown)
+
+    def post_events(self, rows: list[Any]) -> Answer:
+        """Validate events row by row and store the good ones durably (fsync'd) before
+        answering (a thread: the fsync blocks); this worker's next answers include them."""
+        state = self.current()
+        accepted, rejected = parse_events(
+            rows,
+            state.recommender.user_ids.dtype == pl.Int64,
+            state.recommender.item_ids.dtype == pl.Int64,
+        )
+        if accepted:
+            state.fresh.read(self.events.append(accepted))
+        return {"accepted": len(accepted), "rejected": rejected}
 
     async def similar(self, raw_item: ItemId, k: int) -> Answer:
         """Nearest items to an item, the item itself excluded (event loop)."""

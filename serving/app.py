@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 
+from features.event_log import SegmentWriter, events_dir
 from recsys.core.versions import VersionStore
 from serving.answers import AnswerError, Answers
 from serving.cache import make_cache
@@ -42,6 +43,7 @@ def _open(settings: ServiceSettings) -> Resources:
     threads = ThreadPoolExecutor(settings.search_thread_count(), thread_name_prefix="search")
     answers = Answers(
         live,
+        SegmentWriter(events_dir(settings.artifacts)),
         cache,
         settings.cache_ttl_seconds,
         threads,
@@ -80,12 +82,12 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         held = _open(settings)
         app.state.resources = held
         log.info("serving version %s", held.live.version)
-        watcher = None
+        tasks = [asyncio.create_task(held.live.follow_events(settings.events_poll_seconds))]
         if settings.reload_poll_seconds > 0:
-            watcher = asyncio.create_task(held.live.watch(settings.reload_poll_seconds))
+            tasks.append(asyncio.create_task(held.live.watch(settings.reload_poll_seconds)))
         yield
-        if watcher is not None:
-            watcher.cancel()
+        for task in tasks:
+            task.cancel()
         held.close()
         del app.state.resources
 

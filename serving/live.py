@@ -82,6 +82,19 @@ class LiveVersion:
     def version(self) -> str | None:
         return None if self.state is None else self.state.version
 
+    async def follow_events(self, interval: float) -> None:
+        """Read what the event segments gained every `interval` seconds until cancelled
+        (other workers' events; this worker reads its own as it writes them)."""
+        while True:
+            await asyncio.sleep(interval)
+            state = self.state
+            if state is None:
+                continue
+            try:
+                state.fresh.poll()
+            except Exception:  # never let the follower die; the next poll tries again
+                log.exception("event follower")
+
     async def watch(self, interval: float) -> None:
         """Poll the pointer every `interval` seconds until cancelled."""
         while True:

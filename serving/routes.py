@@ -21,7 +21,14 @@ from recsys.core.errors import RecsysError
 from serving.answers import CACHE_PREFIX, Answer, Answers
 from serving.metrics import MULTIPROCESS_DIR
 from serving.resources import Resources
-from serving.schemas import RecommendationRequest, Recommendations, Reloaded, SimilarItems
+from serving.schemas import (
+    EventBatch,
+    EventsAccepted,
+    RecommendationRequest,
+    Recommendations,
+    Reloaded,
+    SimilarItems,
+)
 from serving.settings import ServiceSettings
 
 
@@ -75,6 +82,16 @@ def api_router(settings: ServiceSettings) -> APIRouter:
     def recommendations(request: Request, body: RecommendationRequest) -> Response:
         """For a user, a session history (new or anonymous users), or both."""
         return _json(answers(request).for_request(body))
+
+    @router.post("/v1/events", response_model=EventsAccepted, status_code=202)
+    def post_events(request: Request, body: EventBatch) -> Response:
+        """Store users' new events (fsync'd before the answer); their next answers include
+        them. Bad rows are rejected one by one with a reason; the others are kept."""
+        return Response(
+            orjson.dumps(answers(request).post_events(body.events)),
+            status_code=202,
+            media_type="application/json",
+        )
 
     @router.get("/v1/items/{item_id}/similar", response_model=SimilarItems)
     async def similar_items(

@@ -1,6 +1,8 @@
 """Request and response bodies of the HTTP API (they document it in the OpenAPI schema).
 Floats must be finite: JSON's NaN and Infinity extensions are refused with a 422."""
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ItemId = int | str
@@ -52,3 +54,25 @@ class Reloaded(BaseModel):
     model_version: str | None
     previous_version: str | None
     switched: bool
+
+
+MAX_EVENTS_PER_REQUEST = 1000
+
+
+class EventBatch(BaseModel):
+    events: list[Any] = Field(
+        min_length=1,
+        max_length=MAX_EVENTS_PER_REQUEST,
+        description="Objects with user_id and item_id, and optionally timestamp (seconds or "
+        "ISO-8601; absent: the time of receipt), weight and event; each row is checked alone",
+    )
+
+
+class RejectedEvent(BaseModel):
+    index: int
+    reason: str
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="Events stored durably (fsync'd) before this answer")
+    rejected: list[RejectedEvent]

@@ -24,6 +24,8 @@ class ServiceSettings(BaseSettings):
     max_k: int = Field(default=1000, ge=1)
     max_history: int = Field(default=1000, ge=1, le=1000)  # longest history in a request
     reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
+    # How often a worker reads the other workers' posted events (its own: at once)
+    events_poll_seconds: float = Field(default=0.1, gt=0.0, le=60.0)
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
     api_keys: SecretStr | None = None  # comma-separated; set: /v1 routes need X-API-Key
     header_timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)  # slow clients

@@ -8,9 +8,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from features.event_log import events_dir
+from features.jagged import CsrBags
 from features.ordering import Ordering
+from recsys.core import schema as s
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
+from serving.fresh import FreshEvents, UserEvents
+from serving.ids import IdLookup
 from serving.recommender import Recommender
 from serving.user_tower import UserTower
 
@@ -21,24 +26,35 @@ class VersionState:
     path: Path
     recommender: Recommender
     tower: UserTower
-    item_list: list[int | str]  # item_idx -> raw item ID, a list: indexing it beats a gather
-    item_lookup: dict[object, int]  # raw item ID -> item_idx
-    user_lookup: dict[object, int]
+    items: IdLookup  # raw item ID <-> item_idx
+    users: IdLookup  # raw user ID <-> user_idx
+    histories: CsrBags  # per user_idx: item_idx in the order the user tower reads them
+    fresh: FreshEvents  # events after what this version absorbed
 
     @classmethod
     def load(cls, path: Path) -> "VersionState":
+        """Load a committed version (under ARTIFACTS/versions/) and the events after it."""
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
-        summary = read_manifest(VersionLayout(path).data, verify=False)["summary"]
+        layout = VersionLayout(path)
+        summary = read_manifest(layout.data, verify=False)["summary"]
+        absorbed = read_manifest(path, verify=False).get("events_absorbed", {})
         ordering = Ordering(summary.get("ordering", Ordering.SEQUENCE.value))
-        item_list = recommender.item_ids.to_list()
+        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX])
+        counts = np.bincount(log[s.USER_IDX].to_numpy(), minlength=len(recommender.user_ids))
+        fresh = FreshEvents(events_dir(path.parent.parent), absorbed)
+        fresh.poll()
         return cls(
             version=recommender.version,
             path=path,
             recommender=recommender,
             tower=UserTower.load(path, ordering),
-            item_list=item_list,
-            item_lookup={v: i for i, v in enumerate(item_list)},
-            user_lookup={v: i for i, v in enumerate(recommender.user_ids.to_list())},
+            items=IdLookup(recommender.item_ids),
+            users=IdLookup(recommender.user_ids),
+            histories=CsrBags(
+                np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                log[s.ITEM_IDX].to_numpy().astype(np.int64),
+            ),
+            fresh=fresh,
         )
 
     @property
@@ -65,19 +81,29 @@ class VersionState:
         return raw if key is None else key
 
     def user_index(self, raw: int | str) -> int | None:
-        return self.user_lookup.get(self.user_key(raw))
+        return self.users.index(self.user_key(raw))
 
     def item_index(self, raw: int | str) -> int | None:
-        return self.item_lookup.get(self._raw(raw, self.recommender.item_ids.dtype))
+        key = self._raw(raw, self.recommender.item_ids.dtype)
+        return None if key is None else self.items.index(key)
 
     def seen(self, user: int) -> np.ndarray:
         seen = self.recommender.seen
         return seen.values[seen.offsets[user] : seen.offsets[user + 1]]
+
+    def history(self, user: int) -> np.ndarray:
+        """The user's items as the version's user tower read them (ingest's order)."""
+        return self.histories.values[
+            self.histories.offsets[user] : self.histories.offsets[user + 1]
+        ]
+
+    def fresh_events(self, raw_user: int | str) -> UserEvents | None:
+        """The user's events newer than this version, if any."""
+        return self.fresh.of_user(str(self.user_key(raw_user)))
 
     def embed_history(self, user: int | None, history: list[int]) -> np.ndarray:
         """The user tower applied to a history given in the request (oldest first)."""
         return self.tower.embed(user, history)
 
     def item_ids(self, indices: np.ndarray) -> list[int | str]:
-        ids = self.item_list
-        return [ids[i] for i in indices.tolist()]
+        return self.items.raw(indices)

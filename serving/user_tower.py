@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from safetensors.numpy import load_file
 from scipy.special import erf
 
 from features.jagged import CsrBags
 from features.ordering import Ordering
 from recsys.core import schema as s
 from recsys.core.layout import VersionLayout
+from serving.weights import mapped_tensors
 from training.config import Similarity, TowerConfig, legacy_keys
 
 TABLE = "ebc.embedding_bags.{}_table.weight"
@@ -58,7 +58,7 @@ class UserTower:
         layout = VersionLayout(version)
         spec = json.loads(layout.model_spec.read_text())
         tower = TowerConfig.from_dict(spec["tower"])
-        weights = legacy_keys(load_file(str(layout.model_weights)))
+        weights = legacy_keys(mapped_tensors(layout.model_weights))
         members = tower.members or 1
         columns = list(spec["user_categories"])  # the model's order (sorted, as stored)
         bags: dict[str, CsrBags] = {}

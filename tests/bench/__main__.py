@@ -17,6 +17,7 @@ from bench import (
     serving,
     soak,
     speed,
+    swap,
     tuning,
 )
 from recsys.core.settings import Settings
@@ -35,7 +36,7 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak",
+        "nightly, soak, swap",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -55,6 +56,7 @@ def main() -> None:
         ("serving", serving),
         ("nightly", nightly),
         ("soak", soak),
+        ("swap", swap),
     )
     for name, bench in benches:
         if args.only and name not in args.only:

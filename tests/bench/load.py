@@ -78,6 +78,20 @@ async def open_loop(
         gc.unfreeze()
 
 
+async def sent_at_rate(
+    base: str, requests: Iterator[Request], rate: int, seconds: int
+) -> list[tuple[float, int, float]]:
+    """Every request of an open-loop run: (second it was due, status, ms)."""
+    sent: list[tuple[float, int, float]] = []
+    gc.collect()
+    gc.freeze()
+    try:
+        await _send(base, requests, rate, seconds, 0, sent, [], None, 1)
+    finally:
+        gc.unfreeze()
+    return sent
+
+
 async def _run(
     base: str,
     requests: Iterator[Request],
@@ -89,6 +103,23 @@ async def _run(
 ) -> list[dict[str, Any]]:
     sent: list[tuple[float, int, float]] = []  # (second it was due, status, ms)
     samples: list[dict[str, Any]] = []
+    await _send(
+        base, requests, rate, seconds, warmup_seconds, sent, samples, sample, window_seconds
+    )
+    return _windows(sent, samples, seconds, window_seconds)
+
+
+async def _send(
+    base: str,
+    requests: Iterator[Request],
+    rate: int,
+    seconds: int,
+    warmup_seconds: int,
+    sent: list[tuple[float, int, float]],
+    samples: list[dict[str, Any]],
+    sample: Callable[[], dict[str, Any]] | None,
+    window_seconds: int,
+) -> None:
     # aiohttp, not httpx: at 200 requests/s httpx took a third of a core here, on the same
     # two cores as the service it measures; aiohttp needs a fraction of that.
     async with aiohttp.ClientSession(
@@ -114,6 +145,14 @@ async def _run(
             if sample is not None and n >= 0 and (n + 1) % per_window == 0:
                 samples.append(sample())
         await asyncio.gather(*tasks)
+
+
+def _windows(
+    sent: list[tuple[float, int, float]],
+    samples: list[dict[str, Any]],
+    seconds: int,
+    window_seconds: int,
+) -> list[dict[str, Any]]:
     windows = []
     for w in range(-(-seconds // window_seconds)):
         rows = [

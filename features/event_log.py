@@ -1,0 +1,131 @@
+"""Events posted between builds, stored as append-only CSV segments under
+`ARTIFACTS/events/`: the log format `recsys build` reads (user_id, item_id, timestamp,
+weight, event), one segment per writing process.
+
+Why segments and whole lines: a writer appends complete lines and fsyncs them before the
+service acknowledges, and every reader (the service's workers, a build) consumes only up to
+the last newline. A crash mid-write leaves at most a partial last line, which no reader
+ever takes, and nobody appends to it again (a process writes only its own, new segment).
+A reader remembers a byte offset per segment, so it never takes an event twice; a build
+records the offsets it absorbed, so the service knows which events its version holds.
+"""
+
+import csv
+import io
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys.core import schema as s
+
+EVENTS_DIR = "events"
+SUFFIX = ".csv"
+COLUMNS = (s.USER_ID, s.ITEM_ID, s.TIMESTAMP, s.WEIGHT, s.EVENT)
+HEADER = (",".join(COLUMNS) + "\n").encode()
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event in the log's canonical form (timestamps in integer seconds)."""
+
+    user_id: int | str
+    item_id: int | str
+    timestamp: int
+    weight: float = 1.0
+    event: str | None = None
+
+
+def events_dir(artifacts: Path) -> Path:
+    return artifacts / EVENTS_DIR
+
+
+def segments(directory: Path) -> list[Path]:
+    """Every segment, oldest name first (names start with their creation time)."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix == SUFFIX and p.is_file())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode(events: list[Event]) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    for e in events:
+        writer.writerow([e.user_id, e.item_id, e.timestamp, repr(float(e.weight)), e.event or ""])
+    return text.getvalue().encode()
+
+
+class SegmentWriter:
+    """Appends to this process's own segment, created on first use; `append` returns once
+    the events are on disk (fsync'd, and the new file's directory entry too)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path: Path | None = None
+        self._lock = threading.Lock()
+
+    def _open(self) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        name = f"{stamp}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SUFFIX}"
+        path = self.directory / name
+        with path.open("xb") as handle:
+            handle.write(HEADER)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(self.directory)
+        return path
+
+    def append(self, events: list[Event]) -> Path:
+        """Write `events` durably; the segment they went to."""
+        payload = _encode(events)
+        with self._lock:
+            if self.path is None:
+                self.path = self._open()
+            with self.path.open("ab") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return self.path
+
+
+def complete_bytes(path: Path, start: int) -> tuple[bytes, int]:
+    """The whole lines of `path` from byte `start` on, and the offset after them (a
+    partial last line is left for later, or for ever if its writer died)."""
+    with path.open("rb") as handle:
+        handle.seek(start)
+        chunk = handle.read()
+    end = chunk.rfind(b"\n") + 1
+    return chunk[:end], start + end
+
+
+def parse_lines(data: bytes, skip_header: bool) -> list[Event]:
+    """Events from whole CSV lines as `SegmentWriter` writes them (IDs as text)."""
+    rows = csv.reader(io.StringIO(data.decode()))
+    events = []
+    for number, row in enumerate(rows):
+        if skip_header and number == 0:
+            continue
+        if len(row) != len(COLUMNS):
+            continue  # never written by SegmentWriter; a build reports such rows as rejects
+        user, item, timestamp, weight, event = row
+        events.append(Event(user, item, int(timestamp), float(weight), event or None))
+    return events
+
+
+def read_new(path: Path, start: int) -> tuple[list[Event], int]:
+    """Events of `path` after byte `start` (0: from the top, header skipped), and the
+    offset to continue from."""
+    data, end = complete_bytes(path, start)
+    return parse_lines(data, skip_header=start == 0), end

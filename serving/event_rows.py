@@ -1,0 +1,119 @@
+"""Validation of posted events, row by row, with the log format's rules: a bad row is
+rejected with its index and a reason, and the good rows of the same request are kept.
+IDs must have the served catalogue's type (integers when its IDs are integers), so that
+the event files never mix types that a build would read differently."""
+
+import math
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from features.event_log import COLUMNS, Event
+from recsys.core import schema as s
+
+MAX_ID_CHARS = 256
+MAX_EVENT_CHARS = 64
+LATEST_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+class RowError(ValueError):
+    """Why one event row was refused."""
+
+
+def _identifier(value: Any, column: str, integers: bool) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise RowError(f"{column} must be an integer or a string")
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise RowError(f"empty {column}")
+        if len(value) > MAX_ID_CHARS or any(c in value for c in "\r\n\x00"):
+            raise RowError(f"{column} must be one line of at most {MAX_ID_CHARS} characters")
+    if not integers:
+        return str(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise RowError(f"{column} must be an integer: this catalogue's IDs are integers") from None
+    if not -(2**63) <= number < 2**63:
+        raise RowError(f"{column} is beyond 64 bits")
+    return number
+
+
+def _timestamp(value: Any, now: float) -> int:
+    """Integer seconds since the epoch from a number or ISO-8601 text (naive text: UTC);
+    absent: the time of receipt."""
+    if value is None:
+        return int(now)
+    if isinstance(value, bool):
+        raise RowError("timestamp must be seconds since the epoch or ISO-8601 text")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            try:
+                parsed = datetime.fromisoformat(text)
+            except ValueError:
+                raise RowError(f"unparsable timestamp {text[:40]!r}") from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            seconds = parsed.timestamp()
+    else:
+        raise RowError("timestamp must be seconds since the epoch or ISO-8601 text")
+    if not math.isfinite(seconds) or not 0 <= seconds <= LATEST_SECONDS:
+        raise RowError("timestamp out of range (0 to year 9999)")
+    return math.floor(seconds)
+
+
+def _weight(value: Any) -> float:
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RowError("weight must be a number")
+    if not math.isfinite(value) or value < 0:
+        raise RowError("invalid weight (not a number, infinite or negative)")
+    return float(value)
+
+
+def _event_type(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_EVENT_CHARS or "\n" in value:
+        raise RowError(f"event must be a one-line string of at most {MAX_EVENT_CHARS} characters")
+    return value.strip() or None
+
+
+def parse_event(row: Any, integer_users: bool, integer_items: bool, now: float) -> Event:
+    """One posted row as an `Event`, or RowError saying why not."""
+    if not isinstance(row, dict):
+        raise RowError("an event is an object with user_id and item_id")
+    unknown = sorted(str(k) for k in row if k not in COLUMNS)
+    if unknown:
+        raise RowError(f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(COLUMNS)}")
+    for column in s.REQUIRED_COLUMNS:
+        if row.get(column) is None:
+            raise RowError(f"null {column}")
+    return Event(
+        user_id=_identifier(row[s.USER_ID], s.USER_ID, integer_users),
+        item_id=_identifier(row[s.ITEM_ID], s.ITEM_ID, integer_items),
+        timestamp=_timestamp(row.get(s.TIMESTAMP), now),
+        weight=_weight(row.get(s.WEIGHT)),
+        event=_event_type(row.get(s.EVENT)),
+    )
+
+
+def parse_events(
+    rows: list[Any], integer_users: bool, integer_items: bool
+) -> tuple[list[Event], list[dict[str, object]]]:
+    """(accepted events, rejected rows as {"index", "reason"})."""
+    now = time.time()
+    accepted, rejected = [], []
+    for index, row in enumerate(rows):
+        try:
+            accepted.append(parse_event(row, integer_users, integer_items, now))
+        except RowError as exc:
+            rejected.append({"index": index, "reason": str(exc)})
+    return accepted, rejected

@@ -1,0 +1,67 @@
+"""Events newer than the served version, per user, as every worker sees them.
+
+The event segments (`features.event_log`) are the source of truth: each worker reads them
+from the offsets its version absorbed at build time, so what a version already holds is
+never counted again, and a restarted worker or a flushed Redis loses nothing. A worker
+reads its own writes at once and the other workers' segments every poll
+(`RECSYS_EVENTS_POLL_SECONDS`), so an event reaches every worker's answers within a poll.
+A user's sequence number (how many of their events this worker has) goes into the cache
+key, so an answer cached before an event is never served after it.
+"""
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from features.event_log import Event, read_new, segments
+
+
+@dataclass
+class UserEvents:
+    items: list[str] = field(default_factory=list)  # raw item IDs as text, oldest first
+    weights: list[float] = field(default_factory=list)
+
+    @property
+    def sequence(self) -> int:
+        return len(self.items)
+
+
+class FreshEvents:
+    """The events of `directory` after the offsets in `absorbed` (segment name -> bytes)."""
+
+    def __init__(self, directory: Path, absorbed: dict[str, int] | None = None) -> None:
+        self.directory = directory
+        self.offsets: dict[str, int] = dict(absorbed or {})
+        self.users: dict[str, UserEvents] = {}
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def _take(self, events: list[Event]) -> None:
+        for e in events:
+            held = self.users.setdefault(str(e.user_id), UserEvents())
+            held.items.append(str(e.item_id))
+            held.weights.append(e.weight)
+        self.count += len(events)
+
+    def read(self, path: Path) -> int:
+        """Take the new whole lines of one segment; how many events they held."""
+        with self._lock:
+            start = self.offsets.get(path.name, 0)
+            try:
+                if path.stat().st_size <= start:
+                    return 0
+                events, end = read_new(path, start)
+            except FileNotFoundError:  # pruned after a build absorbed it
+                return 0
+            self.offsets[path.name] = end
+            self._take(events)
+            return len(events)
+
+    def poll(self) -> int:
+        """Take what every segment gained since the last poll."""
+        return sum(self.read(path) for path in segments(self.directory))
+
+    def of_user(self, user: str) -> UserEvents | None:
+        with self._lock:
+            held = self.users.get(user)
+            return None if held is None else UserEvents(list(held.items), list(held.weights))

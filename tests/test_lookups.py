@@ -1,0 +1,52 @@
+"""The service's array-backed lookups (serving.ids, serving.weights): the same answers as
+the dicts and the safetensors reader they replaced, without holding Python objects per ID
+(what stalled a worker's requests for up to 1.2 s at a 1M-item version switch; the
+stall itself is measured by `make bench ONLY=swap`)."""
+
+import numpy as np
+import polars as pl
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+
+from serving.ids import IdLookup
+from serving.weights import mapped_tensors
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), unique=True, max_size=50), st.integers())
+def test_integer_ids_map_both_ways(ids, probe):
+    lookup = IdLookup(pl.Series(ids, dtype=pl.Int64))
+    as_dict = {v: i for i, v in enumerate(ids)}
+    for value in [*ids, probe]:
+        assert lookup.index(value) == as_dict.get(value)
+    assert lookup.index("not a number") is None
+    assert lookup.raw(np.arange(len(ids))) == ids
+
+
+@given(st.lists(st.text(max_size=8), unique=True, max_size=50), st.text(max_size=8))
+def test_text_ids_map_both_ways(ids, probe):
+    series = pl.Series(["padding", *ids], dtype=pl.String).slice(1)  # an offset into Arrow
+    lookup = IdLookup(series)
+    as_dict = {v: i for i, v in enumerate(ids)}
+    for value in [*ids, probe]:
+        assert lookup.index(value) == as_dict.get(value)
+    assert lookup.raw(np.arange(len(ids))[::-1]) == ids[::-1]
+
+
+def test_mapped_weights_equal_the_safetensors_reader(tmp_path):
+    tensors = {
+        "table": torch.randn(7, 3),
+        "bias": torch.randn(5, dtype=torch.float64),
+        "steps": torch.arange(4),
+        "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "weights.safetensors"
+    save_file(tensors, str(path), metadata={"note": "kept out"})
+    mapped, loaded = mapped_tensors(path), load_file(str(path))
+    assert mapped.keys() == loaded.keys()
+    for name, value in loaded.items():
+        assert mapped[name].dtype == value.dtype and mapped[name].shape == value.shape
+        np.testing.assert_array_equal(mapped[name], value)
+        assert not mapped[name].flags.writeable  # a view of the file, not a copy
