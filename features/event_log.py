@@ -20,6 +20,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
+
 from recsys.core import schema as s
 
 EVENTS_DIR = "events"
@@ -129,3 +131,48 @@ def read_new(path: Path, start: int) -> tuple[list[Event], int]:
     offset to continue from."""
     data, end = complete_bytes(path, start)
     return parse_lines(data, skip_header=start == 0), end
+
+
+@dataclass(frozen=True)
+class EventSnapshot:
+    """What a build took from the segments: a Parquet copy of their whole lines, and each
+    segment's offset after them (the version records these, so the service counts only
+    later events as new)."""
+
+    path: Path | None  # None: no events
+    absorbed: dict[str, int]
+    rows: int
+
+
+def _typed(frame: pl.DataFrame) -> pl.DataFrame:
+    """IDs as integers when every one of them is an integer (the service accepted only
+    integers for a catalogue of integers; text IDs stay text), the rest in log types."""
+    typed = []
+    for column in (s.USER_ID, s.ITEM_ID):
+        as_int = frame[column].str.to_integer(strict=False)
+        typed.append(as_int if as_int.null_count() == frame[column].null_count() else frame[column])
+    return frame.with_columns(
+        *typed,
+        pl.col(s.TIMESTAMP).str.to_integer(strict=False),
+        pl.col(s.WEIGHT).cast(pl.Float64, strict=False),
+        pl.when(pl.col(s.EVENT) == "").then(None).otherwise(pl.col(s.EVENT)).alias(s.EVENT),
+    )
+
+
+def snapshot(directory: Path, out: Path, columns: dict[str, str] | None = None) -> EventSnapshot:
+    """Copy the whole lines of every segment to `out` (Parquet, columns named as the log's
+    files name them: `columns` maps ours -> theirs) for a build to read beside its log."""
+    frames, absorbed = [], {}
+    for path in segments(directory):
+        data, end = complete_bytes(path, 0)
+        absorbed[path.name] = end
+        if data.count(b"\n") > 1:  # more than the header
+            frames.append(pl.read_csv(io.BytesIO(data), infer_schema=False))
+    if not frames:
+        return EventSnapshot(None, absorbed, 0)
+    frame = _typed(pl.concat(frames, how="vertical"))
+    mapping = columns or {}
+    frame = frame.rename({c: mapping.get(c, c) for c in COLUMNS})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frame.write_parquet(out)
+    return EventSnapshot(out, absorbed, frame.height)

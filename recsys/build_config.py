@@ -63,6 +63,7 @@ class Inputs:
     items: str | None = None
     users: str | None = None
     columns: dict[str, str] = dataclasses.field(default_factory=dict)  # ours -> the files'
+    posted_events: bool = True  # also the events posted to the service (ARTIFACTS/events/)
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _parse(section: str, key: str, value: Any, current: Any) -> Any:
         if not isinstance(value, str | dict):
             raise TypeError(f"columns must be OURS=THEIRS pairs, got {value!r}")
         return parse_columns(value)
-    if section == "inputs":
+    if section == "inputs" and key != "posted_events":
         if not isinstance(value, str):
             raise TypeError(f"{key} must be a path, got {value!r}")
         return value

@@ -202,6 +202,13 @@ def build(
             "every event still feeds the histories."
         ),
     ] = None,
+    posted_events: Annotated[
+        bool | None,
+        typer.Option(
+            "--posted-events/--no-events",
+            help="Also read the events posted to the service (ARTIFACTS/events/). Default: yes.",
+        ),
+    ] = None,
     seed: int | None = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     from_scratch: Annotated[
@@ -285,6 +292,7 @@ def build(
         for name, path in (("data", data), ("items", items), ("users", users))
     }
     flags["inputs"]["columns"] = columns
+    flags["inputs"]["posted_events"] = posted_events
     # The current version's settings and inputs are the base: a plain rebuild repeats it.
     settings = current_settings(artifacts) or BuildConfig()
     settings = settings.with_file(config_file) if config_file else settings

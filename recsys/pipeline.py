@@ -18,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from features.config import FeatureConfig
+from features.event_log import EventSnapshot, events_dir, snapshot
 from features.events import weights_differ
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
@@ -267,6 +268,12 @@ def _build_locked(
     layout = VersionLayout(staging)
     settings = BuildConfig(tower, config or TrainConfig(), index_targets, policy, compute, inputs)
     try:
+        posted = EventSnapshot(None, {}, 0)
+        if inputs.posted_events:
+            posted = snapshot(events_dir(store.root), layout.posted_events, source.columns)
+        if posted.path is not None:
+            source = replace(source, interactions=(*source.interactions, posted.path))
+            log.info("read %d posted events from %s", posted.rows, events_dir(store.root))
         ingest_report = ingest(
             source,
             layout.data,
@@ -304,6 +311,8 @@ def _build_locked(
             gate = _gate(previous, validated, features, split, result.config, policy.gate_margin)
             log.warning("quality gate: %s", gate.reason)
         manifest = _manifest(settings, ingest_report, result, index, plan, gate, previous)
+        manifest["posted_events"] = posted.rows
+        manifest["events_absorbed"] = posted.absorbed
         store.commit(name, staging, manifest)
     except BaseException:
         store.discard(staging)

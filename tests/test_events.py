@@ -1,6 +1,7 @@
 """Events posted between builds (issue 15): stored durably in the event segments, read by
 every worker, and in the user's very next answer; bad rows refused one by one."""
 
+import json
 import os
 import shutil
 import signal
@@ -206,3 +207,54 @@ def test_every_worker_answers_with_the_events_and_a_kill_loses_none(service, art
     with TestClient(create_app(settings)) as client:
         again = client.get("/v1/users/7/recommendations?k=10").json()
     assert tuple(_items(again)) in answers
+
+
+def _rebuild(artifacts: Path, data: Path, **inputs: bool):
+    from features.sources import resolve_source
+    from recsys.build_config import Inputs, RebuildPolicy
+    from recsys.pipeline import build
+    from training.config import TowerConfig
+
+    return build(
+        resolve_source(data),
+        artifacts,
+        TowerConfig(members=1),
+        TrainConfig(max_epochs=1),
+        progress=False,
+        policy=RebuildPolicy(gate=False),
+        inputs=Inputs(**inputs),
+    )
+
+
+def test_the_next_build_reads_the_events_exactly_once(artifacts, built, redis_url):
+    data = built.parent / "data"
+    settings = ServiceSettings(artifacts=artifacts, redis_url=redis_url)
+    items = _catalogue(artifacts)[:3]
+    with TestClient(create_app(settings)) as client:
+        rows = [{"user_id": 11, "item_id": i, "event": "view"} for i in items]
+        client.post("/v1/events", json={"events": [*rows, {"user_id": 123_456, "item_id": 1}]})
+    first = _rebuild(artifacts, data)
+    manifest = json.loads((first.path / "manifest.json").read_text())
+    assert manifest["posted_events"] == 4
+    [segment] = segments(artifacts / "events")
+    assert manifest["events_absorbed"] == {segment.name: segment.stat().st_size}
+    absorbed = pl.read_parquet(first.path / "posted_events.parquet")
+    assert absorbed["user_id"].dtype == pl.Int64  # as the log's IDs, not text
+    assert first.ingest.read == built_rows(built) + 4
+    with TestClient(create_app(settings)) as client:
+        # what the version absorbed is not new to it: the user's answer is the version's
+        answer = client.get("/v1/users/11/recommendations?k=5").json()
+        assert answer["cached"] is False and answer["model_version"] == first.version
+        assert client.get("/v1/users/11/recommendations?k=5").json()["cached"]
+        client.post("/v1/events", json={"events": [{"user_id": 11, "item_id": items[0]}]})
+        assert not client.get("/v1/users/11/recommendations?k=5").json()["cached"]
+    second = _rebuild(artifacts, data)
+    assert json.loads((second.path / "manifest.json").read_text())["posted_events"] == 5
+    assert second.ingest.read == built_rows(built) + 5
+    skipped = _rebuild(artifacts, data, posted_events=False)
+    assert skipped.ingest.read == built_rows(built)
+
+
+def built_rows(built: Path) -> int:
+    version = built / "versions" / (built / "current").readlink().name
+    return int(json.loads((version / "manifest.json").read_text())["data"]["read"])

@@ -7,6 +7,7 @@ version directory (every reader and writer asks a `VersionLayout`).
     <version>/embeddings/          users.parquet, items.parquet
     <version>/index/               the Annoy index and its parameters
     <version>/build_config.toml    the resolved settings the version was built with
+    <version>/posted_events.parquet  the events posted to the service that it absorbed
 """
 
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ MODEL = "model"
 EMBEDDINGS = "embeddings"
 INDEX = "index"
 BUILD_CONFIG = "build_config.toml"
+POSTED_EVENTS = "posted_events.parquet"
 INTERACTIONS = "interactions.parquet"
 VOCAB = "vocab"
 MODEL_SPEC = "model.json"  # inside model/: the towers' shape
@@ -48,6 +50,10 @@ class VersionLayout:
     @property
     def build_config(self) -> Path:
         return self.root / BUILD_CONFIG
+
+    @property
+    def posted_events(self) -> Path:
+        return self.root / POSTED_EVENTS
 
     @property
     def model_spec(self) -> Path:
