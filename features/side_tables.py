@@ -78,7 +78,7 @@ def _bucketed(column: pl.Series) -> pl.Series:
     return frame.select(pl.concat_list(label).alias(column.name))[column.name]
 
 
-def _as_bags(column: pl.Series, separator: str) -> pl.Series | None:
+def feature_values(column: pl.Series, separator: str) -> pl.Series | None:
     """The column as lists of text values, or None if it cannot be a feature."""
     dtype = column.dtype
     if dtype.is_float() or isinstance(dtype, pl.Decimal):
@@ -131,7 +131,7 @@ def build_side_features(
     for name in table.columns:
         if name == key:
             continue
-        values = _as_bags(table[name], config.multi_value_separator)
+        values = feature_values(table[name], config.multi_value_separator)
         if values is None:
             ignored[name] = f"{table.schema[name]} column (not text, numbers or lists)"
             continue

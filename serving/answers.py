@@ -10,17 +10,21 @@ search threads. `for_request` may run the user tower and is called from a thread
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
+from features.catalogue_log import ItemChange, append_change, changes_path
 from features.event_log import SegmentWriter
 from serving.cache import CACHE_EVENTS, Cache, pack_results, unpack_results
+from serving.catalogue import FilterError, Filters
 from serving.event_rows import parse_events
 from serving.fresh import UserEvents
 from serving.live import LiveVersion
@@ -51,28 +55,46 @@ class Invalid(AnswerError):
     status = 422
 
 
-def user_key(version: str, user: int, k: int, exclude_seen: bool) -> str:
-    return f"recsys:{version}:user:{user}:{k}:{int(exclude_seen)}"
+def _as_list(value: Any) -> list[str]:
+    values = value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None]
 
 
-def fresh_key(version: str, user: str, sequence: int, k: int, exclude_seen: bool) -> str:
+def filter_tag(filters: Filters) -> str:
+    """The part of a cache key that names the filters ("" without any)."""
+    if not filters:
+        return ""
+    canonical = json.dumps({c: sorted(v) for c, v in sorted(filters.items())})
+    return ":f" + hashlib.blake2b(canonical.encode(), digest_size=8).hexdigest()
+
+
+# `scope` is the version and its catalogue generation (VersionState.scope): an answer cached
+# before a version switch or a catalogue change is never read after it.
+def user_key(scope: str, user: int, k: int, exclude_seen: bool, filters: Filters) -> str:
+    return f"recsys:{scope}:user:{user}:{k}:{int(exclude_seen)}{filter_tag(filters)}"
+
+
+def fresh_key(
+    scope: str, user: str, sequence: int, k: int, exclude_seen: bool, filters: Filters
+) -> str:
     """A user with events newer than the version: the sequence number of their last event
     is in the key, so an answer cached before an event is never served after it."""
     digest = hashlib.blake2b(user.encode(), digest_size=12).hexdigest()
-    return f"recsys:{version}:fresh:{digest}:{sequence}:{k}:{int(exclude_seen)}"
+    tail = f"{k}:{int(exclude_seen)}{filter_tag(filters)}"
+    return f"recsys:{scope}:fresh:{digest}:{sequence}:{tail}"
 
 
-def popular_key(version: str, k: int) -> str:
-    return f"recsys:{version}:popular:{k}"
+def popular_key(scope: str, k: int, filters: Filters) -> str:
+    return f"recsys:{scope}:popular:{k}{filter_tag(filters)}"
 
 
-def similar_key(version: str, item: int, k: int) -> str:
-    return f"recsys:{version}:similar:{item}:{k}"
+def similar_key(scope: str, item: int, k: int, filters: Filters) -> str:
+    return f"recsys:{scope}:similar:{item}:{k}{filter_tag(filters)}"
 
 
-def query_key(version: str, query: np.ndarray, banned: np.ndarray, k: int) -> str:
+def query_key(scope: str, query: np.ndarray, banned: np.ndarray, k: int, filters: Filters) -> str:
     digest = hashlib.blake2b(query.tobytes() + banned.tobytes(), digest_size=12).hexdigest()
-    return f"recsys:{version}:query:{digest}:{k}"
+    return f"recsys:{scope}:query:{digest}:{k}{filter_tag(filters)}"
 
 
 CACHE_PREFIX = "recsys:"  # of every key above: what a flush deletes
@@ -107,6 +129,7 @@ def _recommendations(
 class Answers:
     live: LiveVersion
     events: SegmentWriter  # this worker's own event segment
+    artifacts: Path  # where the catalogue changes are kept
     cache: Cache
     ttl_seconds: int
     search_threads: ThreadPoolExecutor
@@ -162,7 +185,7 @@ class Answers:
         return items, scores, False
 
     def _user_search(
-        self, state: VersionState, raw_user: ItemId, k: int, exclude_seen: bool
+        self, state: VersionState, raw_user: ItemId, k: int, exclude_seen: bool, filters: Filters
     ) -> tuple[str, Search, bool]:
         """(cache key, search, fallback): an unknown user gets the most popular items, and a
         user with events newer than the version the user tower on their whole history."""
@@ -170,12 +193,14 @@ class Answers:
         rec = state.recommender
         fresh = state.fresh_events(raw_user)
         if fresh is not None:
-            return self._fresh_search(state, raw_user, user, fresh, k, exclude_seen)
+            return self._fresh_search(state, raw_user, user, fresh, k, exclude_seen, filters)
+        nothing = np.zeros(0, np.int64)
         if user is None:
-            return popular_key(state.version, k), lambda: rec.for_unknown(k), True
-        exclude = state.seen(user) if exclude_seen else np.zeros(0, np.int64)
-        key = user_key(state.version, user, k, exclude_seen)
-        return key, lambda: rec.for_vector(rec.user_emb[user], exclude, k), False
+            key = popular_key(state.scope, k, filters)
+            return key, lambda: state.popular(nothing, k, filters), True
+        exclude = state.seen(user) if exclude_seen else nothing
+        key = user_key(state.scope, user, k, exclude_seen, filters)
+        return key, lambda: state.search(rec.user_emb[user], exclude, k, filters), False
 
     def _fresh_search(
         self,
@@ -185,6 +210,7 @@ class Answers:
         fresh: UserEvents,
         k: int,
         exclude_seen: bool,
+        filters: Filters,
     ) -> tuple[str, Search, bool]:
         """The user tower on the version's history plus the new events (items the version
         does not know are left out); the new items count as seen."""
@@ -192,38 +218,48 @@ class Answers:
             [i for raw in fresh.items if (i := state.item_index(raw)) is not None], np.int64
         )
         past = state.history(user) if user is not None else np.zeros(0, np.int64)
-        rec = state.recommender
         key = fresh_key(
-            state.version, str(state.user_key(raw_user)), fresh.sequence, k, exclude_seen
+            state.scope, str(state.user_key(raw_user)), fresh.sequence, k, exclude_seen, filters
         )
-        if user is None and not len(new):
-            return key, lambda: rec.for_unknown(k), True
         seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
         exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
+        if user is None and not len(new):
+            return key, lambda: state.popular(exclude, k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
             query = state.embed_history(user, np.concatenate([past, new]).tolist())
-            return rec.for_vector(query, exclude, k)
+            return state.search(query, exclude, k, filters)
 
         return key, search, False
 
-    async def for_user(self, raw_user: ItemId, k: int, exclude_seen: bool) -> Answer:
+    def _checked(self, state: VersionState, filters: Filters) -> Filters:
+        try:
+            state.shelf.check(filters)
+        except FilterError as exc:
+            raise Invalid(str(exc)) from exc
+        return filters
+
+    async def for_user(
+        self, raw_user: ItemId, k: int, exclude_seen: bool, filters: Filters | None = None
+    ) -> Answer:
         """Top-k for a user ID (event loop)."""
         state = self.current()
-        key, search, fallback = self._user_search(state, raw_user, k, exclude_seen)
+        filters = self._checked(state, filters or {})
+        key, search, fallback = self._user_search(state, raw_user, k, exclude_seen, filters)
         found = await self.cached_on_loop(state, key, search)
         return _recommendations(state, state.user_key(raw_user), found, fallback)
 
     def for_request(self, body: RecommendationRequest) -> Answer:
         """Top-k for a user, a session history, or both (a thread: may run the tower)."""
         state = self.current()
+        filters = self._checked(state, body.categories)
         if body.k > self.max_k:
             raise Invalid(f"k must be at most {self.max_k}")
         if len(body.history) > self.max_history:
             raise Invalid(f"history holds {len(body.history)} items; at most {self.max_history}")
         unknown = [i for i in [*body.history, *body.exclude] if state.item_index(i) is None]
         if not body.history and not body.exclude and body.user_id is not None:
-            key, search, fallback = self._user_search(state, body.user_id, body.k, True)
+            key, search, fallback = self._user_search(state, body.user_id, body.k, True, filters)
             found = self.cached(key, search)
             return _recommendations(state, state.user_key(body.user_id), found, fallback)
         user = None if body.user_id is None else state.user_index(body.user_id)
@@ -237,11 +273,11 @@ class Answers:
         elif user is not None:
             query = rec.user_emb[user]
         else:
-            items, scores = rec.popular(banned, body.k)
+            items, scores = state.popular(banned, body.k, filters)
             found = (items, scores, False)
             return _recommendations(state, body.user_id, found, True, unknown)
-        key = query_key(state.version, query, banned, body.k)
-        found = self.cached(key, lambda: rec.for_vector(query, banned, body.k))
+        key = query_key(state.scope, query, banned, body.k, filters)
+        found = self.cached(key, lambda: state.search(query, banned, body.k, filters))
         return _recommendations(state, body.user_id, found, unknown_items=unknown)
 
     def post_events(self, rows: list[Any]) -> Answer:
@@ -257,21 +293,70 @@ class Answers:
             state.fresh.read(self.events.append(accepted))
         return {"accepted": len(accepted), "rejected": rejected}
 
-    async def similar(self, raw_item: ItemId, k: int) -> Answer:
-        """Nearest items to an item, the item itself excluded (event loop)."""
+    def change_item(
+        self, raw_item: ItemId, available: bool, features: dict[str, Any] | None
+    ) -> Answer:
+        """Hide, show or add an item (a thread: the fsync blocks); durable before the
+        answer, on this worker at once and on the others within a poll."""
         state = self.current()
+        shelf = state.shelf
+        key = state.new_item_key(str(raw_item))
+        known = state.item_index(raw_item) is not None
+        if (
+            isinstance(raw_item, str)
+            and state.recommender.item_ids.dtype == pl.Int64
+            and not isinstance(key, int)
+        ):
+            raise Invalid("item_id must be an integer: this catalogue's IDs are integers")
+        text: dict[str, list[str]] | None = None
+        if features is not None:
+            unknown = sorted(set(features) - set(shelf.columns))
+            if unknown:
+                raise Invalid(
+                    f"unknown feature column(s) {', '.join(unknown)}; the item table's: "
+                    f"{', '.join(sorted(shelf.columns)) or 'none'}"
+                )
+            text = {c: _as_list(v) for c, v in features.items()}
+        if not known and text is None and str(key) not in shelf.new_items and available:
+            raise Invalid("a new item needs features: the item tower embeds it from them")
+        append_change(changes_path(self.artifacts), ItemChange(key, available, text, time.time()))
+        shelf.poll()
+        return {
+            "item_id": key,
+            "available": available,
+            "new": not known,
+            "generation": shelf.generation,
+        }
+
+    async def similar(self, raw_item: ItemId, k: int, filters: Filters | None = None) -> Answer:
+        """Nearest items to an item, the item itself excluded (event loop); a new item's
+        neighbours from its features' vector."""
+        state = self.current()
+        filters = self._checked(state, filters or {})
+        shelf = state.shelf
         item = state.item_index(raw_item)
+        if item is not None and shelf.hidden[item]:
+            item = None  # hidden from every route
         if item is None:
-            raise UnknownItem(f"unknown item_id {raw_item!r}")
-        rec = state.recommender
-        items, scores, cached = await self.cached_on_loop(
-            state,
-            similar_key(state.version, item, k),
-            lambda: rec.for_vector(rec.item_emb[item], np.array([item]), k),
-        )
+            new = shelf.new_items.get(str(state.new_item_key(str(raw_item))))
+            if new is None or not new.available:
+                raise UnknownItem(f"unknown item_id {raw_item!r}")
+            items, scores = state.search(new.embedding, np.zeros(0, np.int64), k + 1, filters)
+            keep = np.array(state.item_ids(items), dtype=object) != new.raw
+            found: Found = (items[keep][:k], scores[keep][:k], False)
+            answer_id: ItemId = state.new_item_key(new.raw)
+        else:
+            rec = state.recommender
+            found = await self.cached_on_loop(
+                state,
+                similar_key(state.scope, item, k, filters),
+                lambda: state.search(rec.item_emb[item], np.array([item]), k, filters),
+            )
+            answer_id = state.item_ids(np.array([item]))[0]
+        items, scores, cached = found
         return {
             "model_version": state.version,
-            "item_id": state.item_ids(np.array([item]))[0],
+            "item_id": answer_id,
             "items": _scored(state, items, scores),
             "cached": cached,
         }

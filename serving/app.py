@@ -44,6 +44,7 @@ def _open(settings: ServiceSettings) -> Resources:
     answers = Answers(
         live,
         SegmentWriter(events_dir(settings.artifacts)),
+        settings.artifacts,
         cache,
         settings.cache_ttl_seconds,
         threads,

@@ -83,8 +83,9 @@ class LiveVersion:
         return None if self.state is None else self.state.version
 
     async def follow_events(self, interval: float) -> None:
-        """Read what the event segments gained every `interval` seconds until cancelled
-        (other workers' events; this worker reads its own as it writes them)."""
+        """Read what the event segments and the catalogue changes gained every `interval`
+        seconds until cancelled (other workers' writes; this worker reads its own as it
+        writes them)."""
         while True:
             await asyncio.sleep(interval)
             state = self.state
@@ -92,6 +93,8 @@ class LiveVersion:
                 continue
             try:
                 state.fresh.poll()
+                if state.catalogue is not None:
+                    state.catalogue.poll()
             except Exception:  # never let the follower die; the next poll tries again
                 log.exception("event follower")
 

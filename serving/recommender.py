@@ -14,6 +14,7 @@ from recsys.core.versions import verify_version
 from serving.index import Retriever, load_retriever
 
 OVERFETCH = 1.5  # extra candidates beyond k + seen, since ANN may miss a few
+EXACT_SUBSET = 50_000  # items a filtered search scores exactly (~1-2 ms at 64 dimensions)
 
 
 @dataclass
@@ -69,20 +70,78 @@ class Recommender:
         return frame.join(lookup, on=s.USER_ID, how="left", maintain_order="left")[s.USER_IDX]
 
     def for_vector(
-        self, query: np.ndarray, exclude: np.ndarray, k: int
+        self,
+        query: np.ndarray,
+        exclude: np.ndarray,
+        k: int,
+        hidden: np.ndarray | None = None,
+        allowed: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Best `k` items for a query vector, never returning `exclude`."""
-        banned = set(exclude.tolist())
-        wanted = int((k + len(banned)) * OVERFETCH) + 1
-        ids, scores = self.retriever.search(query, wanted)
-        keep = np.array([i not in banned for i in ids.tolist()], dtype=bool)
-        return ids[keep][:k], scores[keep][:k]
+        """Best `k` items for a query vector, never returning `exclude` or `hidden` items
+        (masks over the items) and only `allowed` ones. A filter that leaves few items
+        scores them all exactly; otherwise the index is asked for more candidates until k
+        pass (an exact search over everything once that would be as dear)."""
+        n = len(self.item_emb)
+        share = 1.0
+        if allowed is not None:
+            qualifying = int(np.count_nonzero(allowed))
+            if qualifying <= EXACT_SUBSET:
+                return self._exact(query, allowed, exclude, hidden, k)
+            share = qualifying / n
+        wanted = int((k + len(exclude)) * OVERFETCH / share) + 1
+        while True:
+            ids, scores = self.retriever.search(query, min(wanted, n))
+            keep = ~np.isin(ids, exclude)
+            if hidden is not None:
+                keep &= ~hidden[ids]
+            if allowed is not None:
+                keep &= allowed[ids]
+            if np.count_nonzero(keep) >= k or wanted >= n:
+                return ids[keep][:k], scores[keep][:k]
+            if wanted >= EXACT_SUBSET:
+                break
+            wanted *= 4
+        return self._exact(query, allowed, exclude, hidden, k)
 
-    def popular(self, exclude: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The `k` most popular items not in `exclude`: only the first k + len(exclude)
-        of the order can be needed."""
-        head = self.popularity_order[: k + len(exclude)]
-        order = head[~np.isin(head, exclude)][:k]
+    def _exact(
+        self,
+        query: np.ndarray,
+        allowed: np.ndarray | None,
+        exclude: np.ndarray,
+        hidden: np.ndarray | None,
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        mask = np.ones(len(self.item_emb), dtype=bool) if allowed is None else allowed.copy()
+        if hidden is not None:
+            mask &= ~hidden
+        mask[exclude[exclude < len(mask)]] = False
+        candidates = np.flatnonzero(mask)
+        scores = self.item_emb[candidates] @ query
+        if len(candidates) > k:
+            top = np.argpartition(-scores, k - 1)[:k]
+            candidates, scores = candidates[top], scores[top]
+        order = np.lexsort((candidates, -scores))
+        return candidates[order], scores[order]
+
+    def popular(
+        self,
+        exclude: np.ndarray,
+        k: int,
+        hidden: np.ndarray | None = None,
+        allowed: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` most popular items not in `exclude` (nor hidden, and allowed): without
+        masks only the first k + len(exclude) of the order can be needed."""
+        order = self.popularity_order
+        if hidden is None and allowed is None:
+            head = order[: k + len(exclude)]
+            order = head[~np.isin(head, exclude)][:k]
+            return order, self.popularity[order]
+        keep = np.ones(len(order), dtype=bool) if allowed is None else allowed.copy()
+        if hidden is not None:
+            keep &= ~hidden
+        keep[exclude[exclude < len(keep)]] = False
+        order = order[keep[order]][:k]
         return order, self.popularity[order]
 
     def for_users(self, user_idx: np.ndarray, k: int) -> pl.DataFrame:

@@ -24,12 +24,30 @@ from serving.resources import Resources
 from serving.schemas import (
     EventBatch,
     EventsAccepted,
+    ItemUpdate,
+    ItemUpdated,
     RecommendationRequest,
     Recommendations,
     Reloaded,
     SimilarItems,
 )
 from serving.settings import ServiceSettings
+
+CategoryQuery = Annotated[
+    list[str] | None,
+    Query(description="COLUMN:VALUE, repeatable: items with one of the values in every column"),
+]
+
+
+def parse_categories(given: list[str] | None) -> dict[str, list[str]]:
+    """['genre:Comedy', 'genre:Drama', 'brand:acme'] -> {'genre': [...], 'brand': [...]}."""
+    filters: dict[str, list[str]] = {}
+    for text in given or []:
+        column, colon, value = text.partition(":")
+        if not colon or not column.strip():
+            raise HTTPException(422, f"category must be COLUMN:VALUE, got {text!r}")
+        filters.setdefault(column.strip(), []).append(value.strip())
+    return filters
 
 
 def resources(request: Request) -> Resources:
@@ -74,9 +92,12 @@ def api_router(settings: ServiceSettings) -> APIRouter:
         user_id: str,
         k: Annotated[int, Query(ge=1, le=max_k)] = 10,
         exclude_seen: bool = True,
+        category: CategoryQuery = None,
     ) -> Response:
-        """Top-k items for a known user; unknown users get the most popular items (fallback)."""
-        return _json(await answers(request).for_user(user_id, k, exclude_seen))
+        """Top-k items for a known user; unknown users get the most popular items (fallback).
+        A user with events posted since the version is answered from their whole history."""
+        filters = parse_categories(category)
+        return _json(await answers(request).for_user(user_id, k, exclude_seen, filters))
 
     @router.post("/v1/recommendations", response_model=Recommendations)
     def recommendations(request: Request, body: RecommendationRequest) -> Response:
@@ -95,10 +116,13 @@ def api_router(settings: ServiceSettings) -> APIRouter:
 
     @router.get("/v1/items/{item_id}/similar", response_model=SimilarItems)
     async def similar_items(
-        request: Request, item_id: str, k: Annotated[int, Query(ge=1, le=max_k)] = 10
+        request: Request,
+        item_id: str,
+        k: Annotated[int, Query(ge=1, le=max_k)] = 10,
+        category: CategoryQuery = None,
     ) -> Response:
         """Nearest items to an item in the embedding space (the item itself excluded)."""
-        return _json(await answers(request).similar(item_id, k))
+        return _json(await answers(request).similar(item_id, k, parse_categories(category)))
 
     return router
 
@@ -127,6 +151,13 @@ def admin_router(settings: ServiceSettings) -> APIRouter:
         except RecsysError as exc:
             raise HTTPException(409, f"kept version {before}: {exc}") from exc
         return Reloaded(model_version=live.version, previous_version=before, switched=switched)
+
+    @router.put("/items/{item_id}", response_model=ItemUpdated)
+    def admin_item(request: Request, item_id: str, body: ItemUpdate) -> Response:
+        """Hide an item from every route (`available: false`), show it again, or add a new
+        item from its features; stored durably, on every worker within a poll, kept across
+        restarts, version switches and rebuilds."""
+        return _json(answers(request).change_item(item_id, body.available, body.features))
 
     @router.post("/cache/flush")
     def admin_cache_flush(request: Request) -> dict[str, object]:

@@ -3,7 +3,7 @@ Floats must be finite: JSON's NaN and Infinity extensions are refused with a 422
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ItemId = int | str
 
@@ -35,6 +35,20 @@ class RecommendationRequest(BaseModel):
     )
     k: int = Field(10, ge=1, le=1000)
     exclude: list[ItemId] = Field(default_factory=list, max_length=10_000)
+    categories: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Filters: an item qualifies if, for every column named, it has one of "
+        'the values given ({"genre": ["Comedy", "Drama"]})',
+    )
+
+    @field_validator("categories", mode="before")
+    @classmethod
+    def _values_as_text(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in value.items()
+            }
+        return value
 
     @model_validator(mode="after")
     def _needs_someone(self) -> "RecommendationRequest":
@@ -76,3 +90,21 @@ class RejectedEvent(BaseModel):
 class EventsAccepted(BaseModel):
     accepted: int = Field(description="Events stored durably (fsync'd) before this answer")
     rejected: list[RejectedEvent]
+
+
+class ItemUpdate(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    available: bool = Field(description="False hides the item from every route")
+    features: dict[str, Any] | None = Field(
+        default=None,
+        description="A new item's features, column -> value or [values], as in the item "
+        "table; it is embedded by the item tower from them",
+    )
+
+
+class ItemUpdated(BaseModel):
+    item_id: ItemId
+    available: bool
+    new: bool = Field(description="True when the version does not know the item")
+    generation: int = Field(description="Catalogue changes applied by this worker")

@@ -14,6 +14,7 @@ from features.ordering import Ordering
 from recsys.core import schema as s
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
+from serving.catalogue import Catalogue, Filters
 from serving.fresh import FreshEvents, UserEvents
 from serving.ids import IdLookup
 from serving.recommender import Recommender
@@ -30,6 +31,7 @@ class VersionState:
     users: IdLookup  # raw user ID <-> user_idx
     histories: CsrBags  # per user_idx: item_idx in the order the user tower reads them
     fresh: FreshEvents  # events after what this version absorbed
+    catalogue: Catalogue | None = None  # hidden and new items, categories for filters
 
     @classmethod
     def load(cls, path: Path) -> "VersionState":
@@ -43,7 +45,7 @@ class VersionState:
         counts = np.bincount(log[s.USER_IDX].to_numpy(), minlength=len(recommender.user_ids))
         fresh = FreshEvents(events_dir(path.parent.parent), absorbed)
         fresh.poll()
-        return cls(
+        state = cls(
             version=recommender.version,
             path=path,
             recommender=recommender,
@@ -56,6 +58,8 @@ class VersionState:
             ),
             fresh=fresh,
         )
+        state.catalogue = Catalogue.load(path, len(recommender.item_ids), state.item_index)
+        return state
 
     @property
     def search_ms(self) -> float:
@@ -105,5 +109,54 @@ class VersionState:
         """The user tower applied to a history given in the request (oldest first)."""
         return self.tower.embed(user, history)
 
+    @property
+    def shelf(self) -> Catalogue:
+        assert self.catalogue is not None, "loaded with the version"
+        return self.catalogue
+
+    @property
+    def scope(self) -> str:
+        """What cached answers depend on: the version and the catalogue changes applied."""
+        return f"{self.version}.{self.shelf.generation}"
+
     def item_ids(self, indices: np.ndarray) -> list[int | str]:
-        return self.items.raw(indices)
+        """Raw IDs of item indices; indices past the version's items are new items."""
+        known = len(self.items)
+        if not len(indices) or int(np.max(indices)) < known:
+            return self.items.raw(indices)
+        new = self.shelf.new_list()
+        return [
+            self.items.raw(np.array([i]))[0] if i < known else self.new_item_key(new[i - known].raw)
+            for i in indices.tolist()
+        ]
+
+    def new_item_key(self, raw: str) -> int | str:
+        key = self._raw(raw, self.recommender.item_ids.dtype)
+        return raw if key is None else key
+
+    def search(
+        self, query: np.ndarray, exclude: np.ndarray, k: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best k visible items for a query vector: the version's index (hidden items and
+        filters applied) and the new items, scored exactly."""
+        shelf = self.shelf
+        ids, scores = self.recommender.for_vector(
+            query, exclude, k, shelf.hidden_mask(), shelf.allowed(filters)
+        )
+        banned = set(exclude.tolist())
+        new = [(i, item) for i, item in shelf.new_candidates(filters) if i not in banned]
+        if not new:
+            return ids, scores
+        extra_ids = np.array([i for i, _ in new], dtype=np.int64)
+        extra_scores = (np.stack([item.embedding for _, item in new]) @ query).astype(np.float32)
+        ids = np.concatenate([ids, extra_ids])
+        scores = np.concatenate([scores.astype(np.float32), extra_scores])
+        order = np.lexsort((ids, -scores))[:k]
+        return ids[order], scores[order]
+
+    def popular(
+        self, exclude: np.ndarray, k: int, filters: Filters
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The most popular visible items (new items have no events yet)."""
+        shelf = self.shelf
+        return self.recommender.popular(exclude, k, shelf.hidden_mask(), shelf.allowed(filters))

@@ -41,6 +41,40 @@ class Layer:
         return x @ self.weight.T + self.bias
 
 
+def run_members(
+    bags: list[np.ndarray], mlps: list[list[Layer]], similarity: Similarity
+) -> np.ndarray:
+    """Member m's MLP on the m-th slices of the pooled bags, side by side; the members'
+    vectors (normalised for cosine towers) joined and divided by sqrt(members)."""
+    members = len(mlps)
+    out = []
+    for m, layers in enumerate(mlps):
+        x = np.concatenate([b.reshape(members, -1)[m] for b in bags])
+        for n, layer in enumerate(layers):
+            x = layer(x if n == 0 else _gelu(x))
+        if similarity is Similarity.COSINE:
+            x = x / max(float(np.linalg.norm(x)), 1e-12)
+        out.append(x)
+    return (np.concatenate(out) / math.sqrt(members)).astype(np.float32)
+
+
+def load_mlps(weights: dict[str, np.ndarray], side: str, members: int) -> list[list[Layer]]:
+    """The `side` ("user" or "item") tower's layers of every member."""
+    mlps = []
+    for m in range(members):
+        prefix = f"{side}_mlps.{m}."
+        if f"{prefix}weight" in weights:  # a linear tower
+            mlps.append([Layer(weights[f"{prefix}weight"], weights[f"{prefix}bias"])])
+        else:
+            mlps.append(
+                [
+                    Layer(weights[f"{prefix}{i}.weight"], weights[f"{prefix}{i}.bias"])
+                    for i in (0, 2)
+                ]
+            )
+    return mlps
+
+
 @dataclass
 class UserTower:
     tower: TowerConfig
@@ -66,18 +100,6 @@ class UserTower:
             table = pl.read_parquet(layout.side_features("users")).sort(s.USER_IDX)
             bags = {c: CsrBags.from_lists(table[c]) for c in columns}
         known = pl.read_parquet(layout.side_embeddings("users"), columns=["known"])["known"]
-        mlps = []
-        for m in range(members):
-            prefix = f"user_mlps.{m}."
-            if f"{prefix}weight" in weights:  # a linear tower
-                mlps.append([Layer(weights[f"{prefix}weight"], weights[f"{prefix}bias"])])
-            else:
-                mlps.append(
-                    [
-                        Layer(weights[f"{prefix}{i}.weight"], weights[f"{prefix}{i}.bias"])
-                        for i in (0, 2)
-                    ]
-                )
         return cls(
             tower=tower,
             members=members,
@@ -87,7 +109,7 @@ class UserTower:
             side_tables={c: weights[TABLE.format(f"user:{c}")] for c in columns},
             side_bags=bags,
             known_users=known.to_numpy().astype(bool),
-            mlps=mlps,
+            mlps=load_mlps(weights, "user", members),
         )
 
     def _mean(self, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -116,12 +138,4 @@ class UserTower:
             if user is not None and column_bags is not None and user < len(column_bags.offsets) - 1:
                 rows, _ = column_bags.gather(np.array([user]))
             bags.append(self._mean(table, rows))
-        out = []
-        for m, layers in enumerate(self.mlps):
-            x = np.concatenate([b.reshape(self.members, -1)[m] for b in bags])
-            for n, layer in enumerate(layers):
-                x = layer(x if n == 0 else _gelu(x))
-            if cfg.similarity is Similarity.COSINE:
-                x = x / max(float(np.linalg.norm(x)), 1e-12)
-            out.append(x)
-        return (np.concatenate(out) / math.sqrt(self.members)).astype(np.float32)
+        return run_members(bags, self.mlps, cfg.similarity)

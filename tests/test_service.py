@@ -102,11 +102,11 @@ def test_a_cache_miss_searching_does_not_hold_up_cache_hits(artifacts, redis_url
     searching, release = threading.Event(), threading.Event()
     search = Recommender.for_vector
 
-    def slow_search(self, query, exclude, k):  # type: ignore[no-untyped-def]
+    def slow_search(self, query, exclude, k, *masks):  # type: ignore[no-untyped-def]
         if k == 7:
             searching.set()
             release.wait(30)
-        return search(self, query, exclude, k)
+        return search(self, query, exclude, k, *masks)
 
     monkeypatch.setattr(Recommender, "for_vector", slow_search)
     settings = ServiceSettings(artifacts=artifacts, redis_url=redis_url, offload_search_ms=0)

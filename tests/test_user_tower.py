@@ -16,6 +16,7 @@ from features.ingest import ingest
 from features.ordering import Ordering
 from features.sources import resolve_source
 from recsys.core.layout import VersionLayout
+from serving.item_tower import ItemTower
 from serving.user_tower import UserTower
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig
@@ -93,3 +94,30 @@ def test_a_sequence_keeps_a_recent_bag_and_a_set_does_not(features, tmp_path):
     as_set = UserTower.load(version, Ordering.SET)
     history = [1, 2, 3, 4, 5, 6, 7, 8]
     assert not np.allclose(sequence.embed(0, history), as_set.embed(0, history))
+
+
+@pytest.mark.parametrize(
+    "tower",
+    [replace(BASE, members=1), replace(BASE, members=3), replace(BASE, hidden_dim=0)],
+    ids=["one", "three-members", "linear"],
+)
+def test_numpy_item_tower_matches_the_model_for_items_without_an_id_row(features, tower, tmp_path):
+    """A new item added between builds is embedded from its categories alone, as a cold
+    item is in a build."""
+    root, data = features
+    assert data.item_bags is not None and data.item_bags.width > 1, "items need features"
+    bags = data.item_bags.sort("item_idx")
+    version, model = _version(root, data, tower, tmp_path / "version")
+    numpy_tower = ItemTower.load(version)
+    builder = BatchBuilder(data, tower)
+    builder.known_items = np.zeros(data.num_items, dtype=bool)
+    items = np.arange(data.num_items)
+    with torch.no_grad():
+        expected = model(builder.items(items))[1].numpy()
+    for item in items.tolist():
+        categories = {
+            column: [int(c) for c in bags[column][item]]
+            for column in bags.columns
+            if column != "item_idx"
+        }
+        np.testing.assert_allclose(numpy_tower.embed(categories), expected[item], atol=1e-5)

@@ -79,6 +79,10 @@ class VersionLayout:
         """The ingested feature bags of "users" or "items", when the build had a table."""
         return self.data / f"{side[:-1]}_features.parquet"
 
+    def side_vocabulary(self, side: str, column: str) -> Path:
+        """Category text -> index of one feature `column` of "items" or "users"."""
+        return self.data / VOCAB / side / f"{column}.parquet"
+
     def vocabulary(self, column: str) -> Path:
         """Raw ID -> dense index of `column` ("user_id" or "item_id")."""
         return self.data / VOCAB / f"{column}.parquet"

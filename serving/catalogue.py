@@ -1,0 +1,204 @@
+"""The item catalogue a worker answers from: the version's items, their categories for
+filters, and the changes made since (`features.catalogue_log`): hidden items, and new
+items placed in the space by the item tower from their features alone.
+
+Why an overlay and not a new index: a version's index is immutable. Hidden items are a
+mask checked on every result; new items sit in a small exact index searched beside Annoy
+until a build includes them. Each applied change bumps `generation`, which goes into the
+cache keys, so no answer cached before a change is served after it."""
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from features.catalogue_log import ItemChange, changes_path, read_changes
+from features.config import FeatureConfig
+from features.side_tables import feature_values
+from features.vocab import ID
+from recsys.core.artifacts import read_manifest
+from recsys.core.layout import VersionLayout
+from serving.item_tower import ItemTower
+
+Filters = dict[str, list[str]]  # column -> accepted values (text)
+
+
+class FilterError(ValueError):
+    """A filter that names a column the catalogue cannot filter on."""
+
+
+@dataclass
+class CategoryColumn:
+    """One item feature column: category text -> index, and each category's items."""
+
+    codes: dict[str, int]
+    starts: np.ndarray  # (C + 1,) posting list bounds
+    items: np.ndarray  # item_idx grouped by category
+    dtype: pl.DataType  # of the column in the item table, for new items' values
+
+    @classmethod
+    def load(cls, vocab_path: Path, bags: pl.Series, dtype: pl.DataType) -> "CategoryColumn":
+        categories = pl.read_parquet(vocab_path)[ID].cast(pl.String).to_list()
+        lengths = bags.list.len().fill_null(0).to_numpy()
+        values = bags.explode().drop_nulls().to_numpy().astype(np.int64)
+        rows = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        order = np.argsort(values, kind="stable")
+        counts = np.bincount(values, minlength=len(categories))
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        return cls({c: i for i, c in enumerate(categories)}, starts, rows[order], dtype)
+
+    def items_with(self, values: list[str]) -> np.ndarray:
+        codes = [self.codes[v] for v in values if v in self.codes]
+        parts = [self.items[self.starts[c] : self.starts[c + 1]] for c in codes]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    def texts(self, value: Any, separator: str) -> list[str]:
+        """A new item's value (or values) in this column as category text, the way the
+        build turns the item table's cells into categories."""
+        inner = self.dtype.inner if isinstance(self.dtype, pl.List) else self.dtype
+        out: list[str] = []
+        for one in value if isinstance(value, list) else [value]:
+            try:
+                series = pl.Series([one]).cast(inner, strict=True)
+            except (pl.exceptions.PolarsError, TypeError, ValueError):
+                series = pl.Series([str(one)])
+            cells = feature_values(series, separator)
+            if cells is not None and cells[0] is not None:
+                out += [str(text) for text in cells[0] if text is not None]
+        return out
+
+    def encode(self, texts: list[str]) -> list[int]:
+        """Category indices of the texts the version knows (others have no embedding row)."""
+        return [self.codes[t] for t in texts if t in self.codes]
+
+
+@dataclass
+class NewItem:
+    raw: str
+    embedding: np.ndarray
+    categories: dict[str, set[str]]  # column -> values as text
+    available: bool = True
+
+
+@dataclass
+class Catalogue:
+    """Per version: category columns, the item tower, and the changes applied so far."""
+
+    num_items: int
+    item_key: Any  # raw ID (text) -> item_idx or None, in the version's ID type
+    columns: dict[str, CategoryColumn]
+    tower: ItemTower | None
+    separator: str
+    changes: Path
+    hidden: np.ndarray = field(init=False)  # (I,) bool
+    new_items: dict[str, NewItem] = field(default_factory=dict)
+    generation: int = 0
+    any_hidden: bool = False
+    offset: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.hidden = np.zeros(self.num_items, dtype=bool)
+
+    @classmethod
+    def load(cls, version: Path, num_items: int, item_key: Any) -> "Catalogue":
+        layout = VersionLayout(version)
+        summary = read_manifest(layout.data, verify=False)
+        separator = summary.get("feature_config", {}).get(
+            "multi_value_separator", FeatureConfig().multi_value_separator
+        )
+        columns: dict[str, CategoryColumn] = {}
+        features = layout.side_features("items")
+        if features.is_file() and layout.table("items").is_file():
+            bags = pl.read_parquet(features).sort("item_idx")
+            schema = pl.read_parquet_schema(layout.table("items"))
+            for column in bags.columns:
+                vocab = layout.side_vocabulary("items", column)
+                if column != "item_idx" and vocab.is_file():
+                    columns[column] = CategoryColumn.load(vocab, bags[column], schema[column])
+        catalogue = cls(
+            num_items,
+            item_key,
+            columns,
+            ItemTower.load(version),
+            separator,
+            changes_path(version.parent.parent),
+        )
+        catalogue.poll()
+        return catalogue
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """Apply the changes written since the last poll; how many."""
+        with self._lock:
+            changes, self.offset = read_changes(self.changes, self.offset)
+            for change in changes:
+                self._apply(change)
+            self.generation += len(changes)
+            self.any_hidden = bool(self.hidden.any())
+            return len(changes)
+
+    def _apply(self, change: ItemChange) -> None:
+        raw = str(change.item_id)
+        index = self.item_key(raw)
+        if index is not None:
+            self.hidden[index] = not change.available
+            return
+        known = self.new_items.get(raw)
+        if change.features is not None and self.tower is not None:
+            texts = {
+                c: col.texts(change.features[c], self.separator)
+                for c, col in self.columns.items()
+                if c in change.features
+            }
+            codes = {c: self.columns[c].encode(v) for c, v in texts.items()}
+            categories = {c: set(v) for c, v in texts.items()}
+            self.new_items[raw] = NewItem(
+                raw, self.tower.embed(codes), categories, change.available
+            )
+        elif known is not None:
+            known.available = change.available
+
+    # -- requests --------------------------------------------------------------------------
+
+    def hidden_mask(self) -> np.ndarray | None:
+        """The hidden items, or None when none is (the fast path)."""
+        return self.hidden if self.any_hidden else None
+
+    def new_list(self) -> list[NewItem]:
+        """New items in the order they were first added: item index = items + position."""
+        return list(self.new_items.values())
+
+    def check(self, filters: Filters) -> None:
+        unknown = sorted(set(filters) - set(self.columns))
+        if unknown:
+            filterable = ", ".join(sorted(self.columns)) or "none (the version has no item table)"
+            raise FilterError(
+                f"cannot filter on {', '.join(unknown)}; filterable columns: {filterable}"
+            )
+
+    def allowed(self, filters: Filters) -> np.ndarray | None:
+        """(I,) bool: the version's items that pass every filter (None: no filters)."""
+        if not filters:
+            return None
+        self.check(filters)
+        mask = np.ones(self.num_items, dtype=bool)
+        for column, values in filters.items():
+            hit = np.zeros(self.num_items, dtype=bool)
+            hit[self.columns[column].items_with(values)] = True
+            mask &= hit
+        return mask
+
+    def new_candidates(self, filters: Filters) -> list[tuple[int, NewItem]]:
+        """(item index, new item) of the new items that are available and pass every
+        filter; a new item's index is the version's item count plus its position."""
+        return [
+            (self.num_items + n, item)
+            for n, item in enumerate(self.new_list())
+            if item.available
+            and all(item.categories.get(c, set()) & set(v) for c, v in filters.items())
+        ]
