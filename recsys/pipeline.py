@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from features.catalogue_log import changes_path, merged_item_table
 from features.config import FeatureConfig
 from features.event_log import EventSnapshot, events_dir, snapshot
 from features.events import weights_differ
@@ -274,6 +275,11 @@ def _build_locked(
         if posted.path is not None:
             source = replace(source, interactions=(*source.interactions, posted.path))
             log.info("read %d posted events from %s", posted.rows, events_dir(store.root))
+        items = merged_item_table(
+            changes_path(store.root), source.items, layout.catalogue_items, source.columns
+        )
+        if items is not None:  # items given features through the service join the table
+            source = replace(source, items=items)
         ingest_report = ingest(
             source,
             layout.data,

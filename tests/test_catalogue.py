@@ -158,3 +158,49 @@ def test_hiding_reaches_every_worker_within_two_seconds(artifacts, redis_url):
             assert top not in _items(answer)
     stored = (artifacts / "catalogue" / "changes.jsonl").read_text().splitlines()
     assert [json.loads(line)["available"] for line in stored] == [False]
+
+
+def test_the_next_build_keeps_hidden_items_hidden_and_takes_new_items(
+    client, built, artifacts, redis_url
+):
+    from features.sources import resolve_source
+    from recsys.build_config import RebuildPolicy
+    from recsys.pipeline import build
+    from training.config import TowerConfig
+
+    top = _items(client.get("/v1/users/3/recommendations?k=10").json())[0]
+    _put(client, top, {"available": False})
+    _put(client, 5001, {"available": True, "features": {"genres": ["genre-03", "genre-04"]}})
+    report = build(
+        resolve_source(built.parent / "data"),
+        artifacts,
+        TowerConfig(members=1),
+        TrainConfig(max_epochs=1),
+        progress=False,
+        policy=RebuildPolicy(gate=False),
+    )
+    items = pl.read_parquet(report.path / "data" / "items.parquet")
+    assert items.filter(pl.col("item_id") == 5001)["genres"].to_list() == [["genre-03", "genre-04"]]
+    assert items.height == 121
+    with TestClient(create_app(_settings(artifacts, redis_url))) as rebuilt:
+        answer = rebuilt.get("/v1/users/3/recommendations?k=10").json()
+        assert answer["model_version"] == report.version
+        assert top not in _items(answer)
+        assert rebuilt.get("/v1/items/5001/similar?k=3").status_code == 200
+
+
+def test_new_items_merge_into_a_table_under_the_shops_own_names(tmp_path):
+    from features.catalogue_log import ItemChange, append_change, merged_item_table
+
+    table = tmp_path / "items.csv"
+    table.write_text("sku,category,price\nA-1,shoes|red,10.5\nA-2,hats,3.0\n")
+    changes = tmp_path / "changes.jsonl"
+    append_change(changes, ItemChange("A-3", True, {"category": ["bags", "blue"]}))
+    append_change(changes, ItemChange("A-1", True, {"price": ["12.0"]}))
+    append_change(changes, ItemChange("A-3", False))  # hidden later: features kept
+    out = merged_item_table(changes, table, tmp_path / "merged.parquet", {"item_id": "sku"})
+    assert out is not None
+    merged = pl.read_parquet(out).sort("sku")
+    assert merged["sku"].to_list() == ["A-1", "A-2", "A-3"]
+    assert merged["category"].to_list() == ["shoes|red", "hats", "bags|blue"]
+    assert merged["price"].to_list() == [12.0, 3.0, None]

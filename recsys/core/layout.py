@@ -8,6 +8,7 @@ version directory (every reader and writer asks a `VersionLayout`).
     <version>/index/               the Annoy index and its parameters
     <version>/build_config.toml    the resolved settings the version was built with
     <version>/posted_events.parquet  the events posted to the service that it absorbed
+    <version>/catalogue_items.parquet  the item table with the service's new items merged in
 """
 
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ EMBEDDINGS = "embeddings"
 INDEX = "index"
 BUILD_CONFIG = "build_config.toml"
 POSTED_EVENTS = "posted_events.parquet"
+CATALOGUE_ITEMS = "catalogue_items.parquet"
 INTERACTIONS = "interactions.parquet"
 VOCAB = "vocab"
 MODEL_SPEC = "model.json"  # inside model/: the towers' shape
@@ -54,6 +56,10 @@ class VersionLayout:
     @property
     def posted_events(self) -> Path:
         return self.root / POSTED_EVENTS
+
+    @property
+    def catalogue_items(self) -> Path:
+        return self.root / CATALOGUE_ITEMS
 
     @property
     def model_spec(self) -> Path:
