@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Fetch or generate data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+events_app = typer.Typer(
+    help="Events from producers that are not HTTP clients, stored as POST /v1/events stores "
+    "them (ARTIFACTS/events/; the service and the next build read them).",
+    no_args_is_help=True,
+)
+app.add_typer(events_app, name="events")
 
 # Off a terminal (cron logs, pipes) lines and tables are never wrapped or cut: rich would
 # otherwise fit them to 80 columns.
@@ -640,3 +647,72 @@ def data_synth(
     cfg = SyntheticConfig(rows=rows, users=users, items=items, clusters=clusters, seed=seed)
     generate(out_dir, cfg)
     out.print(f"wrote {rows} rows, {cfg.n_users} users, {cfg.n_items} items to {out_dir}/")
+
+
+def _print_pushed(pushed: Any, shown: int = 10) -> None:
+    out.print(f"accepted {pushed.accepted:,} event(s), rejected {len(pushed.rejected):,}")
+    for problem in pushed.rejected[:shown]:
+        out.print(f"  rejected {problem}", highlight=False)
+    if len(pushed.rejected) > shown:
+        out.print(f"  ... and {len(pushed.rejected) - shown:,} more")
+
+
+@events_app.command("push")
+@friendly_errors
+def events_push(
+    file: Annotated[Path, typer.Argument(help="A log file (Parquet or CSV) of new events.")],
+    artifacts: ArtifactsOption,
+    columns: ColumnsOption = None,
+) -> None:
+    """Validate a file's events row by row and store the good ones durably (fsync'd);
+    running services answer with them within a poll. Exit 1 if any row was rejected."""
+    from features.sources import parse_columns
+    from recsys.event_sources import push_file
+
+    if not file.is_file():
+        raise RecsysError(f"{file}: no such file")
+    pushed = push_file(file, artifacts, parse_columns(columns) if columns else None)
+    _print_pushed(pushed)
+    if pushed.rejected:
+        raise typer.Exit(code=1)
+
+
+@events_app.command("consume")
+@friendly_errors
+def events_consume(
+    artifacts: ArtifactsOption,
+    stream: Annotated[str, typer.Option(help="Redis stream key.")] = "recsys:events",
+    group: Annotated[str, typer.Option(help="Consumer group (created if missing).")] = "recsys",
+    consumer: Annotated[
+        str | None, typer.Option(help="This consumer's name in the group. Default: host-pid.")
+    ] = None,
+    redis_url: Annotated[
+        str, typer.Option(envvar="REDIS_URL", help="The Redis that holds the stream.")
+    ] = "redis://127.0.0.1:6379/0",
+    max_seconds: Annotated[
+        float | None, typer.Option(min=0.0, help="Stop after this long (default: never).")
+    ] = None,
+) -> None:
+    """Follow a Redis stream with a consumer group (XREADGROUP): each message (one event as
+    its fields, or a field `events` holding a JSON list) is validated, stored durably, then
+    acknowledged (XACK). Pending messages of this consumer are taken first after a crash."""
+    import socket
+
+    import redis
+
+    from recsys.event_sources import StreamConsumer
+
+    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        client = redis.Redis.from_url(redis_url)
+        reader = StreamConsumer(client, artifacts, stream, group, name)
+    except redis.RedisError as exc:
+        raise RecsysError(f"cannot reach the stream's Redis ({type(exc).__name__})") from exc
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    err.print(f"consuming {stream} as {name} of group {group}", highlight=False)
+    try:
+        reader.run(lambda: deadline is not None and time.monotonic() >= deadline, _print_pushed)
+    except KeyboardInterrupt:
+        pass
+    except redis.RedisError as exc:  # acknowledged messages are stored; the rest come again
+        raise RecsysError(f"lost the stream's Redis ({type(exc).__name__}); run again") from exc
