@@ -213,20 +213,21 @@ class Answers:
         filters: Filters,
     ) -> tuple[str, Search, bool]:
         """The user tower on the version's history plus the new events (items the version
-        does not know are left out); the new items count as seen."""
-        new = np.array(
-            [i for raw in fresh.items if (i := state.item_index(raw)) is not None], np.int64
-        )
-        past = state.history(user) if user is not None else np.zeros(0, np.int64)
+        does not know are left out); the new items count as seen. Only the key is made
+        before the cache is asked: a hit needs nothing else."""
         key = fresh_key(
             state.scope, str(state.user_key(raw_user)), fresh.sequence, k, exclude_seen, filters
         )
-        seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
-        exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
-        if user is None and not len(new):
-            return key, lambda: state.popular(exclude, k, filters), True
+        if user is None and not any(state.item_index(raw) is not None for raw in fresh.items):
+            return key, lambda: state.popular(np.zeros(0, np.int64), k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
+            new = np.array(
+                [i for raw in fresh.items if (i := state.item_index(raw)) is not None], np.int64
+            )
+            past = state.history(user) if user is not None else np.zeros(0, np.int64)
+            seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
+            exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
             query = state.embed_history(user, np.concatenate([past, new]).tolist())
             return state.search(query, exclude, k, filters)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench import (
     build,
+    freshness,
     index,
     ingest,
     nightly,
@@ -36,7 +37,7 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak, swap",
+        "nightly, soak, swap, freshness",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -57,6 +58,7 @@ def main() -> None:
         ("nightly", nightly),
         ("soak", soak),
         ("swap", swap),
+        ("freshness", freshness),
     )
     for name, bench in benches:
         if args.only and name not in args.only:

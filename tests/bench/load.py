@@ -11,13 +11,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-Request = tuple[str, dict[str, int]]  # path, query parameters
+Request = tuple[str, dict[str, int | str]]  # path, query parameters
 
 
 async def timed_get(
     session: aiohttp.ClientSession,
     path: str,
-    params: dict[str, int],
+    params: dict[str, int | str],
     scheduled: float | None = None,
 ) -> tuple[int, float]:
     """(status, milliseconds); status 0 when the request failed at the transport level.
@@ -128,7 +128,7 @@ async def _send(
         connector=aiohttp.TCPConnector(limit=64),
     ) as session:
 
-        async def one(due: float, path: str, params: dict[str, int]) -> None:
+        async def one(due: float, path: str, params: dict[str, int | str]) -> None:
             status, ms = await timed_get(session, path, params, scheduled=start + due)
             sent.append((due, status, ms))
 
