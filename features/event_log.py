@@ -95,10 +95,16 @@ class SegmentWriter:
         with self._lock:
             if self.path is None:
                 self.path = self._open()
-            with self.path.open("ab") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
+            try:  # never O_CREAT: a segment pruned under us is not recreated headerless
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            except FileNotFoundError:
+                self.path = self._open()
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            try:
+                os.write(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             return self.path
 
 

@@ -716,3 +716,25 @@ def events_consume(
         pass
     except redis.RedisError as exc:  # acknowledged messages are stored; the rest come again
         raise RecsysError(f"lost the stream's Redis ({type(exc).__name__}); run again") from exc
+
+
+@events_app.command("prune")
+@friendly_errors
+def events_prune(
+    artifacts: ArtifactsOption,
+    older_than: Annotated[
+        float,
+        typer.Option(
+            "--older-than",
+            min=0.0,
+            help="Days since a segment was last written. 0: every segment absorbed whole.",
+        ),
+    ],
+) -> None:
+    """Delete event segments that the current version absorbed whole. Every build reads
+    every segment: prune when your own log (--data) records these events too, or when they
+    fall out of the window you train on."""
+    from recsys.event_sources import prune_segments
+
+    pruned = prune_segments(artifacts, older_than)
+    out.print(f"pruned {len(pruned)} segment(s)" + "".join(f"\n  {n}" for n in pruned))

@@ -20,7 +20,7 @@ from typing import Any
 import polars as pl
 import redis
 
-from features.event_log import COLUMNS, Event, SegmentWriter, events_dir
+from features.event_log import COLUMNS, Event, SegmentWriter, events_dir, segments
 from features.sources import CSV_SUFFIXES, scan_table
 from recsys.core import schema as s
 from recsys.core.layout import VersionLayout
@@ -185,3 +185,27 @@ class StreamConsumer:
 def _ordered(message_id: str) -> tuple[int, int]:
     millis, _, sequence = message_id.partition("-")
     return int(millis), int(sequence or 0)
+
+
+def prune_segments(artifacts: Path, older_than_days: float) -> list[str]:
+    """Delete the event segments that the current version absorbed whole and that have
+    not been written to for `older_than_days`; their names. Every build reads every
+    segment, so pruning drops those events from later builds: run it when your own log
+    (`--data`) has them too, or when they are older than the window you train on. Under
+    the build lock, so a build never loses a segment it is reading."""
+    from recsys.core.artifacts import read_manifest
+    from recsys.core.lock import build_lock
+
+    store = VersionStore(artifacts)
+    if not store.current_name():
+        return []
+    with build_lock(artifacts):
+        absorbed = read_manifest(store.current(), verify=False).get("events_absorbed", {})
+        cutoff = time.time() - older_than_days * 86_400
+        pruned = []
+        for path in segments(events_dir(artifacts)):
+            stat = path.stat()
+            if absorbed.get(path.name) == stat.st_size and stat.st_mtime <= cutoff:
+                path.unlink()
+                pruned.append(path.name)
+        return pruned

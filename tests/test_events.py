@@ -160,6 +160,9 @@ def test_a_reader_takes_whole_lines_once(tmp_path):
         handle.write(b"3,4,1")
     assert read_new(path, offset) == ([], offset)
     assert read_new(path, 0)[0] == events
+    path.unlink()  # pruned while its writer lives: the next append starts a new segment
+    again = writer.append([Event(5, 6, 12)])
+    assert again != path and read_new(again, 0)[0] == [Event("5", "6", 12)]
 
 
 @pytest.fixture
@@ -253,6 +256,22 @@ def test_the_next_build_reads_the_events_exactly_once(artifacts, built, redis_ur
     assert second.ingest.read == built_rows(built) + 5
     skipped = _rebuild(artifacts, data, posted_events=False)
     assert skipped.ingest.read == built_rows(built)
+
+
+def test_pruning_deletes_only_segments_absorbed_whole(artifacts, built, redis_url):
+    from recsys.event_sources import prune_segments
+
+    settings = ServiceSettings(artifacts=artifacts, redis_url=redis_url)
+    with TestClient(create_app(settings)) as client:
+        client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 2}]})
+    _rebuild(artifacts, built.parent / "data")
+    [absorbed] = segments(artifacts / "events")
+    with TestClient(create_app(settings)) as client:
+        client.post("/v1/events", json={"events": [{"user_id": 1, "item_id": 3}]})
+    assert prune_segments(artifacts, older_than_days=1) == []  # written just now
+    assert prune_segments(artifacts, older_than_days=0) == [absorbed.name]
+    [kept] = segments(artifacts / "events")
+    assert read_new(kept, 0)[0][0].item_id == "3"
 
 
 def built_rows(built: Path) -> int:
