@@ -28,7 +28,7 @@ from serving.catalogue import FilterError, Filters
 from serving.event_rows import parse_events
 from serving.fresh import UserEvents
 from serving.live import LiveVersion
-from serving.metrics import INDEX_SECONDS
+from serving.metrics import CATALOGUE_CHANGES, EVENTS, INDEX_SECONDS
 from serving.schemas import ItemId, RecommendationRequest
 from serving.state import VersionState
 
@@ -292,6 +292,8 @@ class Answers:
         )
         if accepted:
             state.fresh.read(self.events.append(accepted))
+        EVENTS.labels("accepted").inc(len(accepted))
+        EVENTS.labels("rejected").inc(len(rejected))
         return {"accepted": len(accepted), "rejected": rejected}
 
     def change_item(
@@ -321,6 +323,9 @@ class Answers:
         if not known and text is None and str(key) not in shelf.new_items and available:
             raise Invalid("a new item needs features: the item tower embeds it from them")
         append_change(changes_path(self.artifacts), ItemChange(key, available, text, time.time()))
+        CATALOGUE_CHANGES.labels(
+            "added" if not known and text else "shown" if available else "hidden"
+        ).inc()
         shelf.poll()
         return {
             "item_id": key,

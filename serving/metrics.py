@@ -25,6 +25,8 @@ INDEX_SECONDS = Histogram(
     "Index query time",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
 )
+EVENTS = Counter("recsys_events_total", "Posted events by outcome", ["outcome"])
+CATALOGUE_CHANGES = Counter("recsys_catalogue_changes_total", "Item changes", ["change"])
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -98,8 +98,15 @@ def test_an_unknown_user_with_events_gets_answers_from_them(client, artifacts):
     assert _items(answer) != _items(client.get("/v1/users/99998/recommendations?k=5").json())
 
 
+def _counted(client, outcome: str) -> float:
+    line = f'recsys_events_total{{outcome="{outcome}"}} '
+    text = client.get("/metrics").text
+    return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
+
+
 def test_bad_rows_are_rejected_one_by_one_and_never_stored(client, artifacts):
     item = _catalogue(artifacts)[0]
+    before = _counted(client, "accepted"), _counted(client, "rejected")
     rows = [
         {"user_id": 1, "item_id": item, "weight": 2.0, "event": "purchase"},
         {"user_id": 1, "item_id": item, "colour": "red"},
@@ -123,6 +130,10 @@ def test_bad_rows_are_rejected_one_by_one_and_never_stored(client, artifacts):
     assert "null item_id" in reasons[3]
     assert "weight" in reasons[4]
     assert "timestamp" in reasons[5] and "timestamp" in reasons[6]
+    assert (_counted(client, "accepted"), _counted(client, "rejected")) == (
+        before[0] + 2,
+        before[1] + 8,
+    )
     # NaN (JSON's extension) in a weight: that row only
     nan = client.post(
         "/v1/events",
