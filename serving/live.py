@@ -10,8 +10,12 @@ to load (corrupt, incomplete) is logged and skipped; the worker keeps the one it
 """
 
 import asyncio
+import contextlib
 import gc
 import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter
 
@@ -35,12 +39,24 @@ def settle_heap() -> None:
     gc.freeze()
 
 
+LOADER_NICENESS = 19  # the loading thread yields every core to the threads answering
+
+
+def _background_loader() -> None:
+    """Lower this thread's priority (Linux schedules threads alone): the load of a
+    large version is seconds of CPU, and on a busy machine it would otherwise take cores
+    from the event loop, whose requests then wait."""
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
+
+
 class LiveVersion:
     def __init__(self, store: VersionStore) -> None:
         self.store = store
         self.state: VersionState | None = None
         self.failed: str | None = None  # last version that could not be loaded
         self._lock = asyncio.Lock()
+        self._loader = ThreadPoolExecutor(1, "version-loader", initializer=_background_loader)
 
     def load_now(self) -> VersionState:
         """The first load, at start-up: without a version there is nothing to serve."""
@@ -58,7 +74,9 @@ class LiveVersion:
             if name == self.failed and not force:
                 return False
             try:
-                loaded = await asyncio.to_thread(VersionState.load, self.store.versions / name)
+                loaded = await asyncio.get_running_loop().run_in_executor(
+                    self._loader, VersionState.load, self.store.versions / name
+                )
             except Exception as exc:  # any failure keeps the old version; retried on change
                 RELOADS.labels("failed").inc()
                 self.failed = name

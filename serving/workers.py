@@ -96,6 +96,10 @@ def serve(
     # environment is read when a worker first imports prometheus-client).
     metrics_dir = tempfile.mkdtemp(prefix="recsys-metrics-")
     os.environ[MULTIPROCESS_DIR] = metrics_dir
+    # Each worker's Polars pool gets its share of the cores (read when a worker imports
+    # Polars), not all of them: loading a version runs Polars beside the answering threads.
+    cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("POLARS_MAX_THREADS", str(max(1, cores // workers)))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         nonlocal stopping

@@ -1,7 +1,7 @@
-"""The service's array-backed lookups (serving.ids, serving.weights): the same answers as
-the dicts and the safetensors reader they replaced, without holding Python objects per ID
-(what stalled a worker's requests for up to 1.2 s at a 1M-item version switch; the
-stall itself is measured by `make bench ONLY=swap`)."""
+"""What keeps a version switch from stalling requests (up to 1.2 s at a 1M-item switch;
+measured by `make bench ONLY=swap`): array-backed lookups (serving.ids, serving.weights)
+that give the same answers as the dicts and the safetensors reader they replaced, and a
+loading thread at the lowest priority."""
 
 import numpy as np
 import polars as pl
@@ -50,3 +50,21 @@ def test_mapped_weights_equal_the_safetensors_reader(tmp_path):
         assert mapped[name].dtype == value.dtype and mapped[name].shape == value.shape
         np.testing.assert_array_equal(mapped[name], value)
         assert not mapped[name].flags.writeable  # a view of the file, not a copy
+
+
+def test_versions_load_in_a_thread_that_yields_the_cores(tmp_path):
+    """The switch-window stalls were also CPU taken from the event loop by the loading
+    thread; it runs at the lowest priority."""
+    import os
+    import threading
+
+    from recsys.core.versions import VersionStore
+    from serving.live import LOADER_NICENESS, LiveVersion
+
+    live = LiveVersion(VersionStore(tmp_path))
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    assert live._loader.submit(niceness).result() == LOADER_NICENESS
+    assert niceness() != LOADER_NICENESS  # only that thread
