@@ -394,6 +394,7 @@ def recommend(
 ) -> None:
     """Batch top-k for users, seen items excluded, through the index the service uses."""
 
+    from features.catalogue_log import changes_path, latest_changes
     from recsys.core import schema as s
     from recsys.core.artifacts import write_parquet
     from recsys.core.versions import VersionStore
@@ -401,6 +402,8 @@ def recommend(
 
     version = VersionStore(artifacts).current()
     rec = Recommender.load(version)
+    changes = latest_changes(changes_path(artifacts))
+    hidden = rec.hide([key for key, change in changes.items() if not change.available])
     if users == "all":
         wanted = rec.user_ids
     else:
@@ -425,6 +428,7 @@ def recommend(
     out.print(
         f"wrote {table.height} rows for {known} users (+{unknown} unknown users "
         f"given the most popular items) from version {rec.version} to {out_file}"
+        + (f"; {hidden} hidden item(s) left out" if hidden else "")
     )
 
 

@@ -189,9 +189,10 @@ class Answers:
     ) -> tuple[str, Search, bool]:
         """(cache key, search, fallback): an unknown user gets the most popular items, and a
         user with events newer than the version the user tower on their whole history."""
-        user = state.user_index(raw_user)
+        user_id = state.user_key(raw_user)
+        user = state.users.index(user_id)
         rec = state.recommender
-        fresh = state.fresh_events(raw_user)
+        fresh = state.fresh_events(user_id)
         if fresh is not None:
             return self._fresh_search(state, raw_user, user, fresh, k, exclude_seen, filters)
         nothing = np.zeros(0, np.int64)
@@ -234,6 +235,8 @@ class Answers:
         return key, search, False
 
     def _checked(self, state: VersionState, filters: Filters) -> Filters:
+        if not filters:
+            return filters
         try:
             state.shelf.check(filters)
         except FilterError as exc:

@@ -62,6 +62,10 @@ class FreshEvents:
         return sum(self.read(path) for path in segments(self.directory))
 
     def of_user(self, user: str) -> UserEvents | None:
+        """A copy of the user's events (None, without taking the lock, for a user who has
+        none: the common case, on every request)."""
+        if user not in self.users:
+            return None
         with self._lock:
-            held = self.users.get(user)
-            return None if held is None else UserEvents(list(held.items), list(held.weights))
+            held = self.users[user]
+            return UserEvents(list(held.items), list(held.weights))

@@ -41,9 +41,10 @@ class IdLookup:
         if self.integer:
             if not isinstance(raw, int) or not -(2**63) <= raw < 2**63:
                 return None
-            pos = int(np.searchsorted(self._sorted, raw))
-            found = pos < len(self._sorted) and self._sorted[pos] == raw
-            return int(self._order[pos]) if found else None
+            pos = int(self._sorted.searchsorted(raw))
+            if pos < len(self._sorted) and self._sorted[pos] == raw:
+                return int(self._order[pos])
+            return None
         target = str(raw).encode()
         pos = bisect.bisect_left(
             range(len(self._order)), target, key=lambda p: self._bytes(int(self._order[p]))

@@ -31,9 +31,17 @@ class Recommender:
     # Items by event count, most popular first (ties: lower index first), sorted once: an
     # argsort of 1M items per fallback request took 17-19 ms
     popularity_order: np.ndarray = field(init=False)
+    hidden: np.ndarray | None = None  # (I,) bool: items batch answers leave out (see hide)
 
     def __post_init__(self) -> None:
         self.popularity_order = np.argsort(-self.popularity, kind="stable")
+
+    def hide(self, raw_ids: list[str]) -> int:
+        """Leave these items (raw IDs as text) out of batch answers, as the service does
+        with items hidden through `PUT /admin/items`; how many the version knows."""
+        mask = self.item_ids.cast(pl.String).is_in(pl.Series(raw_ids, dtype=pl.String))
+        self.hidden = mask.to_numpy() if mask.any() else None
+        return int(mask.sum())
 
     @classmethod
     def load(cls, version_dir: Path) -> "Recommender":
@@ -152,7 +160,7 @@ class Recommender:
         users, items, ranks, scores = [], [], [], []
         for u in user_idx.tolist():
             seen = self.seen.values[self.seen.offsets[u] : self.seen.offsets[u + 1]]
-            ids, sc = self.for_vector(self.user_emb[u], seen, k)
+            ids, sc = self.for_vector(self.user_emb[u], seen, k, self.hidden)
             users.append(np.full(len(ids), u, dtype=np.int64))
             items.append(ids)
             ranks.append(np.arange(1, len(ids) + 1))
@@ -178,7 +186,7 @@ class Recommender:
     def for_unknown(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """What a user the version does not know gets, in every route and in batch: the
         most popular items (score = training event count)."""
-        return self.popular(np.zeros(0, dtype=np.int64), k)
+        return self.popular(np.zeros(0, dtype=np.int64), k, self.hidden)
 
     def for_raw_users(self, wanted: pl.Series, k: int) -> tuple[pl.DataFrame, int]:
         """Long-format table user_id, item_id, rank, score for raw user IDs, unknown users

@@ -70,9 +70,12 @@ class VersionState:
             return 0.0
         return params.exact_query_ms if params.backend == "exact" else params.query_ms
 
-    def _raw(self, raw: object, dtype: pl.DataType) -> int | str | None:
+    @staticmethod
+    def _raw(raw: object, integer: bool) -> int | str | None:
         """A request's ID (always text in a URL) in the vocabulary's own type."""
-        if dtype == pl.Int64:
+        if integer:
+            if isinstance(raw, int):
+                return raw
             try:
                 return int(str(raw))
             except ValueError:
@@ -81,14 +84,14 @@ class VersionState:
 
     def user_key(self, raw: int | str) -> int | str:
         """The user ID in the vocabulary's type ("7" in a URL is user 7), as answered."""
-        key = self._raw(raw, self.recommender.user_ids.dtype)
+        key = self._raw(raw, self.users.integer)
         return raw if key is None else key
 
     def user_index(self, raw: int | str) -> int | None:
         return self.users.index(self.user_key(raw))
 
     def item_index(self, raw: int | str) -> int | None:
-        key = self._raw(raw, self.recommender.item_ids.dtype)
+        key = self._raw(raw, self.items.integer)
         return None if key is None else self.items.index(key)
 
     def seen(self, user: int) -> np.ndarray:
@@ -101,9 +104,9 @@ class VersionState:
             self.histories.offsets[user] : self.histories.offsets[user + 1]
         ]
 
-    def fresh_events(self, raw_user: int | str) -> UserEvents | None:
-        """The user's events newer than this version, if any."""
-        return self.fresh.of_user(str(self.user_key(raw_user)))
+    def fresh_events(self, user_key: int | str) -> UserEvents | None:
+        """The user's events newer than this version, if any (`user_key`: see user_key)."""
+        return self.fresh.of_user(str(user_key))
 
     def embed_history(self, user: int | None, history: list[int]) -> np.ndarray:
         """The user tower applied to a history given in the request (oldest first)."""
@@ -121,9 +124,9 @@ class VersionState:
 
     def item_ids(self, indices: np.ndarray) -> list[int | str]:
         """Raw IDs of item indices; indices past the version's items are new items."""
-        known = len(self.items)
-        if not len(indices) or int(np.max(indices)) < known:
+        if self.catalogue is None or not self.catalogue.new_items:
             return self.items.raw(indices)
+        known = len(self.items)
         new = self.shelf.new_list()
         return [
             self.items.raw(np.array([i]))[0] if i < known else self.new_item_key(new[i - known].raw)
@@ -131,7 +134,7 @@ class VersionState:
         ]
 
     def new_item_key(self, raw: str) -> int | str:
-        key = self._raw(raw, self.recommender.item_ids.dtype)
+        key = self._raw(raw, self.items.integer)
         return raw if key is None else key
 
     def search(

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
-from helpers import small_version
+from helpers import recsys, small_version
 
 from data.synthetic import SyntheticConfig, home_clusters
 from recsys.processes import served
@@ -109,6 +109,12 @@ def test_a_hidden_item_leaves_every_route_and_stays_hidden(client, artifacts, re
         assert answer.status_code == 404 or not {top, popular} & set(_items(answer.json()))
     session = client.post("/v1/recommendations", json={"history": [1, 2], "k": 50}).json()
     assert not {top, popular} & set(_items(session))
+    batch = recsys(
+        "recommend", "--artifacts", artifacts, "--out", artifacts / "r.parquet", "--k", 20
+    )
+    assert batch.returncode == 0
+    assert f"{len({top, popular})} hidden item(s) left out" in batch.stdout
+    assert not {top, popular} & set(pl.read_parquet(artifacts / "r.parquet")["item_id"])
     with TestClient(create_app(_settings(artifacts, redis_url))) as restarted:
         assert top not in _items(restarted.get("/v1/users/3/recommendations?k=10").json())
         assert _put(restarted, top, {"available": True}).status_code == 200
