@@ -33,16 +33,32 @@ from serving.schemas import (
 )
 from serving.settings import ServiceSettings
 
-CategoryQuery = Annotated[
-    list[str] | None,
-    Query(description="COLUMN:VALUE, repeatable: items with one of the values in every column"),
-]
+# The filter parameter is read from the query string by hand and only documented here:
+# declared as a FastAPI parameter, its validation cost ~5 us on every request, filtered or
+# not (a cache hit costs ~10 us of answer logic).
+CATEGORY_PARAMETER = {
+    "parameters": [
+        {
+            "name": "category",
+            "in": "query",
+            "required": False,
+            "description": "COLUMN:VALUE, repeatable: items with one of the values in every "
+            "named column",
+            "schema": {"type": "array", "items": {"type": "string"}},
+            "style": "form",
+            "explode": True,
+        }
+    ]
+}
 
 
-def parse_categories(given: list[str] | None) -> dict[str, list[str]]:
-    """['genre:Comedy', 'genre:Drama', 'brand:acme'] -> {'genre': [...], 'brand': [...]}."""
+def parse_categories(request: Request) -> dict[str, list[str]]:
+    """?category=genre:Comedy&category=genre:Drama&category=brand:acme -> {'genre': [...],
+    'brand': [...]}."""
     filters: dict[str, list[str]] = {}
-    for text in given or []:
+    if "category" not in request.query_params:
+        return filters
+    for text in request.query_params.getlist("category"):
         column, colon, value = text.partition(":")
         if not colon or not column.strip():
             raise HTTPException(422, f"category must be COLUMN:VALUE, got {text!r}")
@@ -86,17 +102,20 @@ def api_router(settings: ServiceSettings) -> APIRouter:
     router = APIRouter(dependencies=[Depends(require_client)] if client_keys else [])
     max_k = settings.max_k
 
-    @router.get("/v1/users/{user_id}/recommendations", response_model=Recommendations)
+    @router.get(
+        "/v1/users/{user_id}/recommendations",
+        response_model=Recommendations,
+        openapi_extra=CATEGORY_PARAMETER,
+    )
     async def user_recommendations(
         request: Request,
         user_id: str,
         k: Annotated[int, Query(ge=1, le=max_k)] = 10,
         exclude_seen: bool = True,
-        category: CategoryQuery = None,
     ) -> Response:
         """Top-k items for a known user; unknown users get the most popular items (fallback).
         A user with events posted since the version is answered from their whole history."""
-        filters = parse_categories(category)
+        filters = parse_categories(request)
         return _json(await answers(request).for_user(user_id, k, exclude_seen, filters))
 
     @router.post("/v1/recommendations", response_model=Recommendations)
@@ -114,15 +133,14 @@ def api_router(settings: ServiceSettings) -> APIRouter:
             media_type="application/json",
         )
 
-    @router.get("/v1/items/{item_id}/similar", response_model=SimilarItems)
+    @router.get(
+        "/v1/items/{item_id}/similar", response_model=SimilarItems, openapi_extra=CATEGORY_PARAMETER
+    )
     async def similar_items(
-        request: Request,
-        item_id: str,
-        k: Annotated[int, Query(ge=1, le=max_k)] = 10,
-        category: CategoryQuery = None,
+        request: Request, item_id: str, k: Annotated[int, Query(ge=1, le=max_k)] = 10
     ) -> Response:
         """Nearest items to an item in the embedding space (the item itself excluded)."""
-        return _json(await answers(request).similar(item_id, k, parse_categories(category)))
+        return _json(await answers(request).similar(item_id, k, parse_categories(request)))
 
     return router
 
