@@ -223,13 +223,19 @@ class Answers:
             return key, lambda: state.popular(np.zeros(0, np.int64), k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
-            new = np.array(
-                [i for raw in fresh.items if (i := state.item_index(raw)) is not None], np.int64
+            pairs = zip(fresh.items, fresh.weights, strict=True)
+            mapped = [(state.item_index(raw), w) for raw, w in pairs]
+            new = np.array([i for i, _ in mapped if i is not None], np.int64)
+            new_weights = np.array([w for i, w in mapped if i is not None], np.float32)
+            nothing = np.zeros(0, np.int64)
+            past, past_weights = state.history(user) if user is not None else (nothing, nothing)
+            seen = state.seen(user) if user is not None else nothing
+            exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else nothing
+            query = state.embed_history(
+                user,
+                np.concatenate([past, new]).tolist(),
+                np.concatenate([past_weights, new_weights]).tolist(),
             )
-            past = state.history(user) if user is not None else np.zeros(0, np.int64)
-            seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
-            exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
-            query = state.embed_history(user, np.concatenate([past, new]).tolist())
             return state.search(query, exclude, k, filters)
 
         return key, search, False

@@ -29,8 +29,14 @@ class UserEvents:
 class FreshEvents:
     """The events of `directory` after the offsets in `absorbed` (segment name -> bytes)."""
 
-    def __init__(self, directory: Path, absorbed: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        absorbed: dict[str, int] | None = None,
+        event_weights: dict[str, float] | None = None,
+    ) -> None:
         self.directory = directory
+        self.event_weights = dict(event_weights or {})  # the version's --event-weights
         self.offsets: dict[str, int] = dict(absorbed or {})
         self.users: dict[str, UserEvents] = {}
         self.count = 0
@@ -40,7 +46,7 @@ class FreshEvents:
         for e in events:
             held = self.users.setdefault(str(e.user_id), UserEvents())
             held.items.append(str(e.item_id))
-            held.weights.append(e.weight)
+            held.weights.append(self.event_weights.get(e.event or "", e.weight))
         self.count += len(events)
 
     def read(self, path: Path) -> int:

@@ -30,6 +30,7 @@ class VersionState:
     items: IdLookup  # raw item ID <-> item_idx
     users: IdLookup  # raw user ID <-> user_idx
     histories: CsrBags  # per user_idx: item_idx in the order the user tower reads them
+    history_weights: np.ndarray  # (E,) the weight of each item of `histories`
     fresh: FreshEvents  # events after what this version absorbed
     catalogue: Catalogue | None = None  # hidden and new items, categories for filters
 
@@ -38,12 +39,14 @@ class VersionState:
         """Load a committed version (under ARTIFACTS/versions/) and the events after it."""
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
         layout = VersionLayout(path)
-        summary = read_manifest(layout.data, verify=False)["summary"]
+        data_manifest = read_manifest(layout.data, verify=False)
+        summary = data_manifest["summary"]
+        event_weights = data_manifest.get("feature_config", {}).get("event_weights", {})
         absorbed = read_manifest(path, verify=False).get("events_absorbed", {})
         ordering = Ordering(summary.get("ordering", Ordering.SEQUENCE.value))
-        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX])
+        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX, s.WEIGHT])
         counts = np.bincount(log[s.USER_IDX].to_numpy(), minlength=len(recommender.user_ids))
-        fresh = FreshEvents(events_dir(path.parent.parent), absorbed)
+        fresh = FreshEvents(events_dir(path.parent.parent), absorbed, event_weights)
         fresh.poll()
         state = cls(
             version=recommender.version,
@@ -56,6 +59,7 @@ class VersionState:
                 np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
                 log[s.ITEM_IDX].to_numpy().astype(np.int64),
             ),
+            history_weights=log[s.WEIGHT].fill_null(1.0).to_numpy().astype(np.float32),
             fresh=fresh,
         )
         state.catalogue = Catalogue.load(path, len(recommender.item_ids), state.item_index)
@@ -98,19 +102,21 @@ class VersionState:
         seen = self.recommender.seen
         return seen.values[seen.offsets[user] : seen.offsets[user + 1]]
 
-    def history(self, user: int) -> np.ndarray:
-        """The user's items as the version's user tower read them (ingest's order)."""
-        return self.histories.values[
-            self.histories.offsets[user] : self.histories.offsets[user + 1]
-        ]
+    def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
+        """The user's items as the version's user tower read them (ingest's order), and
+        their events' weights."""
+        rows = slice(self.histories.offsets[user], self.histories.offsets[user + 1])
+        return self.histories.values[rows], self.history_weights[rows]
 
     def fresh_events(self, user_key: int | str) -> UserEvents | None:
         """The user's events newer than this version, if any (`user_key`: see user_key)."""
         return self.fresh.of_user(str(user_key))
 
-    def embed_history(self, user: int | None, history: list[int]) -> np.ndarray:
-        """The user tower applied to a history given in the request (oldest first)."""
-        return self.tower.embed(user, history)
+    def embed_history(
+        self, user: int | None, history: list[int], weights: list[float] | None = None
+    ) -> np.ndarray:
+        """The user tower applied to a history (oldest first), weighted when given."""
+        return self.tower.embed(user, history, weights)
 
     @property
     def shelf(self) -> Catalogue:

@@ -112,25 +112,45 @@ class UserTower:
             mlps=load_mlps(weights, "user", members),
         )
 
-    def _mean(self, table: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        rows = rows[rows < len(table)]
-        return table[rows].mean(axis=0) if len(rows) else np.zeros(table.shape[1], np.float32)
+    def _mean(
+        self, table: np.ndarray, rows: np.ndarray, weights: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The bag's mean row; with weighted bags (and weights given) its rows weighted by
+        their events' weights, as the model's sum pooling of normalised weights (a bag
+        whose weights are all 0 counts its rows alike)."""
+        keep = rows < len(table)
+        rows = rows[keep]
+        if not len(rows):
+            return np.zeros(table.shape[1], np.float32)
+        if weights is None or not self.tower.weighted_bags:
+            return table[rows].mean(axis=0)
+        w = np.asarray(weights, dtype=np.float32)[keep]
+        total = float(w.sum())
+        if total <= 0:
+            return table[rows].mean(axis=0)
+        return (w / total) @ table[rows]
 
-    def embed(self, user: int | None, history: list[int]) -> np.ndarray:
+    def embed(
+        self, user: int | None, history: list[int], weights: list[float] | None = None
+    ) -> np.ndarray:
         """(members x dim,) the vector a user with this history (oldest first) gets; `user`
-        None is anonymous (no ID, no user features)."""
+        None is anonymous (no ID, no user features). `weights`: each history item's event
+        weight (None: all alike), used when the version weights its bags."""
         cfg = self.tower
         items = np.asarray(history, dtype=np.int64)
+        w = None if weights is None else np.asarray(weights, dtype=np.float32)
+        recent = cfg.recent_length if self.ordering is Ordering.SEQUENCE and len(items) else 0
         known = user is not None and 0 <= user < len(self.known_users) and self.known_users[user]
+
+        def last(n: int) -> tuple[np.ndarray, np.ndarray | None]:
+            if n <= 0 or not len(items):
+                return items[:0], None if w is None else w[:0]
+            return items[-n:], None if w is None else w[-n:]
+
         bags = [
             self._mean(self.user_table, np.array([user] if known else [], dtype=np.int64)),
-            self._mean(self.item_table, items[-cfg.history_length :] if len(items) else items),
-            self._mean(
-                self.item_table,
-                items[-cfg.recent_length :]
-                if self.ordering is Ordering.SEQUENCE and len(items)
-                else items[:0],
-            ),
+            self._mean(self.item_table, *last(cfg.history_length)),
+            self._mean(self.item_table, *last(recent)),
         ]
         for column, table in self.side_tables.items():
             rows = np.zeros(0, dtype=np.int64)

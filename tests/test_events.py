@@ -288,3 +288,18 @@ def test_pruning_deletes_only_segments_absorbed_whole(artifacts, built, redis_ur
 def built_rows(built: Path) -> int:
     version = built / "versions" / (built / "current").readlink().name
     return int(json.loads((version / "manifest.json").read_text())["data"]["read"])
+
+
+def test_fresh_events_weigh_by_the_versions_event_rule(tmp_path):
+    """A version built with --event-weights view=0.1 weighs a posted view as its build
+    weighed the log's views, whatever weight the row carries."""
+    from serving.fresh import FreshEvents
+
+    SegmentWriter(tmp_path).append(
+        [Event(1, 10, 5, 1.0, "view"), Event(1, 11, 6, 0.7, "purchase"), Event(1, 12, 7, 0.3)]
+    )
+    fresh = FreshEvents(tmp_path, {}, {"view": 0.1})
+    assert fresh.poll() == 3
+    held = fresh.of_user("1")
+    assert held is not None and held.items == ["10", "11", "12"]
+    assert held.weights == [0.1, 0.7, 0.3] and held.sequence == 3

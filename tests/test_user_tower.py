@@ -121,3 +121,30 @@ def test_numpy_item_tower_matches_the_model_for_items_without_an_id_row(features
             if column != "item_idx"
         }
         np.testing.assert_allclose(numpy_tower.embed(categories), expected[item], atol=1e-5)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_numpy_tower_weighs_history_items_as_the_model_does(features, members, tmp_path):
+    """A fresh user's whole history is re-embedded at request time: with weighted bags, the
+    NumPy tower must weigh each item by its event's weight as the model does, or the answer
+    would jump for reasons unrelated to the user's new event."""
+    root, data = features
+    rng = np.random.default_rng(3)
+    weights = rng.choice([0.1, 0.5, 1.0, 2.0], len(data.histories.items)).astype(np.float32)
+    data = replace(data, histories=replace(data.histories, weights=weights))
+    tower = replace(BASE, weighted_bags=True, members=members)
+    version, model = _version(root, data, tower, tmp_path / "version")
+    numpy_tower = UserTower.load(version, data.ordering)
+    builder = BatchBuilder(data, tower)
+    builder.known_users = np.arange(data.num_users) % 2 == 0
+    users = np.arange(0, data.num_users, 5)
+    with torch.no_grad():
+        expected = model(builder.users_now(users))[0].numpy()
+    offsets = data.histories.offsets
+    for n, user in enumerate(users.tolist()):
+        rows = slice(offsets[user], offsets[user + 1])
+        history = data.histories.items[rows].tolist()
+        got = numpy_tower.embed(user, history, weights[rows].tolist())
+        np.testing.assert_allclose(got, expected[n], atol=1e-5)
+        if len(set(weights[rows][-BASE.history_length :].tolist())) > 1:
+            assert not np.allclose(numpy_tower.embed(user, history), expected[n], atol=1e-4)
