@@ -20,6 +20,7 @@ from bench import (
     speed,
     swap,
     tuning,
+    worker_memory,
 )
 from recsys.core.settings import Settings
 
@@ -37,7 +38,7 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak, swap, freshness",
+        "nightly, soak, swap, freshness, worker-memory",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -59,6 +60,7 @@ def main() -> None:
         ("soak", soak),
         ("swap", swap),
         ("freshness", freshness),
+        ("worker-memory", worker_memory),
     )
     for name, bench in benches:
         if args.only and name not in args.only:
