@@ -60,6 +60,26 @@ def _as_list(value: Any) -> list[str]:
     return [str(v) for v in values if v is not None]
 
 
+def _fresh_query(
+    state: VersionState, user: int | None, fresh: UserEvents
+) -> tuple[np.ndarray, np.ndarray]:
+    """(query vector, new item indices): the user tower on the version's history of the
+    user plus their events since (weighted as the version weighs its bags; items the
+    version does not know are left out)."""
+    pairs = zip(fresh.items, fresh.weights, strict=True)
+    mapped = [(state.item_index(raw), w) for raw, w in pairs]
+    new = np.array([i for i, _ in mapped if i is not None], np.int64)
+    new_weights = np.array([w for i, w in mapped if i is not None], np.float32)
+    nothing = np.zeros(0, np.int64)
+    past, past_weights = state.history(user) if user is not None else (nothing, nothing)
+    query = state.embed_history(
+        user,
+        np.concatenate([past, new]).tolist(),
+        np.concatenate([past_weights, new_weights]).tolist(),
+    )
+    return query, new
+
+
 def filter_tag(filters: Filters) -> str:
     """The part of a cache key that names the filters ("" without any)."""
     if not filters:
@@ -223,19 +243,9 @@ class Answers:
             return key, lambda: state.popular(np.zeros(0, np.int64), k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
-            pairs = zip(fresh.items, fresh.weights, strict=True)
-            mapped = [(state.item_index(raw), w) for raw, w in pairs]
-            new = np.array([i for i, _ in mapped if i is not None], np.int64)
-            new_weights = np.array([w for i, w in mapped if i is not None], np.float32)
-            nothing = np.zeros(0, np.int64)
-            past, past_weights = state.history(user) if user is not None else (nothing, nothing)
-            seen = state.seen(user) if user is not None else nothing
-            exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else nothing
-            query = state.embed_history(
-                user,
-                np.concatenate([past, new]).tolist(),
-                np.concatenate([past_weights, new_weights]).tolist(),
-            )
+            query, new = _fresh_query(state, user, fresh)
+            seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
+            exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
             return state.search(query, exclude, k, filters)
 
         return key, search, False
@@ -277,9 +287,13 @@ class Answers:
         excluded = [e for i in body.exclude if (e := state.item_index(i)) is not None]
         rec = state.recommender
         seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
-        banned = np.unique(np.concatenate([np.asarray(history + excluded, np.int64), seen]))
-        if history:
+        fresh = None if body.user_id is None else state.fresh_events(state.user_key(body.user_id))
+        fresh_query, new = (None, seen[:0]) if fresh is None else _fresh_query(state, user, fresh)
+        banned = np.unique(np.concatenate([np.asarray(history + excluded, np.int64), seen, new]))
+        if history:  # a session: the request's history is the user's recent past
             query = state.embed_history(user, history)
+        elif fresh_query is not None and (user is not None or len(new)):
+            query = fresh_query  # the user's events since the version count
         elif user is not None:
             query = rec.user_emb[user]
         else:

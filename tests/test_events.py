@@ -66,6 +66,8 @@ def test_posted_events_change_the_next_answer_and_count_as_seen(client, artifact
     again = client.get("/v1/users/3/recommendations?k=10").json()
     assert again["cached"] and _items(again) == _items(before)
     liked = _items(before)[:3]
+    other = _items(before)[5]
+    posted_before = client.post("/v1/recommendations", json={"user_id": 3, "exclude": [other]})
     answer = client.post(
         "/v1/events", json={"events": [{"user_id": 3, "item_id": i} for i in liked]}
     )
@@ -75,6 +77,10 @@ def test_posted_events_change_the_next_answer_and_count_as_seen(client, artifact
     assert not after["cached"], "an answer cached before the events was served after them"
     assert not set(liked) & set(_items(after)), "the new items were not excluded as seen"
     assert len(after["items"]) == 10 and not after["fallback"]
+    # the POST form with a user counts the events too
+    posted = client.post("/v1/recommendations", json={"user_id": 3, "exclude": [other]}).json()
+    assert not (set(liked) | {other}) & set(_items(posted))
+    assert _items(posted) != _items(posted_before.json())
     # The stored events are the log format a build reads.
     files = segments(artifacts / "events")
     assert len(files) == 1
