@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from features.catalogue_log import ItemChange, append_change, changes_path
 from features.event_log import SegmentWriter
@@ -254,7 +253,7 @@ class Answers:
         if not filters:
             return filters
         try:
-            state.shelf.check(filters)
+            state.catalogue.check(filters)
         except FilterError as exc:
             raise Invalid(str(exc)) from exc
         return filters
@@ -310,8 +309,8 @@ class Answers:
         state = self.current()
         accepted, rejected = parse_events(
             rows,
-            state.recommender.user_ids.dtype == pl.Int64,
-            state.recommender.item_ids.dtype == pl.Int64,
+            state.users.integer,
+            state.items.integer,
         )
         if accepted:
             state.fresh.read(self.events.append(accepted))
@@ -325,14 +324,10 @@ class Answers:
         """Hide, show or add an item (a thread: the fsync blocks); durable before the
         answer, on this worker at once and on the others within a poll."""
         state = self.current()
-        shelf = state.shelf
+        shelf = state.catalogue
         key = state.new_item_key(str(raw_item))
         known = state.item_index(raw_item) is not None
-        if (
-            isinstance(raw_item, str)
-            and state.recommender.item_ids.dtype == pl.Int64
-            and not isinstance(key, int)
-        ):
+        if isinstance(raw_item, str) and state.items.integer and not isinstance(key, int):
             raise Invalid("item_id must be an integer: this catalogue's IDs are integers")
         text: dict[str, list[str]] | None = None
         if features is not None:
@@ -362,7 +357,7 @@ class Answers:
         neighbours from its features' vector."""
         state = self.current()
         filters = self._checked(state, filters or {})
-        shelf = state.shelf
+        shelf = state.catalogue
         item = state.item_index(raw_item)
         if item is not None and shelf.hidden[item]:
             item = None  # hidden from every route

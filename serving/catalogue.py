@@ -21,6 +21,7 @@ from features.side_tables import feature_values
 from features.vocab import ID
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
+from serving.ids import IdLookup
 from serving.item_tower import ItemTower
 
 Filters = dict[str, list[str]]  # column -> accepted values (text)
@@ -87,8 +88,7 @@ class NewItem:
 class Catalogue:
     """Per version: category columns, the item tower, and the changes applied so far."""
 
-    num_items: int
-    item_key: Any  # raw ID (text) -> item_idx or None, in the version's ID type
+    items: IdLookup  # the version's item IDs
     columns: dict[str, CategoryColumn]
     tower: ItemTower | None
     separator: str
@@ -101,10 +101,10 @@ class Catalogue:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self.hidden = np.zeros(self.num_items, dtype=bool)
+        self.hidden = np.zeros(len(self.items), dtype=bool)
 
     @classmethod
-    def load(cls, version: Path, num_items: int, item_key: Any) -> "Catalogue":
+    def load(cls, version: Path, items: IdLookup) -> "Catalogue":
         layout = VersionLayout(version)
         summary = read_manifest(layout.data, verify=False)
         separator = summary.get("feature_config", {}).get(
@@ -120,8 +120,7 @@ class Catalogue:
                 if column != "item_idx" and vocab.is_file():
                     columns[column] = CategoryColumn.load(vocab, bags[column], schema[column])
         catalogue = cls(
-            num_items,
-            item_key,
+            items,
             columns,
             ItemTower.load(version),
             separator,
@@ -144,7 +143,7 @@ class Catalogue:
 
     def _apply(self, change: ItemChange) -> None:
         raw = str(change.item_id)
-        index = self.item_key(raw)
+        index = self.items.find(raw)
         if index is not None:
             self.hidden[index] = not change.available
             return
@@ -186,9 +185,9 @@ class Catalogue:
         if not filters:
             return None
         self.check(filters)
-        mask = np.ones(self.num_items, dtype=bool)
+        mask = np.ones(len(self.items), dtype=bool)
         for column, values in filters.items():
-            hit = np.zeros(self.num_items, dtype=bool)
+            hit = np.zeros(len(self.items), dtype=bool)
             hit[self.columns[column].items_with(values)] = True
             mask &= hit
         return mask
@@ -197,7 +196,7 @@ class Catalogue:
         """(item index, new item) of the new items that are available and pass every
         filter; a new item's index is the version's item count plus its position."""
         return [
-            (self.num_items + n, item)
+            (len(self.items) + n, item)
             for n, item in enumerate(self.new_list())
             if item.available
             and all(item.categories.get(c, set()) & set(v) for c, v in filters.items())

@@ -36,6 +36,23 @@ class IdLookup:
     def _bytes(self, index: int) -> bytes:
         return self._data[self._offsets[index] : self._offsets[index + 1]].tobytes()
 
+    def typed(self, raw: object) -> int | str | None:
+        """A request's ID (always text in a URL) in the vocabulary's own type; None for
+        text that is no integer in a vocabulary of integers."""
+        if not self.integer:
+            return str(raw)
+        if isinstance(raw, int):
+            return raw
+        try:
+            return int(str(raw))
+        except ValueError:
+            return None
+
+    def find(self, raw: object) -> int | None:
+        """The dense index of a request's ID, None if the vocabulary lacks it."""
+        key = self.typed(raw)
+        return None if key is None else self.index(key)
+
     def index(self, raw: int | str) -> int | None:
         """The dense index of `raw` (already in the vocabulary's type), None if unknown."""
         if self.integer:

@@ -111,8 +111,7 @@ class LiveVersion:
                 continue
             try:
                 state.fresh.poll()
-                if state.catalogue is not None:
-                    state.catalogue.poll()
+                state.catalogue.poll()
             except Exception:  # never let the follower die; the next poll tries again
                 log.exception("event follower")
 

@@ -26,6 +26,8 @@ class Recommender:
     user_emb: np.ndarray  # (U, D), users as of the end of the log
     item_emb: np.ndarray  # (I, D)
     seen: CsrBags  # per user_idx
+    histories: CsrBags  # per user_idx: item_idx in the order the user tower reads them
+    history_weights: np.ndarray  # (E,) the event weight of each item of `histories`
     popularity: np.ndarray  # (I,) event counts
     retriever: Retriever
     # Items by event count, most popular first (ties: lower index first), sorted once: an
@@ -50,7 +52,8 @@ class Recommender:
         users = pl.read_parquet(layout.side_embeddings("users"))
         items = pl.read_parquet(layout.side_embeddings("items"))
         item_emb = np.ascontiguousarray(items["embedding"].to_numpy(), dtype=np.float32)
-        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX])
+        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX, s.WEIGHT])
+        counts = np.bincount(log[s.USER_IDX].to_numpy(), minlength=users.height)
         seen_lists = (
             log.group_by(s.USER_IDX)
             .agg(pl.col(s.ITEM_IDX).unique())
@@ -64,6 +67,11 @@ class Recommender:
             user_emb=np.ascontiguousarray(users["embedding"].to_numpy(), dtype=np.float32),
             item_emb=item_emb,
             seen=CsrBags.from_lists(seen_lists[s.ITEM_IDX]),
+            histories=CsrBags(  # ingest writes the log sorted by user, in history order
+                np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                log[s.ITEM_IDX].to_numpy().astype(np.int64),
+            ),
+            history_weights=log[s.WEIGHT].fill_null(1.0).to_numpy().astype(np.float32),
             popularity=np.bincount(log[s.ITEM_IDX].to_numpy(), minlength=len(item_emb)).astype(
                 np.float32
             ),

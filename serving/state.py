@@ -6,12 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from features.event_log import events_dir
-from features.jagged import CsrBags
 from features.ordering import Ordering
-from recsys.core import schema as s
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
 from serving.catalogue import Catalogue, Filters
@@ -29,41 +26,32 @@ class VersionState:
     tower: UserTower
     items: IdLookup  # raw item ID <-> item_idx
     users: IdLookup  # raw user ID <-> user_idx
-    histories: CsrBags  # per user_idx: item_idx in the order the user tower reads them
-    history_weights: np.ndarray  # (E,) the weight of each item of `histories`
     fresh: FreshEvents  # events after what this version absorbed
-    catalogue: Catalogue | None = None  # hidden and new items, categories for filters
+    catalogue: Catalogue  # hidden and new items, categories for filters
 
     @classmethod
     def load(cls, path: Path) -> "VersionState":
-        """Load a committed version (under ARTIFACTS/versions/) and the events after it."""
+        """Load a committed version (ARTIFACTS/versions/NAME) and what was posted after it
+        (ARTIFACTS/events/, ARTIFACTS/catalogue/)."""
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
-        layout = VersionLayout(path)
-        data_manifest = read_manifest(layout.data, verify=False)
-        summary = data_manifest["summary"]
+        data_manifest = read_manifest(VersionLayout(path).data, verify=False)
+        ordering = Ordering(data_manifest["summary"].get("ordering", Ordering.SEQUENCE.value))
         event_weights = data_manifest.get("feature_config", {}).get("event_weights", {})
         absorbed = read_manifest(path, verify=False).get("events_absorbed", {})
-        ordering = Ordering(summary.get("ordering", Ordering.SEQUENCE.value))
-        log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX, s.WEIGHT])
-        counts = np.bincount(log[s.USER_IDX].to_numpy(), minlength=len(recommender.user_ids))
-        fresh = FreshEvents(events_dir(path.parent.parent), absorbed, event_weights)
+        artifacts = path.parent.parent
+        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights)
         fresh.poll()
-        state = cls(
+        items = IdLookup(recommender.item_ids)
+        return cls(
             version=recommender.version,
             path=path,
             recommender=recommender,
             tower=UserTower.load(path, ordering),
-            items=IdLookup(recommender.item_ids),
+            items=items,
             users=IdLookup(recommender.user_ids),
-            histories=CsrBags(
-                np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-                log[s.ITEM_IDX].to_numpy().astype(np.int64),
-            ),
-            history_weights=log[s.WEIGHT].fill_null(1.0).to_numpy().astype(np.float32),
             fresh=fresh,
+            catalogue=Catalogue.load(path, items),
         )
-        state.catalogue = Catalogue.load(path, len(recommender.item_ids), state.item_index)
-        return state
 
     @property
     def search_ms(self) -> float:
@@ -74,29 +62,16 @@ class VersionState:
             return 0.0
         return params.exact_query_ms if params.backend == "exact" else params.query_ms
 
-    @staticmethod
-    def _raw(raw: object, integer: bool) -> int | str | None:
-        """A request's ID (always text in a URL) in the vocabulary's own type."""
-        if integer:
-            if isinstance(raw, int):
-                return raw
-            try:
-                return int(str(raw))
-            except ValueError:
-                return None
-        return str(raw)
-
     def user_key(self, raw: int | str) -> int | str:
         """The user ID in the vocabulary's type ("7" in a URL is user 7), as answered."""
-        key = self._raw(raw, self.users.integer)
+        key = self.users.typed(raw)
         return raw if key is None else key
 
     def user_index(self, raw: int | str) -> int | None:
-        return self.users.index(self.user_key(raw))
+        return self.users.find(raw)
 
     def item_index(self, raw: int | str) -> int | None:
-        key = self._raw(raw, self.items.integer)
-        return None if key is None else self.items.index(key)
+        return self.items.find(raw)
 
     def seen(self, user: int) -> np.ndarray:
         seen = self.recommender.seen
@@ -105,8 +80,9 @@ class VersionState:
     def history(self, user: int) -> tuple[np.ndarray, np.ndarray]:
         """The user's items as the version's user tower read them (ingest's order), and
         their events' weights."""
-        rows = slice(self.histories.offsets[user], self.histories.offsets[user + 1])
-        return self.histories.values[rows], self.history_weights[rows]
+        rec = self.recommender
+        rows = slice(rec.histories.offsets[user], rec.histories.offsets[user + 1])
+        return rec.histories.values[rows], rec.history_weights[rows]
 
     def fresh_events(self, user_key: int | str) -> UserEvents | None:
         """The user's events newer than this version, if any (`user_key`: see user_key)."""
@@ -119,28 +95,23 @@ class VersionState:
         return self.tower.embed(user, history, weights)
 
     @property
-    def shelf(self) -> Catalogue:
-        assert self.catalogue is not None, "loaded with the version"
-        return self.catalogue
-
-    @property
     def scope(self) -> str:
         """What cached answers depend on: the version and the catalogue changes applied."""
-        return f"{self.version}.{self.shelf.generation}"
+        return f"{self.version}.{self.catalogue.generation}"
 
     def item_ids(self, indices: np.ndarray) -> list[int | str]:
         """Raw IDs of item indices; indices past the version's items are new items."""
-        if self.catalogue is None or not self.catalogue.new_items:
+        if not self.catalogue.new_items:
             return self.items.raw(indices)
         known = len(self.items)
-        new = self.shelf.new_list()
+        new = self.catalogue.new_list()
         return [
             self.items.raw(np.array([i]))[0] if i < known else self.new_item_key(new[i - known].raw)
             for i in indices.tolist()
         ]
 
     def new_item_key(self, raw: str) -> int | str:
-        key = self._raw(raw, self.items.integer)
+        key = self.items.typed(raw)
         return raw if key is None else key
 
     def search(
@@ -148,7 +119,7 @@ class VersionState:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Best k visible items for a query vector: the version's index (hidden items and
         filters applied) and the new items, scored exactly."""
-        shelf = self.shelf
+        shelf = self.catalogue
         ids, scores = self.recommender.for_vector(
             query, exclude, k, shelf.hidden_mask(), shelf.allowed(filters)
         )
@@ -167,5 +138,5 @@ class VersionState:
         self, exclude: np.ndarray, k: int, filters: Filters
     ) -> tuple[np.ndarray, np.ndarray]:
         """The most popular visible items (new items have no events yet)."""
-        shelf = self.shelf
+        shelf = self.catalogue
         return self.recommender.popular(exclude, k, shelf.hidden_mask(), shelf.allowed(filters))

@@ -56,3 +56,11 @@ def small_version(root: Path, synthetic: "SyntheticConfig", config: "TrainConfig
     generate(root / "data", synthetic)
     build(resolve_source(root / "data"), root / "artifacts", config=config, progress=False)
     return root / "artifacts"
+
+
+def private_copy(artifacts: Path, tmp_path: Path) -> Path:
+    """A copy of built artifacts that one test may change (post events, hide items, damage
+    files) without touching the module's shared build."""
+    copy = tmp_path / "artifacts"
+    shutil.copytree(artifacts, copy, symlinks=True)
+    return copy

@@ -3,7 +3,6 @@ every route and stay hidden, new items are embedded from their features and sear
 once, and category filters return only qualifying items."""
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
-from helpers import recsys, small_version
+from helpers import private_copy, recsys, small_version
 
 from data.synthetic import SyntheticConfig, home_clusters
 from recsys.processes import served
@@ -34,9 +33,7 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def artifacts(built, tmp_path) -> Path:
-    copy = tmp_path / "artifacts"
-    shutil.copytree(built, copy, symlinks=True)
-    return copy
+    return private_copy(built, tmp_path)
 
 
 def _settings(artifacts: Path, redis_url: str) -> ServiceSettings:

@@ -3,7 +3,6 @@ every worker, and in the user's very next answer; bad rows refused one by one.""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import polars as pl
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from helpers import small_version
+from helpers import private_copy, small_version
 
 from data.synthetic import SyntheticConfig
 from features.event_log import Event, SegmentWriter, read_new, segments
@@ -39,10 +38,7 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def artifacts(built, tmp_path) -> Path:
-    """A copy per test: each one posts its own events."""
-    copy = tmp_path / "artifacts"
-    shutil.copytree(built, copy, symlinks=True)
-    return copy
+    return private_copy(built, tmp_path)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from fastapi.testclient import TestClient
-from helpers import small_version
+from helpers import private_copy, small_version
 from pydantic import ValidationError
 
 from data.synthetic import SyntheticConfig
@@ -40,10 +40,7 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def own_artifacts(artifacts, tmp_path) -> Path:
-    """A private copy to damage."""
-    copy = tmp_path / "artifacts"
-    shutil.copytree(artifacts, copy, symlinks=True)
-    return copy
+    return private_copy(artifacts, tmp_path)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ def recommender(popularity: np.ndarray) -> Recommender:
         user_emb=emb[:1],
         item_emb=emb,
         seen=CsrBags.from_lists(pl.Series([[0]])),
+        histories=CsrBags.from_lists(pl.Series([[0]])),
+        history_weights=np.ones(1, dtype=np.float32),
         popularity=popularity.astype(np.float32),
         retriever=ExactRetriever(emb),
     )
