@@ -313,10 +313,9 @@ def build(
     if device_name not in ("cpu", "cuda"):
         raise RecsysError(f"--device must be cpu or cuda, got {device_name!r}")
     if device_name == "cuda":
-        import torch
+        from training.parallel import check_device
 
-        if not torch.cuda.is_available():
-            raise RecsysError("--device cuda: PyTorch sees no CUDA device on this machine")
+        check_device(device_name)
     err.print(
         "settings (defaults < current version < --config < flags):\n" + settings.to_toml().rstrip(),
         markup=False,

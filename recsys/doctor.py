@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from recsys.core.errors import RecsysError
+
 # torch minor -> the fbgemm-gpu and torchrec minors built against it (known to load)
 COMPATIBLE = {"2.13": ("1.8", "1.8")}
 
@@ -70,7 +72,14 @@ def check_cuda() -> tuple[bool, str]:
     import torch
 
     if torch.cuda.is_available():
-        return True, f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
+        from training.parallel import check_device
+
+        gpus = f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
+        try:
+            check_device("cuda")
+        except RecsysError as exc:
+            return False, f"{gpus}, but {exc}"
+        return True, gpus
     return True, "no GPU visible: training runs on the CPU (--device cpu)"
 
 

@@ -120,3 +120,20 @@ def test_a_log_with_its_own_column_names_is_mapped(tmp_path: Path):
     assert sorted(items["id"].to_list()) == ["x", "y", "z"]  # the catalogue's z too
     bad = recsys("ingest", "--data", data, "--out", tmp_path / "o2", "--columns", "userid=x")
     assert bad.returncode == 2 and "cannot map column(s) userid" in bad.stderr
+
+
+def test_device_cuda_is_refused_with_the_reason_before_any_work(tmp_path: Path):
+    """A GPU with the CPU build of fbgemm (what `make setup` installs) failed deep inside
+    TorchRec's first backward pass; it is now refused up front, naming the package."""
+    from training.parallel import cuda_problem
+
+    assert cuda_problem(True, "cuda") is None
+    assert "no CUDA device" in str(cuda_problem(False, "cuda"))
+    wrong_build = str(cuda_problem(True, "cpu"))
+    assert "fbgemm-gpu" in wrong_build and "cpu build" in wrong_build
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id\n1,5\n1,6\n2,5\n")
+    result = recsys("build", "--data", log, "--artifacts", tmp_path / "a", "--device", "cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda")
+    assert not (tmp_path / "a").exists()

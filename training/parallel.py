@@ -78,6 +78,32 @@ def build_parallel(spec: ModelSpec, cfg: TrainConfig, device: torch.device) -> P
 _AUTO = (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WISE)
 
 
+def cuda_problem(cuda_visible: bool, fbgemm_variant: str) -> str | None:
+    """Why `--device cuda` cannot train here, or None. The fused kernels come from fbgemm:
+    its CPU build (`fbgemm-gpu-cpu`, what `make setup` installs) has none for CUDA, and
+    TorchRec would fail deep inside its first backward pass."""
+    if not cuda_visible:
+        return "--device cuda: PyTorch sees no CUDA device on this machine"
+    if fbgemm_variant != "cuda":
+        return (
+            f"--device cuda needs the CUDA build of fbgemm (pip package fbgemm-gpu, the "
+            f"version that matches torch and its CUDA); the {fbgemm_variant} build is "
+            f"installed, which has no GPU kernels"
+        )
+    return None
+
+
+def check_device(device_type: str) -> None:
+    """A clear error before any work when the device cannot train (see `cuda_problem`)."""
+    if device_type == "cuda":
+        import fbgemm_gpu
+
+        variant = str(getattr(fbgemm_gpu, "__variant__", "unknown"))
+        problem = cuda_problem(torch.cuda.is_available(), variant)
+        if problem:
+            raise RecsysError(problem)
+
+
 def check_sharding(sharding: str, device_type: str) -> None:
     """A clear error for a sharding TorchRec does not offer on this device (on CPU there
     is no row-wise sharding: table-wise and column-wise are)."""

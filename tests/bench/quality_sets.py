@@ -292,17 +292,24 @@ def main() -> None:
     import logging
     import warnings
 
-    from data import movielens, synthetic
+    from data import checkins, movielens, synthetic
     from recsys.core.settings import Settings
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("changes", nargs="*", help="SECTION.KEY=VALUE (TOML value)")
     parser.add_argument("--synthetic", type=int, help="a planted log of this many events")
+    parser.add_argument("--checkins", type=int, help="a sparse check-in log of this many events")
+    parser.add_argument("--peers", action="store_true", help="also fit and score the peers")
     parser.add_argument("--work", type=Path, default=Settings().cache_dir / "bench" / "explore")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    if args.synthetic:
+    if args.checkins:
+        data = checkins.generate(
+            args.work / f"checkins-{args.checkins}", checkins.CheckinConfig(args.checkins, seed=7)
+        )
+        events = pl.read_parquet(data / "interactions.parquet")
+    elif args.synthetic:
         config = synthetic.SyntheticConfig(rows=args.synthetic, seed=7)
         data = synthetic.generate(args.work / f"synth-{args.synthetic}", config)
         events = pl.read_parquet(list(resolve_source(data).interactions))
@@ -318,6 +325,11 @@ def main() -> None:
         f"{' '.join(args.changes) or 'defaults'}: Recall@20 {metrics['recall@20']:.4f} "
         f"NDCG@20 {metrics['ndcg@20']:.4f} {result['params']} {result['seconds']:.0f}s"
     )
+    for peer in peers(features, test, quick=False) if args.peers else []:
+        print(
+            f"{peer['model']}: Recall@20 {peer['recall@20']:.4f} NDCG@20 {peer['ndcg@20']:.4f}"
+            f" {peer['params']} {peer['seconds']:.0f}s"
+        )
 
 
 if __name__ == "__main__":
