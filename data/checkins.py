@@ -29,8 +29,9 @@ class CheckinConfig:
     events_per_item: float = 25.0  # mean distinct users per item
     items_per_city: float = 80.0
     min_events: int = 10  # the usual 10-core floor of the published splits
-    home_share: float = 0.85  # share of a user's events in their home city
-    reach: float = 0.35  # how far a user travels within a city (city radius 1)
+    home_share: float = 0.6  # share of a user's events in their home city
+    reach: float = 1.0  # how far a user travels within a city (city radius 1)
+    wander: float = 0.45  # share of events anywhere, by popularity alone (unpredictable taste)
     seed: int = 0
 
     @property
@@ -82,9 +83,13 @@ def generate(out: Path, cfg: CheckinConfig) -> Path:
     user_city = rng.choice(cfg.n_cities, cfg.n_users, p=city_share)  # residents ~ places
     user_place = rng.normal(0.0, 1.0, (cfg.n_users, 2))
     activity = _activity(cfg, rng)
-    away = rng.binomial(activity, 1.0 - cfg.home_share)
     trips = rng.integers(0, cfg.n_cities, (cfg.n_users, 2))  # visited cities, by number
-    users, items = [], []
+    anywhere = rng.binomial(activity, cfg.wander)
+    cdf = np.cumsum(item_popularity) / item_popularity.sum()
+    users = [np.repeat(np.arange(cfg.n_users), anywhere)]
+    items = [np.minimum(np.searchsorted(cdf, rng.random(anywhere.sum())), cfg.n_items - 1)]
+    activity = activity - anywhere
+    away = rng.binomial(activity, 1.0 - cfg.home_share)
     for city in range(cfg.n_cities):
         places = np.flatnonzero(item_city == city)
         if len(places) == 0:

@@ -4,6 +4,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from data.checkins import CheckinConfig
+from data.checkins import generate as generate_checkins
 from data.synthetic import SyntheticConfig, generate, home_clusters
 from features.ingest import ingest
 from features.sources import resolve_source
@@ -50,6 +52,36 @@ def test_synthetic_generation_is_reproducible(tmp_path):
     first = pl.read_parquet(generate(tmp_path / "a", cfg) / "interactions")
     second = pl.read_parquet(generate(tmp_path / "b", cfg) / "interactions")
     assert first.equals(second)
+
+
+def test_checkin_log_is_sparse_local_and_reproducible(tmp_path):
+    """Shaped like public sparse benchmarks: distinct (user, item) pairs, no timestamp,
+    about `events_per_user` per user with the 10-event floor, and local: a user's places
+    (beyond the share drawn anywhere by popularity) sit in few cities."""
+    cfg = CheckinConfig(rows=60_000, seed=3)
+    log = pl.read_parquet(generate_checkins(tmp_path / "a", cfg) / "interactions.parquet")
+    assert log.columns == ["user_id", "item_id"] and not log.is_duplicated().any()
+    assert log.equals(
+        pl.read_parquet(generate_checkins(tmp_path / "b", cfg) / "interactions.parquet")
+    )
+    per_user = log.group_by("user_id").len()["len"]
+    assert 0.7 * cfg.events_per_user < per_user.mean() < 1.1 * cfg.events_per_user
+    assert per_user.min() >= 5 and log.height / (cfg.n_users * cfg.n_items) < 0.02
+    city = pl.read_parquet(tmp_path / "a" / "items.parquet")
+
+    def top_city_share(events: pl.DataFrame) -> float:
+        return (
+            events.join(city, on="item_id")
+            .group_by("user_id")
+            .agg(pl.col("city").value_counts(sort=True).struct.field("count").first() / pl.len())[
+                "count"
+            ]
+            .mean()
+        )
+
+    # The same users with their items shuffled among them have no home city.
+    shuffled = log.with_columns(pl.col("item_id").shuffle(seed=1))
+    assert top_city_share(log) > top_city_share(shuffled) + 0.1
 
 
 @pytest.mark.slow  # builds a model
