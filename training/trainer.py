@@ -210,7 +210,7 @@ def train(
                 features,
                 split,
                 single,
-                replace(cfg, seed=cfg.seed + m),
+                cfg.for_member(m, members),
                 device,
                 metrics_path,
                 checkpoint_dir / f"member-{m}" if checkpoint_dir is not None else None,
