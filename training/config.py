@@ -175,13 +175,6 @@ class TrainConfig:
         targets = tuple(payload.get("target_events", ()))
         return cls(**{**payload, "losses": losses, "target_events": targets})
 
-    def for_member(self, member: int, members: int) -> "TrainConfig":
-        """Member `member` of an ensemble: its own seed, and a share of the example budget,
-        so that `members` towers together train no more examples than one tower may
-        (each member had the whole budget: up to 50 epochs apiece on 200k training events
-        whose validation recall kept creeping up, four times what one tower may train)."""
-        return replace(self, seed=self.seed + member, example_budget=self.example_budget // members)
-
     def resolve(self, train_events: int, warm: bool = False) -> "TrainConfig":
         """Fill data-dependent defaults: batches grow with the log, epochs shrink; a
         warm-started run continues for `warm_epochs` (default a third of a full run)."""

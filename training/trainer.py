@@ -210,7 +210,7 @@ def train(
                 features,
                 split,
                 single,
-                cfg.for_member(m, members),
+                replace(cfg, seed=cfg.seed + m),
                 device,
                 metrics_path,
                 checkpoint_dir / f"member-{m}" if checkpoint_dir is not None else None,
