@@ -123,11 +123,12 @@ def test_a_log_with_its_own_column_names_is_mapped(tmp_path: Path):
 
 
 def test_device_cuda_is_refused_with_the_reason_before_any_work(tmp_path: Path):
-    """A GPU with the CPU build of fbgemm (what `make setup` installs) failed deep inside
-    TorchRec's first backward pass; it is now refused up front, naming the package."""
+    """A GPU with the CPU build of fbgemm (what `make setup` installs) has no kernels to
+    train with; it is refused up front, naming the package. Other builds pass."""
     from training.parallel import cuda_problem
 
     assert cuda_problem(True, "cuda") is None
+    assert cuda_problem(True, "rocm") is None and cuda_problem(True, "INTERNAL") is None
     assert "no CUDA device" in str(cuda_problem(False, "cuda"))
     wrong_build = str(cuda_problem(True, "cpu"))
     assert "fbgemm-gpu" in wrong_build and "cpu build" in wrong_build

@@ -80,11 +80,12 @@ _AUTO = (ShardingType.TABLE_WISE, ShardingType.ROW_WISE, ShardingType.COLUMN_WIS
 
 def cuda_problem(cuda_visible: bool, fbgemm_variant: str) -> str | None:
     """Why `--device cuda` cannot train here, or None. The fused kernels come from fbgemm:
-    its CPU build (`fbgemm-gpu-cpu`, what `make setup` installs) has none for CUDA, and
-    TorchRec would fail deep inside its first backward pass."""
+    its CPU build (`fbgemm-gpu-cpu`, what `make setup` installs; variant "cpu") has none
+    for GPUs, so TorchRec would fail somewhere inside training instead. Its CUDA and ROCm
+    builds, and source builds (variant "INTERNAL"), are let through."""
     if not cuda_visible:
         return "--device cuda: PyTorch sees no CUDA device on this machine"
-    if fbgemm_variant != "cuda":
+    if fbgemm_variant == "cpu":
         return (
             f"--device cuda needs the CUDA build of fbgemm (pip package fbgemm-gpu, the "
             f"version that matches torch and its CUDA); the {fbgemm_variant} build is "
