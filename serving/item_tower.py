@@ -19,6 +19,7 @@ from training.config import Similarity, TowerConfig, legacy_keys
 @dataclass
 class ItemTower:
     similarity: Similarity
+    skip: bool  # the towers' skip path (the ID bag, empty here, adds nothing to it)
     id_width: int  # of the item ID table's rows (all members)
     side_tables: dict[str, np.ndarray]  # item feature column -> (categories, dim x members)
     mlps: list[list[Layer]]
@@ -32,6 +33,7 @@ class ItemTower:
         columns = list(spec["item_categories"])  # the model's order
         return cls(
             similarity=tower.similarity,
+            skip=tower.skip,
             id_width=weights[TABLE.format("item")].shape[1],
             side_tables={c: weights[TABLE.format(f"item:{c}")] for c in columns},
             mlps=load_mlps(weights, "item", tower.members or 1),
@@ -46,4 +48,4 @@ class ItemTower:
             bags.append(
                 table[rows].mean(axis=0) if len(rows) else np.zeros(table.shape[1], np.float32)
             )
-        return run_members(bags, self.mlps, self.similarity)
+        return run_members(bags, self.mlps, self.similarity, skip=1 if self.skip else 0)

@@ -63,8 +63,18 @@ def _version(
         replace(BASE, hidden_dim=0),
         replace(BASE, similarity=Similarity.DOT, members=2),
         replace(BASE, weighted_bags=False),
+        replace(BASE, skip=False),
+        replace(BASE, skip=False, hidden_dim=0, members=2),
     ],
-    ids=["weighted", "three-members", "linear", "dot-two-members", "plain-means"],
+    ids=[
+        "weighted",
+        "three-members",
+        "linear",
+        "dot-two-members",
+        "plain-means",
+        "mlp-alone",
+        "linear-alone-two-members",
+    ],
 )
 def test_numpy_tower_matches_the_model(features, tower, tmp_path):
     root, data = features
@@ -98,8 +108,13 @@ def test_a_sequence_keeps_a_recent_bag_and_a_set_does_not(features, tmp_path):
 
 @pytest.mark.parametrize(
     "tower",
-    [replace(BASE, members=1), replace(BASE, members=3), replace(BASE, hidden_dim=0)],
-    ids=["one", "three-members", "linear"],
+    [
+        replace(BASE, members=1),
+        replace(BASE, members=3),
+        replace(BASE, hidden_dim=0),
+        replace(BASE, skip=False),
+    ],
+    ids=["one", "three-members", "linear", "mlp-alone"],
 )
 def test_numpy_item_tower_matches_the_model_for_items_without_an_id_row(features, tower, tmp_path):
     """A new item added between builds is embedded from its categories alone, as a cold

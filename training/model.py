@@ -109,11 +109,19 @@ def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
     return tables
 
 
-def _mlp(inputs: int, hidden: int, out: int) -> nn.Module:
-    """A hidden layer, or with `hidden` 0 one linear map (a factorisation-like tower)."""
+def _mlp(inputs: int, hidden: int, out: int, skip: bool) -> nn.Module:
+    """A hidden layer, or with `hidden` 0 one linear map. Beside a skip path its last layer
+    starts at zero, so training starts from the plain factorisation model."""
     if hidden == 0:
-        return nn.Linear(inputs, out)
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.GELU(), nn.Linear(hidden, out))
+        last = nn.Linear(inputs, out)
+        mlp: nn.Module = last
+    else:
+        first, last = nn.Linear(inputs, hidden), nn.Linear(hidden, out)
+        mlp = nn.Sequential(first, nn.GELU(), last)
+    if skip:
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+    return mlp
 
 
 class TwoTower(nn.Module):
@@ -131,18 +139,25 @@ class TwoTower(nn.Module):
         item_in = cfg.id_dim + cfg.feature_dim * len(spec.item_categories)
         members = range(spec.members)
         out = cfg.embedding_dim
-        self.user_mlps = nn.ModuleList(_mlp(user_in, cfg.hidden_dim, out) for _ in members)
-        self.item_mlps = nn.ModuleList(_mlp(item_in, cfg.hidden_dim, out) for _ in members)
+        hidden, skip = cfg.hidden_dim, cfg.skip
+        self.user_mlps = nn.ModuleList(_mlp(user_in, hidden, out, skip) for _ in members)
+        self.item_mlps = nn.ModuleList(_mlp(item_in, hidden, out, skip) for _ in members)
         # On the pooled inputs while training: regularises the embedding rows feeding them.
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _tower(self, pooled: dict[str, Tensor], keys: list[str], mlps: nn.ModuleList) -> Tensor:
-        """Each member's MLP on its slice of the pooled features -> (B, members x dim)."""
-        members = self.spec.members
+    def _tower(
+        self, pooled: dict[str, Tensor], keys: list[str], mlps: nn.ModuleList, ids: int
+    ) -> Tensor:
+        """Each member's MLP on its slice of the pooled features, plus (with the skip path)
+        the sum of its first `ids` inputs, the ID rows and history means -> (B, members x
+        dim)."""
+        members, cfg = self.spec.members, self.spec.tower
         # (B, members, width) per key, side by side: member m's inputs are row m.
         inputs = torch.cat([pooled[k].unflatten(1, (members, -1)) for k in keys], dim=2)
         inputs = self.dropout(inputs)
         out = torch.stack([mlp(inputs[:, m]) for m, mlp in enumerate(mlps)], dim=1)
+        if cfg.skip:
+            out = out + inputs[..., : ids * cfg.id_dim].unflatten(-1, (ids, -1)).sum(-2)
         if self.spec.tower.similarity is Similarity.COSINE:
             out = F.normalize(out, dim=-1)
         return out.flatten(1) / math.sqrt(members)
@@ -151,6 +166,6 @@ class TwoTower(nn.Module):
         """(user embeddings, item embeddings), each (B, members x embedding_dim): the
         vectors the index holds."""
         pooled = self.ebc(features).to_dict()
-        user = self._tower(pooled, self.user_keys, self.user_mlps)
-        item = self._tower(pooled, self.item_keys, self.item_mlps)
+        user = self._tower(pooled, self.user_keys, self.user_mlps, ids=3)
+        item = self._tower(pooled, self.item_keys, self.item_mlps, ids=1)
         return user, item

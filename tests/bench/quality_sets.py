@@ -214,6 +214,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
         "train": {"temperature": 0.05},
     },
     "one tower, no input dropout": {"tower": {**ONE_TOWER, "dropout": 0.0}},
+    "one tower, input dropout 0.1 (was the default)": {"tower": {**ONE_TOWER, "dropout": 0.1}},
+    "one tower, MLP alone, no skip path (was the default)": {"tower": {**ONE_TOWER, "skip": False}},
 }
 
 
