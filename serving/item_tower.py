@@ -48,4 +48,4 @@ class ItemTower:
             bags.append(
                 table[rows].mean(axis=0) if len(rows) else np.zeros(table.shape[1], np.float32)
             )
-        return run_members(bags, self.mlps, self.similarity, skip=1 if self.skip else 0)
+        return run_members(bags, self.mlps, self.similarity, skip=self.skip)

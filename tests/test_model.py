@@ -61,11 +61,12 @@ def test_without_the_skip_path_the_mlp_alone_maps_the_rows():
     assert not torch.allclose(item, _member_vectors(items[[5, 4]]), atol=1e-3)
 
 
-def test_id_rows_follow_the_embedding_size_and_the_skip_path_needs_them_equal():
-    assert TowerConfig(embedding_dim=32).id_dim == 32
+def test_table_widths_follow_the_embedding_size_and_the_skip_path_needs_them_equal():
+    assert TowerConfig(embedding_dim=32).id_dim == TowerConfig(embedding_dim=32).feature_dim == 32
     assert TowerConfig(embedding_dim=32, id_dim=48, skip=False).id_dim == 48
-    with pytest.raises(ValueError, match="id_dim must equal embedding_dim"):
-        TowerConfig(embedding_dim=32, id_dim=48)
+    for widths in ({"id_dim": 48}, {"feature_dim": 16}):
+        with pytest.raises(ValueError, match="must equal embedding_dim"):
+            TowerConfig(embedding_dim=32, **widths)  # type: ignore[arg-type]
 
 
 def test_versions_from_before_the_skip_path_load_without_it():

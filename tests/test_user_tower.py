@@ -23,7 +23,7 @@ from training.config import Similarity, TowerConfig
 from training.export import save_model
 from training.model import TwoTower, model_spec
 
-BASE = TowerConfig(embedding_dim=8, id_dim=8, feature_dim=4, hidden_dim=16, history_length=6)
+BASE = TowerConfig(embedding_dim=8, hidden_dim=16, history_length=6)
 
 
 @pytest.fixture(scope="module")

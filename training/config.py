@@ -25,11 +25,12 @@ class TowerConfig:
 
     embedding_dim: int = 64  # output size of each tower (the index dimension)
     id_dim: int = 0  # user/item ID table width; 0: embedding_dim
-    feature_dim: int = 16  # width of side-feature category tables
+    feature_dim: int = 0  # width of side-feature category tables; 0: embedding_dim
     hidden_dim: int = 256  # 0: one linear map per tower, no hidden layer
-    skip: bool = True  # add the ID rows and history means to the MLP's output (a skip path:
-    # matrix factorisation's dot product, which the MLP corrects); needs id_dim ==
-    # embedding_dim. False: the MLP alone (every version before it)
+    skip: bool = True  # add every pooled input (ID rows, history means, side-feature rows)
+    # to the MLP's output (a skip path: matrix factorisation's dot product, which the MLP
+    # corrects); needs id_dim == feature_dim == embedding_dim. False: the MLP alone (every
+    # version before it)
     history_length: int = 50  # the long history bag
     recent_length: int = 5  # the short history bag (most recent items)
     similarity: Similarity = Similarity.COSINE
@@ -46,14 +47,15 @@ class TowerConfig:
     # the log's weights differ
 
     def __post_init__(self) -> None:
-        if self.id_dim == 0:
-            object.__setattr__(self, "id_dim", self.embedding_dim)
+        for name in ("id_dim", "feature_dim"):
+            if getattr(self, name) == 0:
+                object.__setattr__(self, name, self.embedding_dim)
         if min(self.embedding_dim, self.id_dim, self.feature_dim) < 1 or self.hidden_dim < 0:
             raise ValueError("tower sizes must be >= 1 (hidden_dim >= 0; 0: a linear tower)")
-        if self.skip and self.id_dim != self.embedding_dim:
+        if self.skip and not self.id_dim == self.feature_dim == self.embedding_dim:
             raise ValueError(
-                "the skip path adds ID rows to the output: id_dim must equal "
-                "embedding_dim (or set skip = false)"
+                "the skip path adds every table's rows to the output: id_dim and feature_dim "
+                "must equal embedding_dim (or set skip = false)"
             )
         if not 1 <= self.recent_length <= self.history_length:
             raise ValueError("need 1 <= recent_length <= history_length")

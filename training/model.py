@@ -145,19 +145,17 @@ class TwoTower(nn.Module):
         # On the pooled inputs while training: regularises the embedding rows feeding them.
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _tower(
-        self, pooled: dict[str, Tensor], keys: list[str], mlps: nn.ModuleList, ids: int
-    ) -> Tensor:
+    def _tower(self, pooled: dict[str, Tensor], keys: list[str], mlps: nn.ModuleList) -> Tensor:
         """Each member's MLP on its slice of the pooled features, plus (with the skip path)
-        the sum of its first `ids` inputs, the ID rows and history means -> (B, members x
-        dim)."""
+        the sum of those features: ID rows, history means, side-feature rows, as in a
+        factorisation machine -> (B, members x dim)."""
         members, cfg = self.spec.members, self.spec.tower
         # (B, members, width) per key, side by side: member m's inputs are row m.
         inputs = torch.cat([pooled[k].unflatten(1, (members, -1)) for k in keys], dim=2)
         inputs = self.dropout(inputs)
         out = torch.stack([mlp(inputs[:, m]) for m, mlp in enumerate(mlps)], dim=1)
         if cfg.skip:
-            out = out + inputs[..., : ids * cfg.id_dim].unflatten(-1, (ids, -1)).sum(-2)
+            out = out + inputs.unflatten(-1, (len(keys), -1)).sum(-2)
         if self.spec.tower.similarity is Similarity.COSINE:
             out = F.normalize(out, dim=-1)
         return out.flatten(1) / math.sqrt(members)
@@ -166,6 +164,6 @@ class TwoTower(nn.Module):
         """(user embeddings, item embeddings), each (B, members x embedding_dim): the
         vectors the index holds."""
         pooled = self.ebc(features).to_dict()
-        user = self._tower(pooled, self.user_keys, self.user_mlps, ids=3)
-        item = self._tower(pooled, self.item_keys, self.item_mlps, ids=1)
+        user = self._tower(pooled, self.user_keys, self.user_mlps)
+        item = self._tower(pooled, self.item_keys, self.item_mlps)
         return user, item
