@@ -19,7 +19,7 @@ from training.config import Similarity, TowerConfig, legacy_keys
 @dataclass
 class ItemTower:
     similarity: Similarity
-    skip: bool  # the towers' skip path (the ID bag, empty here, adds nothing to it)
+    skip: bool  # the towers' skip path: the item's bags (ID, empty here, and features) summed
     id_width: int  # of the item ID table's rows (all members)
     side_tables: dict[str, np.ndarray]  # item feature column -> (categories, dim x members)
     mlps: list[list[Layer]]
@@ -48,4 +48,4 @@ class ItemTower:
             bags.append(
                 table[rows].mean(axis=0) if len(rows) else np.zeros(table.shape[1], np.float32)
             )
-        return run_members(bags, self.mlps, self.similarity, skip=self.skip)
+        return run_members(bags, self.mlps, self.similarity, skip=len(bags) if self.skip else 0)

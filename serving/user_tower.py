@@ -6,7 +6,7 @@ version's own files, so that a service worker never imports torch or TorchRec (a
 Per member m of the towers: each user-side bag (the user's ID, the history, the recent
 items, each user feature) is the mean of its rows' m-th slices (an empty bag is zeros),
 the bags side by side go through the member's MLP (Linear, exact GELU, Linear; or one
-Linear), towers with a skip path add the bags themselves, cosine towers normalise,
+Linear), towers with a skip path add the ID and history bags, cosine towers normalise,
 and the members' vectors are joined side by side and divided by sqrt(members)."""
 
 import json
@@ -23,7 +23,7 @@ from features.ordering import Ordering
 from recsys.core import schema as s
 from recsys.core.layout import VersionLayout
 from serving.weights import mapped_tensors
-from training.config import Similarity, TowerConfig, legacy_keys
+from training.config import USER_SUMMED, Similarity, TowerConfig, legacy_keys
 
 TABLE = "ebc.embedding_bags.{}_table.weight"
 
@@ -42,11 +42,11 @@ class Layer:
 
 
 def run_members(
-    bags: list[np.ndarray], mlps: list[list[Layer]], similarity: Similarity, skip: bool = False
+    bags: list[np.ndarray], mlps: list[list[Layer]], similarity: Similarity, skip: int = 0
 ) -> np.ndarray:
     """Member m's MLP on the m-th slices of the pooled bags, side by side, plus (the skip
-    path) the sum of those slices; the members' vectors (normalised for cosine towers)
-    joined and divided by sqrt(members)."""
+    path) the sum of the first `skip` bags' slices; the members' vectors (normalised for
+    cosine towers) joined and divided by sqrt(members)."""
     members = len(mlps)
     out = []
     for m, layers in enumerate(mlps):
@@ -55,7 +55,7 @@ def run_members(
         for n, layer in enumerate(layers):
             x = layer(x if n == 0 else _gelu(x))
         if skip:
-            x = x + np.sum(slices, axis=0)
+            x = x + np.sum(slices[:skip], axis=0)
         if similarity is Similarity.COSINE:
             x = x / max(float(np.linalg.norm(x)), 1e-12)
         out.append(x)
@@ -162,4 +162,5 @@ class UserTower:
             if user is not None and column_bags is not None and user < len(column_bags.offsets) - 1:
                 rows, _ = column_bags.gather(np.array([user]))
             bags.append(self._mean(table, rows))
-        return run_members(bags, self.mlps, cfg.similarity, skip=cfg.skip)
+        summed = USER_SUMMED if cfg.skip else 0
+        return run_members(bags, self.mlps, cfg.similarity, skip=summed)

@@ -15,6 +15,7 @@ class Similarity(enum.Enum):
 
 
 MAX_MEMBERS = 8
+USER_SUMMED = 3  # inputs the user tower's skip path sums: user ID, history, recent bags
 AUTO_MEMBERS = 4  # the most `members` a log gets by default
 ENSEMBLE_EVENTS = 1_000_000  # below this many training events, members = this // events
 
@@ -27,8 +28,8 @@ class TowerConfig:
     id_dim: int = 0  # user/item ID table width; 0: embedding_dim
     feature_dim: int = 0  # width of side-feature category tables; 0: embedding_dim
     hidden_dim: int = 256  # 0: one linear map per tower, no hidden layer
-    skip: bool = True  # add every pooled input (ID rows, history means, side-feature rows)
-    # to the MLP's output (a skip path: matrix factorisation's dot product, which the MLP
+    skip: bool = True  # add the pooled ID rows and history means (and the item's feature
+    # rows) to the MLP's output (a skip path: matrix factorisation's dot product, which the MLP
     # corrects); needs id_dim == feature_dim == embedding_dim. False: the MLP alone (every
     # version before it)
     history_length: int = 50  # the long history bag
