@@ -55,8 +55,8 @@ class TowerConfig:
             raise ValueError("tower sizes must be >= 1 (hidden_dim >= 0; 0: a linear tower)")
         if self.skip and not self.id_dim == self.feature_dim == self.embedding_dim:
             raise ValueError(
-                "the skip path adds every table's rows to the output: id_dim and feature_dim "
-                "must equal embedding_dim (or set skip = false)"
+                "the skip path adds ID and item-feature rows to the output: id_dim and "
+                "feature_dim must equal embedding_dim (or set skip = false)"
             )
         if not 1 <= self.recent_length <= self.history_length:
             raise ValueError("need 1 <= recent_length <= history_length")
