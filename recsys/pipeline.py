@@ -155,6 +155,8 @@ def plan_warm_start(
     warm_tower = tower
     if tower.members is None:  # chosen by log size: keep the lineage's, which the weights have
         warm_tower = replace(tower, members=old.members)
+    if tower.embedding_dim is None:  # likewise the width (versions before it: 64)
+        warm_tower = replace(warm_tower, embedding_dim=old.tower.width)
     if tower.weighted_bags is None:  # chosen by the log: weights that appear need new bags
         warm_tower = replace(warm_tower, weighted_bags=weights_differ(features.interactions))
     problem = warm_start_problem(old, model_spec(features, warm_tower))

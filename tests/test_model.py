@@ -3,15 +3,17 @@ dotted with the item's row), which the MLP then corrects. Without it the MLP alo
 sparse logs' rows, and a default build scored 0.68x ALS on the sparse check-in log."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torchrec import KeyedJaggedTensor
 
+from recsys.build_config import BuildConfig
 from recsys.core import schema as s
 from training.batches import HISTORY, RECENT
-from training.config import TowerConfig
+from training.config import TowerConfig, member_width
 from training.model import ModelSpec, TwoTower
 
 DIM, MEMBERS = 8, 2
@@ -62,8 +64,9 @@ def test_without_the_skip_path_the_mlp_alone_maps_the_rows():
 
 
 def test_table_widths_follow_the_embedding_size_and_the_skip_path_needs_them_equal():
-    assert TowerConfig(embedding_dim=32).id_dim == TowerConfig(embedding_dim=32).feature_dim == 32
-    assert TowerConfig(embedding_dim=32, id_dim=48, skip=False).id_dim == 48
+    tower = TowerConfig(embedding_dim=32)
+    assert tower.id_width == tower.feature_width == 32
+    assert TowerConfig(embedding_dim=32, id_dim=48, skip=False).id_width == 48
     for widths in ({"id_dim": 48}, {"feature_dim": 16}):
         with pytest.raises(ValueError, match="must equal embedding_dim"):
             TowerConfig(embedding_dim=32, **widths)  # type: ignore[arg-type]
@@ -74,3 +77,26 @@ def test_versions_from_before_the_skip_path_load_without_it():
     del payload["skip"]
     assert TowerConfig.from_dict(payload).skip is False
     assert TowerConfig.from_dict(TowerConfig().to_dict()).skip is True
+
+
+def test_a_changed_embedding_size_carries_the_tables_with_it(tmp_path: Path) -> None:
+    """`[tower] embedding_dim = 128` over the defaults (a settings file, a flag, the stored
+    settings of the last build) once failed: the defaults had fixed the tables at 64."""
+    settings = BuildConfig().with_overrides({"tower": {"embedding_dim": 128}})
+    assert settings.tower.id_width == settings.tower.feature_width == 128
+    stored = tmp_path / "build_config.toml"
+    stored.write_text(BuildConfig().to_toml())
+    again = BuildConfig.from_file(stored)
+    assert again.with_overrides({"tower": {"embedding_dim": 32}}).tower.id_width == 32
+
+
+def test_the_default_width_shares_the_served_vector_and_stays_64_for_huge_catalogues():
+    assert [member_width(m) for m in (1, 2, 3, 4, 8)] == [256, 128, 80, 64, 64]
+    assert member_width(1, id_rows=70_000) == 256  # tens of thousands of users and items
+    assert member_width(1, id_rows=500_000) == 128
+    assert member_width(1, id_rows=2_000_000) == 64  # a million users and a million items
+    small = TowerConfig().resolve(80_000, id_rows=2_600)  # MovieLens-100K: as before
+    assert (small.members, small.embedding_dim, small.output_dim) == (4, 64, 256)
+    large = TowerConfig().resolve(800_000, id_rows=70_000)
+    assert (large.members, large.embedding_dim, large.output_dim) == (1, 256, 256)
+    assert TowerConfig(embedding_dim=32).resolve(800_000).embedding_dim == 32  # a setting

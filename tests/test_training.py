@@ -160,6 +160,18 @@ def test_refit_trains_the_served_model_on_every_event_for_the_best_epochs(plante
     assert no_refit.refit_epochs == 0 and no_refit.validated_state is None
 
 
+def test_a_run_that_spends_the_example_budget_skips_the_refit(planted):
+    """A large log runs every epoch its budget allows; a refit on top doubled its build
+    (a sparse million-event log: past the 15 minutes a build may take)."""
+    split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
+    config = TrainConfig(example_budget=1, batch_size=512, patience=5, seed=7)  # 3 epochs
+    result = train(planted, split, TOWER, config, progress=False)
+    assert len(result.history) == 3 and result.refit_epochs == 0
+    assert result.validated_state is None
+    chosen = train(planted, split, TOWER, replace(config, max_epochs=3), progress=False)
+    assert chosen.refit_epochs == chosen.best_epoch >= 1  # epochs the user set: refit
+
+
 def test_refit_never_trains_on_a_test_split(planted):
     split = leave_last_out(planted.interactions, n_test=1, n_valid=1)
     config = TrainConfig(max_epochs=1, batch_size=512, seed=8)

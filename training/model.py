@@ -81,14 +81,14 @@ def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
     tables = [
         EmbeddingBagConfig(
             name="item_table",
-            embedding_dim=cfg.id_dim * members,
+            embedding_dim=cfg.id_width * members,
             num_embeddings=max(1, spec.num_items),
             feature_names=[s.ITEM_ID, HISTORY, RECENT],
             pooling=pooling,
         ),
         EmbeddingBagConfig(
             name="user_table",
-            embedding_dim=cfg.id_dim * members,
+            embedding_dim=cfg.id_width * members,
             num_embeddings=max(1, spec.num_users),
             feature_names=[s.USER_ID],
             pooling=pooling,
@@ -100,7 +100,7 @@ def _tables(spec: ModelSpec) -> list[EmbeddingBagConfig]:
             tables.append(
                 EmbeddingBagConfig(
                     name=f"{key}_table",
-                    embedding_dim=cfg.feature_dim * members,
+                    embedding_dim=cfg.feature_width * members,
                     num_embeddings=max(1, size),
                     feature_names=[key],
                     pooling=pooling,
@@ -135,10 +135,10 @@ class TwoTower(nn.Module):
         keys = spec.keys
         self.user_keys = list(keys.user)
         self.item_keys = list(keys.item)
-        user_in = 3 * cfg.id_dim + cfg.feature_dim * len(spec.user_categories)
-        item_in = cfg.id_dim + cfg.feature_dim * len(spec.item_categories)
+        user_in = 3 * cfg.id_width + cfg.feature_width * len(spec.user_categories)
+        item_in = cfg.id_width + cfg.feature_width * len(spec.item_categories)
         members = range(spec.members)
-        out = cfg.embedding_dim
+        out = cfg.width
         hidden, skip = cfg.hidden_dim, cfg.skip
         self.user_mlps = nn.ModuleList(_mlp(user_in, hidden, out, skip) for _ in members)
         self.item_mlps = nn.ModuleList(_mlp(item_in, hidden, out, skip) for _ in members)
@@ -156,7 +156,7 @@ class TwoTower(nn.Module):
         inputs = self.dropout(inputs)
         out = torch.stack([mlp(inputs[:, m]) for m, mlp in enumerate(mlps)], dim=1)
         if cfg.skip:
-            out = out + inputs[..., : summed * cfg.id_dim].unflatten(-1, (summed, -1)).sum(-2)
+            out = out + inputs[..., : summed * cfg.id_width].unflatten(-1, (summed, -1)).sum(-2)
         if self.spec.tower.similarity is Similarity.COSINE:
             out = F.normalize(out, dim=-1)
         return out.flatten(1) / math.sqrt(members)

@@ -184,7 +184,8 @@ def train(
     cfg = config or TrainConfig()
     train_events = int(all_sum(np.array([split.train.height]))[0])
     weighted = bool(all_max(int(weights_differ(features.interactions))))
-    tower = (tower or TowerConfig()).resolve(train_events, weighted)
+    id_rows = features.num_users + features.num_items
+    tower = (tower or TowerConfig()).resolve(train_events, weighted, id_rows)
     members = tower.members or 1
     if members == 1:
         return _train_one(
@@ -422,7 +423,13 @@ def _train_one(
             save_checkpoint(checkpoint_dir, parallel, {**asdict(state), **extra_state})
     result.seconds = time.perf_counter() - started
     if cfg.refit and validating and result.best_epoch > 0:
-        _refit(result, given, split, tower, device, progress, warm_start)
+        by_budget = config.max_epochs is None and warm_start is None
+        if by_budget and state.epoch + result.best_epoch > cfg.max_epochs:
+            # The example budget is spent (no early stop): a refit would double a large
+            # log's build for the few validation events it adds.
+            log.info("no refit: %d epochs of %d run", state.epoch, cfg.max_epochs)
+        else:
+            _refit(result, given, split, tower, device, progress, warm_start)
     return result
 
 

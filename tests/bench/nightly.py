@@ -16,7 +16,7 @@ NEW_DAYS = 3  # of the synthetic log's 30
 
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
-    cfg = SyntheticConfig(rows=200_000 if quick else 1_000_000, seed=3)
+    cfg = SyntheticConfig(rows=200_000 if quick else 300_000, seed=3)
     root = work / f"nightly-{cfg.rows}"
     full = root / "full"
     if not (full / "users.parquet").is_file():

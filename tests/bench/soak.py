@@ -38,7 +38,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
 
     artifacts = movielens_version(work)
     users = user_range(VersionStore(artifacts).current())
-    seconds = 60 if quick else 240
+    seconds = 60 if quick else 180
     port = int(os.environ.get("RECSYS_SOAK_PORT", "0")) or None
     env = {"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
     with served(artifacts, env=env, workers=2, port=port) as base:
