@@ -13,7 +13,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from features.ingest import ingest
 from features.sources import DataSource
 from recsys.build_config import BuildConfig
 from recsys.core.errors import RecsysError
+from training.config import TowerConfig
 from training.trainer import build_split, train
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,8 @@ def tune(
         # its score, only double its time.
         overrides = _overrides(params)
         overrides["train"] = {**overrides.get("train", {}), "refit": False}
-        # One tower per trial: the settings searched are a member's, and the build's
-        # ensemble (small logs) trains every member with them; trials stay 1/members as long.
-        overrides["tower"] = {**overrides.get("tower", {}), "members": 1}
         config = base.with_overrides(overrides)
+        config = replace(config, tower=member_tower(config.tower, features, split.train.height))
         best = -1.0
         epoch_seconds: list[float] = []
         trial_start = time.monotonic()
@@ -163,6 +162,15 @@ def tune(
         trials=trials,
         seconds=time.monotonic() - started,
     )
+
+
+def member_tower(tower: TowerConfig, features: FeatureSet, train_events: int) -> TowerConfig:
+    """One member of the towers the build would train: the settings searched are a
+    member's, and the build's ensemble (small logs) trains every member with them, so a
+    trial takes 1/members of the time. The member keeps the build's width (a lone tower
+    would default to 256-d where the build's four members are 64-d)."""
+    build = tower.resolve(train_events, id_rows=features.num_users + features.num_items)
+    return replace(tower, members=1, embedding_dim=build.embedding_dim)
 
 
 def _current(config: BuildConfig, section: str, name: str) -> Any:

@@ -119,3 +119,20 @@ def test_tune_writes_a_config_that_build_accepts_within_its_budget(tiny, tmp_pat
     tuned = BuildConfig.from_file(out)
     assert tuned.train.refit is True  # trials skip the refit; the written settings do not
     assert out.read_text().startswith("# recsys tune")
+
+
+def test_tune_trials_train_one_member_as_wide_as_the_build_s():
+    """A lone tower defaults to 256-d; a trial must train the 64-d member that a small
+    log's four-member build would, or it tunes another model."""
+    from types import SimpleNamespace
+
+    from recsys.tune import member_tower
+    from training.config import TowerConfig
+
+    movielens = SimpleNamespace(num_users=943, num_items=1_682)
+    member = member_tower(TowerConfig(), movielens, 80_000)  # type: ignore[arg-type]
+    assert (member.members, member.embedding_dim) == (1, 64)
+    large = SimpleNamespace(num_users=30_000, num_items=40_000)
+    assert member_tower(TowerConfig(), large, 800_000).embedding_dim == 256  # type: ignore[arg-type]
+    chosen = member_tower(TowerConfig(embedding_dim=32), movielens, 80_000)  # type: ignore[arg-type]
+    assert chosen.embedding_dim == 32
