@@ -182,7 +182,10 @@ def build(
     batch_size: Annotated[
         int | None, typer.Option(min=2, help="Default: scales with the data.")
     ] = None,
-    embedding_dim: Annotated[int | None, typer.Option(min=2)] = None,
+    embedding_dim: Annotated[
+        int | None,
+        typer.Option(min=2, help="Each member's width. Default: 256 shared by the members."),
+    ] = None,
     loss: Annotated[
         list[str] | None,
         typer.Option(help="softmax | npair | triplet, NAME[:WEIGHT]; repeat to combine."),
