@@ -265,7 +265,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     synth = pl.read_parquet(list(resolve_source(synth_dir).interactions))
     results += protocol(f"synthetic {rows:,} events", synth, work / f"sets-synth-{rows}", quick)
     # Sparse and local, shaped like public check-in benchmarks: where item-item peers are
-    # strongest and a 64-d two-tower model weakest.
+    # strongest and a two-tower model weakest.
     rows = 50_000 if quick else 100_000
     sparse_dir = checkins.generate(
         work / f"checkins-{rows}", checkins.CheckinConfig(rows=rows, seed=7)
