@@ -394,7 +394,9 @@ def recommend(
     k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
     show: Annotated[int, typer.Option(min=0, help="Print this many users' lists.")] = 0,
 ) -> None:
-    """Batch top-k for users, seen items excluded, through the index the service uses."""
+    """Batch top-k for users, seen items excluded: scored exactly up to 200k items (a
+    block of users at a time costs less than index queries there), larger catalogues
+    through the index the service uses."""
 
     from features.catalogue_log import changes_path, latest_changes
     from recsys.core import schema as s

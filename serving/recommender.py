@@ -16,6 +16,11 @@ from serving.index import Retriever, load_retriever
 OVERFETCH = 1.5  # extra candidates beyond k + seen, since ANN may miss a few
 FILTER_OVERFETCH = 4  # candidates beyond what the qualifying share alone would ask for
 EXACT_SUBSET = 20_000  # items a filtered search scores exactly (~2.5 ms at 64 dimensions)
+# Batch answers score every item exactly up to this catalogue size: a block of users times
+# the item matrix is one matrix product, cheaper per user than an index query there, and
+# exact where the index misses some of the true top items (see `for_users`).
+EXACT_BATCH_ITEMS = 200_000
+BLOCK_SCORES = 1 << 24  # user x item scores computed at once by a batch (64 MB of floats)
 
 
 @dataclass
@@ -164,16 +169,18 @@ class Recommender:
         return order, self.popularity[order]
 
     def for_users(self, user_idx: np.ndarray, k: int) -> pl.DataFrame:
-        """Long-format table user_idx, item_idx, rank, score for known users."""
-        users, items, ranks, scores = [], [], [], []
-        for u in user_idx.tolist():
-            seen = self.seen.values[self.seen.offsets[u] : self.seen.offsets[u + 1]]
-            ids, sc = self.for_vector(self.user_emb[u], seen, k, self.hidden)
-            users.append(np.full(len(ids), u, dtype=np.int64))
-            items.append(ids)
-            ranks.append(np.arange(1, len(ids) + 1))
-            scores.append(sc)
-        if not users:
+        """Long-format table user_idx, item_idx, rank, score for known users. Catalogues up
+        to EXACT_BATCH_ITEMS are scored exactly, a block of users at a time; larger ones go
+        through the index one user at a time, as the service answers them."""
+        if len(self.item_emb) <= EXACT_BATCH_ITEMS:
+            parts = [self._exact_block(block, k) for block in _blocks(user_idx, self.item_emb)]
+        else:
+            parts = []
+            for u in user_idx.tolist():
+                seen = self.seen.values[self.seen.offsets[u] : self.seen.offsets[u + 1]]
+                ids, sc = self.for_vector(self.user_emb[u], seen, k, self.hidden)
+                parts.append((np.full(len(ids), u, dtype=np.int64), ids, sc))
+        if not parts:
             return pl.DataFrame(
                 schema={
                     s.USER_IDX: pl.Int64,
@@ -182,14 +189,35 @@ class Recommender:
                     "score": pl.Float32,
                 }
             )
+        users = np.concatenate([p[0] for p in parts]).astype(np.int64)
+        first = np.r_[True, users[1:] != users[:-1]]  # rows come grouped by user, best first
+        starts = np.flatnonzero(first)
+        ranks = np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)]))
         return pl.DataFrame(
             {
-                s.USER_IDX: np.concatenate(users),
-                s.ITEM_IDX: np.concatenate(items),
-                "rank": np.concatenate(ranks),
-                "score": np.concatenate(scores).astype(np.float32),
+                s.USER_IDX: users,
+                s.ITEM_IDX: np.concatenate([p[1] for p in parts]).astype(np.int64),
+                "rank": ranks + 1,
+                "score": np.concatenate([p[2] for p in parts]).astype(np.float32),
             }
         )
+
+    def _exact_block(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user, item, score) rows of the best `k` unseen, unhidden items of each user,
+        best first (ties: lower item index first), from one matrix product."""
+        scores = self.user_emb[users] @ self.item_emb.T  # (B, I)
+        seen, lengths = self.seen.gather(users)
+        scores[np.repeat(np.arange(len(users)), lengths), seen] = -np.inf
+        if self.hidden is not None:
+            scores[:, self.hidden] = -np.inf
+        n = min(k, scores.shape[1])
+        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]  # (B, n), unordered
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        row = np.repeat(np.arange(len(users)), n)
+        order = np.lexsort((top.ravel(), -top_scores.ravel(), row))
+        keep = np.isfinite(top_scores.ravel()[order])  # fewer than k items left to some users
+        order = order[keep]
+        return users[row[order]], top.ravel()[order], top_scores.ravel()[order]
 
     def for_unknown(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """What a user the version does not know gets, in every route and in batch: the
@@ -221,3 +249,9 @@ class Recommender:
                 ).with_columns(pl.col(s.USER_ID).cast(self.user_ids.dtype, strict=False))
             )
         return pl.concat(frames, how="vertical_relaxed"), int(known.sum())
+
+
+def _blocks(user_idx: np.ndarray, item_emb: np.ndarray) -> list[np.ndarray]:
+    """`user_idx` in blocks whose scores against every item fit in BLOCK_SCORES floats."""
+    size = max(1, BLOCK_SCORES // max(1, len(item_emb)))
+    return [user_idx[i : i + size] for i in range(0, len(user_idx), size)]
