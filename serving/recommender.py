@@ -120,9 +120,9 @@ class Recommender:
                 keep &= ~hidden[ids]
             if allowed is not None:
                 keep &= allowed[ids]
-            if np.count_nonzero(keep) >= k or wanted >= n:
+            if np.count_nonzero(keep) >= k or len(ids) >= n:  # enough, or every item
                 return ids[keep][:k], scores[keep][:k]
-            if wanted >= EXACT_SUBSET:
+            if wanted >= min(n, EXACT_SUBSET):  # an index that misses the few items left
                 break
             wanted *= 4
         return self._exact(query, allowed, exclude, hidden, k)
@@ -173,7 +173,7 @@ class Recommender:
         to EXACT_BATCH_ITEMS are scored exactly, a block of users at a time; larger ones go
         through the index one user at a time, as the service answers them."""
         if len(self.item_emb) <= EXACT_BATCH_ITEMS:
-            parts = [self._exact_block(block, k) for block in _blocks(user_idx, self.item_emb)]
+            parts = [self.exact_top_k(block, k) for block in user_blocks(user_idx, self.item_emb)]
         else:
             parts = []
             for u in user_idx.tolist():
@@ -202,7 +202,7 @@ class Recommender:
             }
         )
 
-    def _exact_block(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def exact_top_k(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user, item, score) rows of the best `k` unseen, unhidden items of each user,
         best first (ties: lower item index first), from one matrix product."""
         scores = self.user_emb[users] @ self.item_emb.T  # (B, I)
@@ -251,7 +251,7 @@ class Recommender:
         return pl.concat(frames, how="vertical_relaxed"), int(known.sum())
 
 
-def _blocks(user_idx: np.ndarray, item_emb: np.ndarray) -> list[np.ndarray]:
+def user_blocks(user_idx: np.ndarray, item_emb: np.ndarray) -> list[np.ndarray]:
     """`user_idx` in blocks whose scores against every item fit in BLOCK_SCORES floats."""
     size = max(1, BLOCK_SCORES // max(1, len(item_emb)))
     return [user_idx[i : i + size] for i in range(0, len(user_idx), size)]

@@ -98,6 +98,10 @@ def test_batch_answers_are_exact_even_where_the_index_misses(tmp_path: Path, mon
         assert ids == expected[u]
         assert ranks == list(range(1, len(ids) + 1))
     assert sorted(expected[0]) == [5, 2_999]  # fewer than k left to this user
+    # The service's path (one user through the index) finds them too: the index, asked
+    # for every item, returned too few, and the user got an empty list.
+    ids, _ = rec.for_vector(user_emb[0], np.array(seen[0]), k, rec.hidden)
+    assert ids.tolist() == expected[0]
     scores = table.filter(pl.col("user_idx") == 1)["score"].to_numpy()
     np.testing.assert_allclose(
         scores, np.sort(user_emb[1] @ item_emb[expected[1]].T)[::-1], rtol=1e-5
