@@ -160,15 +160,22 @@ def test_refit_trains_the_served_model_on_every_event_for_the_best_epochs(plante
     assert no_refit.refit_epochs == 0 and no_refit.validated_state is None
 
 
-def test_a_run_that_spends_the_example_budget_skips_the_refit(planted):
-    """A large log runs every epoch its budget allows; a refit on top doubled its build
-    (a sparse million-event log: past the 15 minutes a build may take)."""
+def test_a_run_that_spends_the_example_budget_ends_with_an_epoch_on_every_event(planted):
+    """A large log runs every epoch its budget allows: a refit on top doubled its build (a
+    sparse million-event log: past the 15 minutes a build may take), and without one the
+    validation events never reached the served model (300k-event check-in log: test
+    Recall@20 0.180 against 0.193 with them). The budget's last epoch trains on them."""
     split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
     config = TrainConfig(example_budget=1, batch_size=512, patience=5, seed=7)  # 3 epochs
     result = train(planted, split, TOWER, config, progress=False)
-    assert len(result.history) == 3 and result.refit_epochs == 0
-    assert result.validated_state is None
+    assert len(result.history) == 2  # validated epochs; the third is on every event
+    assert result.refit_epochs == 1
+    assert result.refit_events == split.train.height + split.valid.height
+    assert result.validated_state is not None
+    best = result.validated_state["ebc.embedding_bags.item_table.weight"]
+    assert not torch.equal(result.state["ebc.embedding_bags.item_table.weight"], best)
     chosen = train(planted, split, TOWER, replace(config, max_epochs=3), progress=False)
+    assert len(chosen.history) == 3
     assert chosen.refit_epochs == chosen.best_epoch >= 1  # epochs the user set: refit
 
 

@@ -189,8 +189,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     eval_k: int = 20  # early stopping watches validation Recall@eval_k
     max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
-    refit: bool = True  # after early stopping, retrain on every event for the best epochs
-    # (unless the epochs came from `example_budget` and the run spent it: no early stop)
+    refit: bool = True  # after early stopping, retrain on every event for the best epochs;
+    # where the epochs came from `example_budget` and that would pass it (a large log that
+    # never stops early), the budget's last epoch continues on every event instead
     valid_share: float = 0.2  # of each validation user's items, when time does not order the log
     example_budget: int = 6_000_000  # default epochs: about this many training examples
     # (a refit included): a sparse 1M-event log's 256-d tower runs ~110 s an epoch on 2 cores

