@@ -140,12 +140,8 @@ class Recommender:
             mask &= ~hidden
         mask[exclude[exclude < len(mask)]] = False
         candidates = np.flatnonzero(mask)
-        scores = self.item_emb[candidates] @ query
-        if len(candidates) > k:
-            top = np.argpartition(-scores, k - 1)[:k]
-            candidates, scores = candidates[top], scores[top]
-        order = np.lexsort((candidates, -scores))
-        return candidates[order], scores[order]
+        _, top, scores = best_per_row((self.item_emb[candidates] @ query)[None], k)
+        return candidates[top], scores
 
     def popular(
         self,
@@ -210,14 +206,8 @@ class Recommender:
         scores[np.repeat(np.arange(len(users)), lengths), seen] = -np.inf
         if self.hidden is not None:
             scores[:, self.hidden] = -np.inf
-        n = min(k, scores.shape[1])
-        top = np.argpartition(-scores, n - 1, axis=1)[:, :n]  # (B, n), unordered
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        row = np.repeat(np.arange(len(users)), n)
-        order = np.lexsort((top.ravel(), -top_scores.ravel(), row))
-        keep = np.isfinite(top_scores.ravel()[order])  # fewer than k items left to some users
-        order = order[keep]
-        return users[row[order]], top.ravel()[order], top_scores.ravel()[order]
+        rows, items, best = best_per_row(scores, k)
+        return users[rows], items, best
 
     def for_unknown(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """What a user the version does not know gets, in every route and in batch: the
@@ -249,6 +239,22 @@ class Recommender:
                 ).with_columns(pl.col(s.USER_ID).cast(self.user_ids.dtype, strict=False))
             )
         return pl.concat(frames, how="vertical_relaxed"), int(known.sum())
+
+
+def best_per_row(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, score) of the best `k` finite scores of each row of (B, N) `scores`,
+    row by row, best first (ties: lower column first); -inf marks what may not be chosen,
+    so a row with fewer than k left gets fewer."""
+    n = min(k, scores.shape[1])
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=scores.dtype)
+    top = np.argpartition(-scores, n - 1, axis=1)[:, :n]  # (B, n), unordered
+    values = np.take_along_axis(scores, top, axis=1).ravel()
+    rows = np.repeat(np.arange(len(scores)), n)
+    order = np.lexsort((top.ravel(), -values, rows))
+    order = order[np.isfinite(values[order])]
+    return rows[order], top.ravel()[order], values[order]
 
 
 def user_blocks(user_idx: np.ndarray, item_emb: np.ndarray) -> list[np.ndarray]:
