@@ -20,6 +20,7 @@ from features.feature_set import FeatureSet
 from recsys.core import schema as s
 from training.batches import HISTORY, RECENT, FeatureKeys, feature_keys, side_key
 from training.config import USER_SUMMED, Similarity, TowerConfig
+from training.dropout import ByteDropout
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class TwoTower(nn.Module):
         self.user_mlps = nn.ModuleList(_mlp(user_in, hidden, out, skip) for _ in members)
         self.item_mlps = nn.ModuleList(_mlp(item_in, hidden, out, skip) for _ in members)
         # On the pooled inputs while training: regularises the embedding rows feeding them.
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = ByteDropout(cfg.dropout)
 
     def _tower(
         self, pooled: dict[str, Tensor], keys: list[str], mlps: nn.ModuleList, summed: int
