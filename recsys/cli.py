@@ -195,7 +195,10 @@ def build(
         int | None, typer.Option(min=0, help="Uniform negatives per batch.")
     ] = None,
     symmetric: Annotated[
-        bool | None, typer.Option(help="Add the item -> user softmax term.")
+        bool | None,
+        typer.Option(
+            help="The item -> user softmax term beside the user -> item one (default on)."
+        ),
     ] = None,
     similarity: Annotated[str | None, typer.Option(help="cosine | dot")] = None,
     event_weights: Annotated[
