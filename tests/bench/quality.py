@@ -132,15 +132,19 @@ def two_tower(
     work: Path,
     loss: LossKind,
     members: int | None = None,
+    changes: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Default settings, only the loss (or the number of members) varies. N-pair runs on
     raw dot products, its own setting (Sohn 2016: unnormalised embeddings held back by an
     L2 penalty); on cosine similarities its logits stay within [-1, 1] and its softmax
     barely separates items."""
     similarity = Similarity.DOT if loss is LossKind.NPAIR else Similarity.COSINE
-    tower = TowerConfig(similarity=similarity, members=members)
+    changes = changes or {}
+    tower = TowerConfig(
+        **{"similarity": similarity, "members": members, **changes.get("tower", {})}
+    )
     started = time.perf_counter()
-    config = TrainConfig(losses=((loss, 1.0),))
+    config = TrainConfig(**{"losses": ((loss, 1.0),), **changes.get("train", {})})
     result = train(features, split, tower, config, progress=False)
     seconds = time.perf_counter() - started
     out = work / f"two-tower-{loss.value}-{members or 'auto'}"
@@ -167,7 +171,8 @@ def two_tower(
     }
 
 
-def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+def temporal_split(work: Path) -> tuple[FeatureSet, Any, pl.DataFrame]:
+    """MovieLens-100K ingested, split leave-last-out; (features, split, train + valid)."""
     from data import movielens
     from recsys.core.settings import Settings
 
@@ -175,7 +180,11 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     ingest(resolve_source(data), work / "ml-100k")
     features = FeatureSet.load(work / "ml-100k")
     split = leave_last_out(features.interactions, n_test=1, n_valid=1)
-    all_events = pl.concat([split.train, split.valid]).sort(ROW)
+    return features, split, pl.concat([split.train, split.valid]).sort(ROW)
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    features, split, all_events = temporal_split(work)
     valid = eval_task(split.valid, features.restricted_to(split.train).histories)
     test = eval_task(split.test, features.restricted_to(all_events).histories)
     results = [two_tower(features, split, test, work, LossKind.SOFTMAX)]
@@ -230,3 +239,35 @@ def _plot(results: list[dict[str, Any]]) -> None:
     fig.tight_layout()
     RESULTS_DIR.mkdir(exist_ok=True)
     fig.savefig(RESULTS_DIR / "quality.png", dpi=120)
+
+
+def main() -> None:
+    """The default two-tower row alone, for checking a change to the defaults on this
+    protocol: `python -m bench.quality [train.symmetric=false ...]` (HR@K, NDCG@10)."""
+    import argparse
+    import logging
+    import warnings
+
+    from bench.quality_sets import _changes
+    from recsys.core.settings import Settings
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("changes", nargs="*", help="SECTION.KEY=VALUE (TOML value)")
+    parser.add_argument("--work", type=Path, default=Settings().cache_dir / "bench" / "temporal")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    features, split, all_events = temporal_split(args.work)
+    test = eval_task(split.test, features.restricted_to(all_events).histories)
+    result = two_tower(
+        features, split, test, args.work, LossKind.SOFTMAX, changes=_changes(args.changes)
+    )
+    print(
+        f"{' '.join(args.changes) or 'defaults'}: "
+        + " ".join(f"HR@{k} {result[f'hit_rate@{k}']:.4f}" for k in KS)
+        + f" NDCG@10 {result['ndcg@10']:.4f} {result['params']} {result['seconds']:.0f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()
