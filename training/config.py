@@ -179,9 +179,10 @@ class TrainConfig:
     logq_correction: float = 1.2  # strength of the popularity correction (0: none, 1: full)
     extra_negatives: int = 0  # uniformly sampled negatives per batch (mixed negative sampling)
     symmetric: bool = True  # each positive item against every query of the batch too (the
-    # item -> user softmax beside the user -> item one): test Recall@20 +0.003 on
-    # MovieLens-100K without timestamps, +0.004 on a 1M-event check-in log (0.1863 ->
-    # 0.1902), temporal HR@10 unchanged (docs/quality.md); +30 ms a step at B = 2048
+    # item -> user softmax beside the user -> item one): test Recall@20 +0.004 on a
+    # 1M-event check-in log (0.1863 -> 0.1902), +0.003 at 300k events; MovieLens-100K
+    # within noise, temporal HR@10 unchanged (docs/quality.md); the loss's share of a step
+    # is in `make bench ONLY=speed` ("Parts of a training step")
     batch_size: int | None = None
     max_epochs: int | None = None
     patience: int = 3  # epochs without validation improvement before stopping

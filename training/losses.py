@@ -134,9 +134,8 @@ class InBatchSoftmaxLoss(nn.Module):
     ) -> Tensor:
         # Log-sum-exps over one (B, B) score matrix plus constant additive masks, rather
         # than cross-entropies over masked copies: both directions share the scores and
-        # their gradient, and no pass copies or masks the (B, B) gradient. B = 2048, 256-d,
-        # 2 cores: the loss's forward and backward take 67 ms one-way, 97 ms symmetric
-        # (70 / 172 ms as two cross-entropies).
+        # their gradient, and no pass copies or masks the (B, B) gradient: the symmetric
+        # loss costs a little more than the one-way one, not twice (`make bench ONLY=speed`).
         batch = len(query_emb)
         scaled = query_emb / self.temperature
         scores = scaled @ item_emb.T  # (B, B): query i (row) against positive j (column)

@@ -248,7 +248,7 @@ def main() -> None:
     import logging
     import warnings
 
-    from bench.quality_sets import _changes
+    from bench.quality_sets import parse_changes
     from recsys.core.settings import Settings
 
     parser = argparse.ArgumentParser(description=main.__doc__)
@@ -260,7 +260,7 @@ def main() -> None:
     features, split, all_events = temporal_split(args.work)
     test = eval_task(split.test, features.restricted_to(all_events).histories)
     result = two_tower(
-        features, split, test, args.work, LossKind.SOFTMAX, changes=_changes(args.changes)
+        features, split, test, args.work, LossKind.SOFTMAX, changes=parse_changes(args.changes)
     )
     print(
         f"{' '.join(args.changes) or 'defaults'}: "

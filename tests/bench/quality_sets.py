@@ -275,7 +275,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     return results
 
 
-def _changes(assignments: list[str]) -> dict[str, dict[str, Any]]:
+def parse_changes(assignments: list[str]) -> dict[str, dict[str, Any]]:
     """["train.temperature=0.1", 'train.losses=["npair"]'] -> {"train": {...}} (TOML values)."""
     import tomllib
 
@@ -318,7 +318,7 @@ def main() -> None:
     else:
         events = pl.read_parquet(movielens.fetch(Settings().datasets_dir) / "interactions.parquet")
     train_path, test_pairs = holdout_files(events, args.work / "split")
-    changes = _changes(args.changes)
+    changes = parse_changes(args.changes)
     result, version = two_tower(train_path, args.work, " ".join(args.changes), changes)
     features = FeatureSet.load(version / "data")
     test = eval_task(_indexed(test_pairs, version / "data"), features.histories)
