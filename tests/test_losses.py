@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from training import losses
 from training.losses import CombinedLoss, InBatchSoftmaxLoss, Mining, NPairLoss, TripletLoss
 
 # Three users and their items in 2-D: user i sits near item i; items 0 and 2 are the same item.
@@ -107,8 +108,8 @@ def test_extra_negatives_and_symmetric_term_match_oracle():
     assert loss.item() == pytest.approx((forward / 3 + backward / 3) / 2, rel=1e-5)
 
 
-def cross_entropy_reference(q, p, ids, temperature, log_prob, weights):
-    """Both directions as two masked cross-entropies, each over its own (B, B) logits."""
+def cross_entropy_reference(q, p, ids, temperature, log_prob, weights, symmetric=True):
+    """Both directions (or the first) as masked cross-entropies over their own logits."""
     batch = len(q)
     hits = (ids[:, None] == ids[None, :]) & ~torch.eye(batch, dtype=torch.bool)
     forward = (q @ p.T / temperature - (log_prob[ids] + math.log(batch))[None, :]).masked_fill(
@@ -116,33 +117,50 @@ def cross_entropy_reference(q, p, ids, temperature, log_prob, weights):
     )
     reverse = (p @ q.T / temperature).masked_fill(hits, float("-inf"))
     target = torch.arange(batch)
-    per_row = (
-        torch.nn.functional.cross_entropy(forward, target, reduction="none")
-        + torch.nn.functional.cross_entropy(reverse, target, reduction="none")
-    ) / 2
+    per_row = torch.nn.functional.cross_entropy(forward, target, reduction="none")
+    if symmetric:
+        reverse_rows = torch.nn.functional.cross_entropy(reverse, target, reduction="none")
+        per_row = (per_row + reverse_rows) / 2
     return (per_row * weights).sum() / weights.sum()
 
 
-def test_symmetric_softmax_matches_plain_cross_entropies_in_value_and_gradient():
-    """The loss works on one shared score matrix with additive masks; the gradients must
-    be those of two masked cross-entropies (repeated items, logQ, event weights)."""
+@pytest.mark.parametrize("length, path", [(1.0, "shared exponential"), (30.0, "masked")])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_softmax_matches_plain_cross_entropies_in_value_and_gradient(
+    length, path, symmetric, monkeypatch
+):
+    """The loss works on one shared score matrix; the gradients must be those of masked
+    cross-entropies (repeated items, logQ, event weights). Unit vectors take the path with
+    one exponential of the matrix and a hand-written gradient; long vectors (scores
+    spread too far for one shift) the masked log-sum-exps."""
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(7, 5, generator=generator, dtype=torch.float64)
     p = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    q, p = (length * torch.nn.functional.normalize(v, dim=1) for v in (q, p))
     ids = torch.tensor([0, 1, 0, 2, 3, 1, 4])
     log_prob = torch.log(torch.tensor([0.4, 0.2, 0.2, 0.1, 0.1], dtype=torch.float64))
     weights = torch.tensor([1.0, 0.1, 0.5, 1.0, 0.1, 1.0, 0.3], dtype=torch.float64)
-    loss_fn = InBatchSoftmaxLoss(temperature=0.3, item_log_prob=log_prob, symmetric=True)
+    loss_fn = InBatchSoftmaxLoss(temperature=0.3, item_log_prob=log_prob, symmetric=symmetric)
+    shared = []
+    original = losses._SharedExpLogSumExps.apply
+    monkeypatch.setattr(
+        losses._SharedExpLogSumExps, "apply", lambda *a: shared.append(1) or original(*a)
+    )
+
+    def reference(qq, pp, ids, weights):
+        return cross_entropy_reference(qq, pp, ids, 0.3, log_prob, weights, symmetric)
+
     values, grads = [], []
-    for compute in (loss_fn, lambda *a: cross_entropy_reference(*a[:3], 0.3, log_prob, a[3])):
+    for compute in (loss_fn, reference):
         qq, pp = q.clone().requires_grad_(), p.clone().requires_grad_()
         value = compute(qq, pp, ids, weights)
         value.backward()
         values.append(value.item())
         grads.append((qq.grad, pp.grad))
+    assert bool(shared) == (path == "shared exponential")
     assert values[0] == pytest.approx(values[1], rel=1e-10)
-    for ours, reference in zip(grads[0], grads[1], strict=True):
-        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-12)
+    for ours, expected in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
 
 
 def triplet_oracle(q, p, ids, margin, semi_hard):

@@ -160,20 +160,22 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
 def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[str, Any]]:
     """Milliseconds a step spends in the loss (forward and backward) and in the input
     dropout, the parts of a 256-d step that are neither matrix products of the towers nor
-    embedding lookups: the symmetric loss against the one-way one, the byte-mask dropout
-    against nn.Dropout, on unit vectors as the cosine towers make them."""
+    embedding lookups: the symmetric loss against the one-way one, on unit vectors as the
+    cosine towers make them (one shared exponential of the score matrix) and on long
+    vectors (scores too spread for that: masked log-sum-exps); the byte-mask dropout
+    against nn.Dropout."""
     generator = torch.Generator().manual_seed(0)
     items = torch.randint(0, 30_000, (batch,), generator=generator)
     log_prob = torch.log(torch.full((30_000,), 1 / 30_000))
     inputs = torch.randn(batch, 4 * width, generator=generator)
 
-    def unit() -> Tensor:
+    def unit(length: float) -> Tensor:
         vectors = torch.randn(batch, width, generator=generator)
-        return F.normalize(vectors, dim=1).requires_grad_()
+        return (length * F.normalize(vectors, dim=1)).requires_grad_()
 
-    def loss_step(symmetric: bool) -> Any:
+    def loss_step(symmetric: bool, length: float = 1.0) -> Any:
         loss_fn = InBatchSoftmaxLoss(0.1, log_prob, symmetric=symmetric)
-        query, item = unit(), unit()
+        query, item = unit(length), unit(length)
         return lambda: loss_fn(query, item, items).backward()
 
     def dropout_step(layer: nn.Module) -> Any:
@@ -183,6 +185,7 @@ def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[st
     parts = {
         "in-batch softmax, one way": loss_step(False),
         "in-batch softmax, symmetric (default)": loss_step(True),
+        "in-batch softmax, symmetric, long vectors (masked)": loss_step(True, 10.0),
         "input dropout, nn.Dropout": dropout_step(nn.Dropout(0.2)),
         "input dropout, byte mask (default)": dropout_step(ByteDropout(0.2)),
     }
