@@ -124,15 +124,18 @@ def cross_entropy_reference(q, p, ids, temperature, log_prob, weights, symmetric
     return (per_row * weights).sum() / weights.sum()
 
 
-@pytest.mark.parametrize("length, path", [(1.0, "shared exponential"), (30.0, "masked")])
+@pytest.mark.parametrize(
+    "length, shared_exp, path",
+    [(1.0, True, "shared exponential"), (30.0, True, "masked"), (1.0, False, "masked")],
+)
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_softmax_matches_plain_cross_entropies_in_value_and_gradient(
-    length, path, symmetric, monkeypatch
+    length, shared_exp, path, symmetric, monkeypatch
 ):
     """The loss works on one shared score matrix; the gradients must be those of masked
     cross-entropies (repeated items, logQ, event weights). Unit vectors take the path with
     one exponential of the matrix and a hand-written gradient; long vectors (scores
-    spread too far for one shift) the masked log-sum-exps."""
+    spread too far for one shift), or `shared_exp=False`, the masked log-sum-exps."""
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(7, 5, generator=generator, dtype=torch.float64)
     p = torch.randn(7, 5, generator=generator, dtype=torch.float64)
@@ -140,7 +143,7 @@ def test_softmax_matches_plain_cross_entropies_in_value_and_gradient(
     ids = torch.tensor([0, 1, 0, 2, 3, 1, 4])
     log_prob = torch.log(torch.tensor([0.4, 0.2, 0.2, 0.1, 0.1], dtype=torch.float64))
     weights = torch.tensor([1.0, 0.1, 0.5, 1.0, 0.1, 1.0, 0.3], dtype=torch.float64)
-    loss_fn = InBatchSoftmaxLoss(temperature=0.3, item_log_prob=log_prob, symmetric=symmetric)
+    loss_fn = InBatchSoftmaxLoss(0.3, log_prob, symmetric=symmetric, shared_exp=shared_exp)
     shared = []
     original = losses._SharedExpLogSumExps.apply
     monkeypatch.setattr(

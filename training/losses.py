@@ -159,6 +159,9 @@ class InBatchSoftmaxLoss(nn.Module):
         log(expected count among the negatives) from each logit corrects the popularity bias
         of in-batch sampling (Yi et al., RecSys 2019). None disables the correction.
     symmetric: add the item -> user direction (each item against all queries).
+    shared_exp: where the scores' range allows, both directions from one exponential of
+        the score matrix (`_SharedExpLogSumExps`); False: always the masked log-sum-exps
+        (the same values, slower: for comparing the two).
     Extra uniformly sampled negatives (mixed negative sampling) come in through `forward`.
     """
 
@@ -168,6 +171,7 @@ class InBatchSoftmaxLoss(nn.Module):
         item_log_prob: Tensor | None = None,
         mask_accidental_hits: bool = True,
         symmetric: bool = False,
+        shared_exp: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -175,6 +179,7 @@ class InBatchSoftmaxLoss(nn.Module):
         self.temperature = temperature
         self.mask_accidental_hits = mask_accidental_hits
         self.symmetric = symmetric
+        self.shared_exp = shared_exp
         self.item_log_prob: Tensor | None
         self.register_buffer("item_log_prob", item_log_prob, persistent=False)
 
@@ -207,7 +212,7 @@ class InBatchSoftmaxLoss(nn.Module):
         with torch.no_grad():
             bound = query_emb.norm(dim=1).max() * item_emb.norm(dim=1).max() / self.temperature
             spread = 2 * bound + correction.max() - correction.min()
-        if float(spread) <= SHARED_EXP_SPREAD:
+        if self.shared_exp and float(spread) <= SHARED_EXP_SPREAD:
             row_lse, column_lse = _SharedExpLogSumExps.apply(
                 scores, bound, correction, hits, self.symmetric
             )

@@ -160,22 +160,23 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
 def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[str, Any]]:
     """Milliseconds a step spends in the loss (forward and backward) and in the input
     dropout, the parts of a 256-d step that are neither matrix products of the towers nor
-    embedding lookups: the symmetric loss against the one-way one, on unit vectors as the
-    cosine towers make them (one shared exponential of the score matrix) and on long
-    vectors (scores too spread for that: masked log-sum-exps); the byte-mask dropout
-    against nn.Dropout."""
+    embedding lookups, on unit vectors as the cosine towers make them: the symmetric loss
+    against the one-way one, and computed from one shared exponential of the score matrix
+    (the default) against masked log-sum-exps (what scores of unbounded range use, and
+    every step before 2026-12-03's tenth session); the byte-mask dropout against
+    nn.Dropout."""
     generator = torch.Generator().manual_seed(0)
     items = torch.randint(0, 30_000, (batch,), generator=generator)
     log_prob = torch.log(torch.full((30_000,), 1 / 30_000))
     inputs = torch.randn(batch, 4 * width, generator=generator)
 
-    def unit(length: float) -> Tensor:
+    def unit() -> Tensor:
         vectors = torch.randn(batch, width, generator=generator)
-        return (length * F.normalize(vectors, dim=1)).requires_grad_()
+        return F.normalize(vectors, dim=1).requires_grad_()
 
-    def loss_step(symmetric: bool, length: float = 1.0) -> Any:
-        loss_fn = InBatchSoftmaxLoss(0.1, log_prob, symmetric=symmetric)
-        query, item = unit(length), unit(length)
+    def loss_step(symmetric: bool, shared_exp: bool = True) -> Any:
+        loss_fn = InBatchSoftmaxLoss(0.1, log_prob, symmetric=symmetric, shared_exp=shared_exp)
+        query, item = unit(), unit()
         return lambda: loss_fn(query, item, items).backward()
 
     def dropout_step(layer: nn.Module) -> Any:
@@ -185,7 +186,7 @@ def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[st
     parts = {
         "in-batch softmax, one way": loss_step(False),
         "in-batch softmax, symmetric (default)": loss_step(True),
-        "in-batch softmax, symmetric, long vectors (masked)": loss_step(True, 10.0),
+        "in-batch softmax, symmetric, masked log-sum-exps": loss_step(True, shared_exp=False),
         "input dropout, nn.Dropout": dropout_step(nn.Dropout(0.2)),
         "input dropout, byte mask (default)": dropout_step(ByteDropout(0.2)),
     }
