@@ -108,14 +108,19 @@ def test_extra_negatives_and_symmetric_term_match_oracle():
     assert loss.item() == pytest.approx((forward / 3 + backward / 3) / 2, rel=1e-5)
 
 
-def cross_entropy_reference(q, p, ids, temperature, log_prob, weights, symmetric=True):
+def cross_entropy_reference(
+    q, p, ids, temperature, log_prob, weights, symmetric=True, query_log_prob=None, users=None
+):
     """Both directions (or the first) as masked cross-entropies over their own logits."""
     batch = len(q)
     hits = (ids[:, None] == ids[None, :]) & ~torch.eye(batch, dtype=torch.bool)
     forward = (q @ p.T / temperature - (log_prob[ids] + math.log(batch))[None, :]).masked_fill(
         hits, float("-inf")
     )
-    reverse = (p @ q.T / temperature).masked_fill(hits, float("-inf"))
+    reverse = p @ q.T / temperature
+    if query_log_prob is not None:
+        reverse = reverse - (query_log_prob[users] + math.log(batch))[None, :]
+    reverse = reverse.masked_fill(hits, float("-inf"))
     target = torch.arange(batch)
     per_row = torch.nn.functional.cross_entropy(forward, target, reduction="none")
     if symmetric:
@@ -128,14 +133,17 @@ def cross_entropy_reference(q, p, ids, temperature, log_prob, weights, symmetric
     "length, shared_exp, path",
     [(1.0, True, "shared exponential"), (30.0, True, "masked"), (1.0, False, "masked")],
 )
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(
+    "symmetric, corrects_queries", [(True, False), (False, False), (True, True)]
+)
 def test_softmax_matches_plain_cross_entropies_in_value_and_gradient(
-    length, shared_exp, path, symmetric, monkeypatch
+    length, shared_exp, path, symmetric, corrects_queries, monkeypatch
 ):
     """The loss works on one shared score matrix; the gradients must be those of masked
-    cross-entropies (repeated items, logQ, event weights). Unit vectors take the path with
-    one exponential of the matrix and a hand-written gradient; long vectors (scores
-    spread too far for one shift), or `shared_exp=False`, the masked log-sum-exps."""
+    cross-entropies (repeated items, logQ for items and, in the reverse direction, for
+    users, event weights). Unit vectors take the path with one exponential of the matrix
+    and a hand-written gradient; long vectors (scores spread too far for one shift), or
+    `shared_exp=False`, the masked log-sum-exps."""
     generator = torch.Generator().manual_seed(3)
     q = torch.randn(7, 5, generator=generator, dtype=torch.float64)
     p = torch.randn(7, 5, generator=generator, dtype=torch.float64)
@@ -143,20 +151,30 @@ def test_softmax_matches_plain_cross_entropies_in_value_and_gradient(
     ids = torch.tensor([0, 1, 0, 2, 3, 1, 4])
     log_prob = torch.log(torch.tensor([0.4, 0.2, 0.2, 0.1, 0.1], dtype=torch.float64))
     weights = torch.tensor([1.0, 0.1, 0.5, 1.0, 0.1, 1.0, 0.3], dtype=torch.float64)
-    loss_fn = InBatchSoftmaxLoss(0.3, log_prob, symmetric=symmetric, shared_exp=shared_exp)
+    users = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    query_log_prob = torch.log(torch.tensor([0.1, 0.5, 0.3, 0.1], dtype=torch.float64))
+    query_log_prob = query_log_prob if corrects_queries else None
+    loss_fn = InBatchSoftmaxLoss(
+        0.3, log_prob, symmetric=symmetric, shared_exp=shared_exp, query_log_prob=query_log_prob
+    )
     shared = []
     original = losses._SharedExpLogSumExps.apply
     monkeypatch.setattr(
         losses._SharedExpLogSumExps, "apply", lambda *a: shared.append(1) or original(*a)
     )
 
-    def reference(qq, pp, ids, weights):
-        return cross_entropy_reference(qq, pp, ids, 0.3, log_prob, weights, symmetric)
+    def ours(qq, pp):
+        return loss_fn(qq, pp, ids, weights, query_ids=users)
+
+    def reference(qq, pp):
+        return cross_entropy_reference(
+            qq, pp, ids, 0.3, log_prob, weights, symmetric, query_log_prob, users
+        )
 
     values, grads = [], []
-    for compute in (loss_fn, reference):
+    for compute in (ours, reference):
         qq, pp = q.clone().requires_grad_(), p.clone().requires_grad_()
-        value = compute(qq, pp, ids, weights)
+        value = compute(qq, pp)
         value.backward()
         values.append(value.item())
         grads.append((qq.grad, pp.grad))

@@ -35,10 +35,27 @@ def planted(tmp_path_factory) -> FeatureSet:
     return FeatureSet.load(root / "ingest")
 
 
-@pytest.mark.parametrize("loss", [LossKind.SOFTMAX, LossKind.NPAIR])
-def test_towers_find_planted_clusters(planted, loss):
+@pytest.mark.parametrize(
+    "loss, query_logq",
+    [
+        (LossKind.SOFTMAX, 0.0),
+        (LossKind.NPAIR, 0.0),
+        (LossKind.SOFTMAX, 1.0),
+        (LossKind.NPAIR, 1.0),
+    ],
+)
+def test_towers_find_planted_clusters(planted, loss, query_logq):
+    """Also with the users' popularity correction (the softmax's reverse direction takes
+    each batch's user IDs; a loss without that direction ignores the setting)."""
     split = leave_last_out(planted.interactions, n_test=0, n_valid=1)
-    config = TrainConfig(losses=((loss, 1.0),), max_epochs=4, batch_size=256, patience=4, seed=1)
+    config = TrainConfig(
+        losses=((loss, 1.0),),
+        max_epochs=4,
+        batch_size=256,
+        patience=4,
+        seed=1,
+        query_logq_correction=query_logq,
+    )
     result = train(planted, split, TOWER, config, progress=False)
     task = eval_task(split.valid, planted.restricted_to(split.train).histories)
     popularity = evaluate(Popularity.fit(split.train, planted.num_items), task)

@@ -38,24 +38,28 @@ SHARED_EXP_SPREAD = 60.0
 
 
 def _masked_log_sum_exps(
-    scores: Tensor, correction: Tensor, hits: Tensor | None, both: bool
+    scores: Tensor, correction: Tensor, query_correction: Tensor, hits: Tensor | None, both: bool
 ) -> tuple[Tensor, Tensor]:
     """Row log-sum-exps of scores - correction (per column) and, with `both`, column
-    log-sum-exps of the scores, accidental hits left out: for scores of any range."""
+    log-sum-exps of scores - query_correction (per row), accidental hits left out: for
+    scores of any range."""
     mask = torch.zeros_like(scores, requires_grad=False)
     if hits is not None:
         mask.masked_fill_(hits, float("-inf"))
     rows = torch.logsumexp(scores + (mask - correction[None, :]), dim=1)
-    columns = torch.logsumexp(scores + mask, dim=0) if both else torch.zeros_like(rows)
+    if not both:
+        return rows, torch.zeros_like(rows)
+    columns = torch.logsumexp(scores + (mask - query_correction[:, None]), dim=0)
     return rows, columns
 
 
 class _SharedExpLogSumExps(torch.autograd.Function):
     """What `_masked_log_sum_exps` computes, from one exponential of the (B, B) scores:
     e = exp(scores - bound) (bound: the largest score possible), hits set to 0; rows sum
-    e times each column's weight exp(-correction) (scaled to at most 1), columns sum e.
-    The gradient is e times a rank-two matrix of those sums: one pass, where autograd
-    through two log-sum-exps makes four exponentials of the matrix and several copies."""
+    e times each column's weight exp(-correction), columns sum e times each row's weight
+    exp(-query_correction) (weights scaled to at most 1). The gradient is e times a
+    rank-two matrix of those sums: one pass, where autograd through two log-sum-exps
+    makes four exponentials of the matrix and several copies."""
 
     @staticmethod
     def forward(
@@ -63,33 +67,33 @@ class _SharedExpLogSumExps(torch.autograd.Function):
         scores: Tensor,
         bound: Tensor,
         correction: Tensor,
+        query_correction: Tensor,
         hits: Tensor | None,
         both: bool,
     ) -> tuple[Tensor, Tensor]:
-        lowest = correction.min()
+        lowest, query_lowest = correction.min(), query_correction.min()
         column_weight = torch.exp(lowest - correction)  # (B,), at most 1
+        row_weight = torch.exp(query_lowest - query_correction)
         shifted = torch.exp(scores - bound)
         if hits is not None:
             shifted.masked_fill_(hits, 0.0)
         row_sum = shifted @ column_weight
-        column_sum = shifted.sum(dim=0) if both else torch.ones_like(row_sum)
-        ctx.save_for_backward(shifted, column_weight, row_sum, column_sum)
+        column_sum = row_weight @ shifted if both else torch.ones_like(row_sum)
+        ctx.save_for_backward(shifted, column_weight, row_weight, row_sum, column_sum)
         ctx.both = both
         rows = row_sum.log() + (bound - lowest)
-        columns = column_sum.log() + bound if both else torch.zeros_like(rows)
+        columns = column_sum.log() + (bound - query_lowest) if both else torch.zeros_like(rows)
         return rows, columns
 
     @staticmethod
     def backward(ctx: Any, row_grad: Tensor, column_grad: Tensor) -> tuple[Tensor | None, ...]:
-        shifted, column_weight, row_sum, column_sum = ctx.saved_tensors
-        # d rows_i / d scores_ij = e_ij w_j / row_sum_i; d columns_j / d scores_ij = e_ij /
-        # column_sum_j.
-        per_row = (row_grad / row_sum)[:, None]
+        shifted, column_weight, row_weight, row_sum, column_sum = ctx.saved_tensors
+        # d rows_i / d scores_ij = e_ij w_j / row_sum_i; d columns_j / d scores_ij =
+        # e_ij v_i / column_sum_j.
+        factor = torch.outer(row_grad / row_sum, column_weight)
         if ctx.both:
-            factor = torch.addcmul((column_grad / column_sum)[None, :], per_row, column_weight)
-        else:
-            factor = per_row * column_weight[None, :]
-        return factor.mul_(shifted), None, None, None, None
+            factor.addr_(row_weight, column_grad / column_sum)
+        return factor.mul_(shifted), None, None, None, None, None
 
 
 class NPairLoss(nn.Module):
@@ -159,6 +163,9 @@ class InBatchSoftmaxLoss(nn.Module):
         log(expected count among the negatives) from each logit corrects the popularity bias
         of in-batch sampling (Yi et al., RecSys 2019). None disables the correction.
     symmetric: add the item -> user direction (each item against all queries).
+    query_log_prob: log of each query's (user's) share of training events, for the same
+        correction in the item -> user direction, where users are the sampled negatives;
+        `forward` then needs `query_ids`. None: no correction there.
     shared_exp: where the scores' range allows, both directions from one exponential of
         the score matrix (`_SharedExpLogSumExps`); False: always the masked log-sum-exps
         (the same values, slower: for comparing the two).
@@ -172,6 +179,7 @@ class InBatchSoftmaxLoss(nn.Module):
         mask_accidental_hits: bool = True,
         symmetric: bool = False,
         shared_exp: bool = True,
+        query_log_prob: Tensor | None = None,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -182,6 +190,8 @@ class InBatchSoftmaxLoss(nn.Module):
         self.shared_exp = shared_exp
         self.item_log_prob: Tensor | None
         self.register_buffer("item_log_prob", item_log_prob, persistent=False)
+        self.query_log_prob: Tensor | None
+        self.register_buffer("query_log_prob", query_log_prob, persistent=False)
 
     def forward(
         self,
@@ -191,6 +201,7 @@ class InBatchSoftmaxLoss(nn.Module):
         weights: Tensor | None = None,
         extra_item_emb: Tensor | None = None,
         extra_item_ids: Tensor | None = None,
+        query_ids: Tensor | None = None,
     ) -> Tensor:
         # Log-sum-exps over one (B, B) score matrix rather than cross-entropies over masked
         # copies: both directions share the scores and their gradient. Where the scores'
@@ -207,17 +218,27 @@ class InBatchSoftmaxLoss(nn.Module):
             if log_prob is None
             else log_prob[item_ids] + math.log(batch)  # (B,) per column
         )
+        query_correction = torch.zeros_like(positive)
+        if self.query_log_prob is not None and self.symmetric:
+            if query_ids is None:
+                raise ValueError("a loss with query_log_prob needs the batch's query_ids")
+            query_correction = self.query_log_prob[query_ids] + math.log(batch)
         hits = accidental_hits(item_ids) if self.mask_accidental_hits else None
         # Cauchy-Schwarz: every score lies within +-bound.
         with torch.no_grad():
             bound = query_emb.norm(dim=1).max() * item_emb.norm(dim=1).max() / self.temperature
-            spread = 2 * bound + correction.max() - correction.min()
+            spread = 2 * bound + max(
+                correction.max() - correction.min(),
+                query_correction.max() - query_correction.min(),
+            )
         if self.shared_exp and float(spread) <= SHARED_EXP_SPREAD:
             row_lse, column_lse = _SharedExpLogSumExps.apply(
-                scores, bound, correction, hits, self.symmetric
+                scores, bound, correction, query_correction, hits, self.symmetric
             )
         else:
-            row_lse, column_lse = _masked_log_sum_exps(scores, correction, hits, self.symmetric)
+            row_lse, column_lse = _masked_log_sum_exps(
+                scores, correction, query_correction, hits, self.symmetric
+            )
         if extra_item_emb is not None and extra_item_ids is not None:
             extra = scaled @ extra_item_emb.T  # (B, M)
             if log_prob is not None:
@@ -226,9 +247,9 @@ class InBatchSoftmaxLoss(nn.Module):
             row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra, dim=1))
         per_row = row_lse - (positive - correction)
         if self.symmetric:
-            # Item j against every query: column j of the uncorrected scores (the
-            # popularity correction concerns items drawn as negatives, not queries).
-            per_row = (per_row + column_lse - positive) / 2
+            # Item j against every query: column j of the scores, corrected for the
+            # queries' shares of the batch where `query_log_prob` is given.
+            per_row = (per_row + column_lse - (positive - query_correction)) / 2
         return weighted_mean(per_row, weights)
 
 

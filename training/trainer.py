@@ -124,12 +124,22 @@ def build_split(features: FeatureSet, cfg: TrainConfig) -> Split:
     )
 
 
-def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
+def _log_share(counts: np.ndarray, strength: float) -> Tensor | None:
+    """strength x log of each ID's (smoothed) share of training events; None for 0."""
+    if not strength:
+        return None
+    share = (counts + 1.0) / (counts.sum() + len(counts))
+    return torch.from_numpy((strength * np.log(share)).astype(np.float32))
+
+
+def make_loss(
+    cfg: TrainConfig, item_counts: np.ndarray, user_counts: np.ndarray | None = None
+) -> nn.Module:
     """The configured loss, or a weighted sum of several."""
-    log_prob = None
-    if cfg.logq_correction:
-        share = (item_counts + 1.0) / (item_counts.sum() + len(item_counts))
-        log_prob = torch.from_numpy((cfg.logq_correction * np.log(share)).astype(np.float32))
+    log_prob = _log_share(item_counts, cfg.logq_correction)
+    query_log_prob = None
+    if user_counts is not None and cfg.symmetric:
+        query_log_prob = _log_share(user_counts, cfg.query_logq_correction)
     parts: list[tuple[float, nn.Module]] = []
     for kind, weight in cfg.losses:
         if kind is LossKind.NPAIR:
@@ -139,7 +149,15 @@ def make_loss(cfg: TrainConfig, item_counts: np.ndarray) -> nn.Module:
 
         else:
             parts.append(
-                (weight, InBatchSoftmaxLoss(cfg.temperature, log_prob, symmetric=cfg.symmetric))
+                (
+                    weight,
+                    InBatchSoftmaxLoss(
+                        cfg.temperature,
+                        log_prob,
+                        symmetric=cfg.symmetric,
+                        query_log_prob=query_log_prob,
+                    ),
+                )
             )
     if len(parts) == 1 and parts[0][0] == 1.0:
         return parts[0][1]
@@ -313,7 +331,13 @@ def _train_one(
     parallel = build_parallel(spec, cfg, device)
     if warm_start is not None:
         apply_warm_start(parallel, warm_start)
-    loss_fn = make_loss(cfg, item_counts).to(device)
+    user_of_row = features.histories.user_of(np.arange(features.interactions.height))
+    user_counts = all_sum(np.bincount(user_of_row[train_rows], minlength=features.num_users))
+    loss_fn = make_loss(cfg, item_counts, user_counts).to(device)
+    corrects_queries = isinstance(loss_fn, TAKES_EXTRA_NEGATIVES) and any(
+        isinstance(part, InBatchSoftmaxLoss) and part.query_log_prob is not None
+        for part in loss_fn.modules()
+    )
     valid = sample_task(
         eval_task(split.valid, features.histories),
         max(1, cfg.max_valid_users // world_size),
@@ -361,6 +385,8 @@ def _train_one(
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
             weights = None if uniform else torch.from_numpy(row_weights[rows]).to(device)
+            query = {"query_ids": torch.from_numpy(user_of_row[rows]).to(device)}
+            query = query if corrects_queries else {}
             if cfg.extra_negatives and isinstance(loss_fn, TAKES_EXTRA_NEGATIVES):
                 extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
                 _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
@@ -372,9 +398,10 @@ def _train_one(
                     weights,
                     extra_item_emb=extra_emb,
                     extra_item_ids=extra,
+                    **query,
                 )
             else:
-                loss = loss_fn(user_emb, item_emb, item_ids, weights)
+                loss = loss_fn(user_emb, item_emb, item_ids, weights, **query)
             parallel.optimizer.zero_grad()
             loss.backward()
             parallel.optimizer.step()
