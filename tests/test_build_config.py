@@ -57,6 +57,8 @@ def test_the_resolved_settings_round_trip_through_toml(tmp_path):
         ("[trian]\ntemperature = 0.1\n", "unknown section [trian]"),
         ('[train]\ntemperature = "hot"\n', "temperature must be a float"),
         ("[train]\ntemperature = -1.0\n", "temperature must be > 0"),
+        ("[train]\nlogq_correction = -0.5\n", "logq_correction and query_logq_correction"),
+        ("[train]\nquery_logq_correction = -1\n", "must be >= 0"),
         ('[train]\nlosses = ["hinge"]\n', "bad loss 'hinge'"),
         ("[rebuild]\ngate = 1\n", "gate must be true or false"),
         ("temperature = 0.1\n", "must be a [section]"),

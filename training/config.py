@@ -179,8 +179,8 @@ class TrainConfig:
     logq_correction: float = 1.2  # strength of the popularity correction (0: none, 1: full)
     query_logq_correction: float = 0.0  # the same correction for users, the negatives of
     # the symmetric loss's item -> user direction (heavy users are drawn most often). Off:
-    # 1.0 measured Recall@20 +0.001 to +0.002 but NDCG@20 -0.000 to -0.001 on the check-in
-    # logs (docs/quality.md)
+    # 1.0 measured Recall@20 +0.001 to +0.002 but NDCG@20 up to -0.001 on the check-in
+    # logs, the reverse on MovieLens-100K (docs/quality.md)
     extra_negatives: int = 0  # uniformly sampled negatives per batch (mixed negative sampling)
     symmetric: bool = True  # each positive item against every query of the batch too (the
     # item -> user softmax beside the user -> item one): test Recall@20 +0.004 on a

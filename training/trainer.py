@@ -385,8 +385,11 @@ def _train_one(
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
             weights = None if uniform else torch.from_numpy(row_weights[rows]).to(device)
-            query = {"query_ids": torch.from_numpy(user_of_row[rows]).to(device)}
-            query = query if corrects_queries else {}
+            query = (
+                {"query_ids": torch.from_numpy(user_of_row[rows]).to(device)}
+                if corrects_queries
+                else {}
+            )
             if cfg.extra_negatives and isinstance(loss_fn, TAKES_EXTRA_NEGATIVES):
                 extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
                 _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
