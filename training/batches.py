@@ -54,6 +54,7 @@ def feature_keys(user_columns: list[str], item_columns: list[str]) -> FeatureKey
 class Batch:
     features: KeyedJaggedTensor
     item_ids: torch.Tensor  # (B,) positive item of each row
+    user_ids: torch.Tensor  # (B,) user of each row (the softmax's users' correction)
 
 
 class BatchBuilder:
@@ -177,7 +178,7 @@ class BatchBuilder:
             keep_user = keep_item = np.ones(size, dtype=bool)
         parts = self._user_parts(users, history, recent, keep_user & self.known_users[users])
         parts.update(self._item_parts(items, keep_item & self.known_items[items]))
-        return Batch(self._assemble(parts, size), torch.from_numpy(items))
+        return Batch(self._assemble(parts, size), torch.from_numpy(items), torch.from_numpy(users))
 
     def users_now(self, users: np.ndarray) -> KeyedJaggedTensor:
         """Users after all their events in the histories (for recommendations, and for

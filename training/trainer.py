@@ -55,7 +55,7 @@ from training.warm_start import WarmStart, apply_warm_start
 
 log = logging.getLogger(__name__)
 
-TAKES_EXTRA_NEGATIVES = InBatchSoftmaxLoss | CombinedLoss
+SOFTMAX_LOSSES = InBatchSoftmaxLoss | CombinedLoss  # take the softmax's keyword arguments
 BEST_WEIGHTS = "best.safetensors"
 BEST_ROW_STATE = "best_row_state.safetensors"
 
@@ -331,13 +331,10 @@ def _train_one(
     parallel = build_parallel(spec, cfg, device)
     if warm_start is not None:
         apply_warm_start(parallel, warm_start)
-    user_of_row = features.histories.user_of(np.arange(features.interactions.height))
-    user_counts = all_sum(np.bincount(user_of_row[train_rows], minlength=features.num_users))
-    loss_fn = make_loss(cfg, item_counts, user_counts).to(device)
-    corrects_queries = isinstance(loss_fn, TAKES_EXTRA_NEGATIVES) and any(
-        isinstance(part, InBatchSoftmaxLoss) and part.query_log_prob is not None
-        for part in loss_fn.modules()
+    user_counts = all_sum(
+        np.bincount(features.histories.user_of(train_rows), minlength=features.num_users)
     )
+    loss_fn = make_loss(cfg, item_counts, user_counts).to(device)
     valid = sample_task(
         eval_task(split.valid, features.histories),
         max(1, cfg.max_valid_users // world_size),
@@ -385,26 +382,15 @@ def _train_one(
             user_emb, item_emb = parallel.model(batch.features.to(device))  # (B, D) each
             item_ids = batch.item_ids.to(device)
             weights = None if uniform else torch.from_numpy(row_weights[rows]).to(device)
-            query = (
-                {"query_ids": torch.from_numpy(user_of_row[rows]).to(device)}
-                if corrects_queries
-                else {}
-            )
-            if cfg.extra_negatives and isinstance(loss_fn, TAKES_EXTRA_NEGATIVES):
-                extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
-                _, extra_emb = parallel.model(builder.items(extra_ids).to(device))  # (M, D)
-                extra = torch.from_numpy(extra_ids).to(device)
-                loss = loss_fn(
-                    user_emb,
-                    item_emb,
-                    item_ids,
-                    weights,
-                    extra_item_emb=extra_emb,
-                    extra_item_ids=extra,
-                    **query,
-                )
-            else:
-                loss = loss_fn(user_emb, item_emb, item_ids, weights, **query)
+            extra: dict[str, Tensor] = {}
+            if isinstance(loss_fn, SOFTMAX_LOSSES):
+                extra["query_ids"] = batch.user_ids.to(device)
+                if cfg.extra_negatives:
+                    extra_ids = rng.integers(0, features.num_items, cfg.extra_negatives)
+                    # (M, D): mixed negative sampling
+                    _, extra["extra_item_emb"] = parallel.model(builder.items(extra_ids).to(device))
+                    extra["extra_item_ids"] = torch.from_numpy(extra_ids).to(device)
+            loss = loss_fn(user_emb, item_emb, item_ids, weights, **extra)
             parallel.optimizer.zero_grad()
             loss.backward()
             parallel.optimizer.step()
