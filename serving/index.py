@@ -53,7 +53,7 @@ class IndexParams:
     build_seconds: float
     query_ms: float = 0.0  # mean time of one k = 100 query at these settings, at build time
     exact_query_ms: float = 0.0  # the same for exact search over the same embeddings
-    backend: str = "annoy"  # what serves: "exact" when brute force is as fast (recall 1.0)
+    backend: str = "annoy"  # what serves (`serving_backend`); "exact" has recall 1.0
 
 
 @dataclass(frozen=True)
@@ -194,19 +194,22 @@ def build_annoy(
     seed: int = 0,
 ) -> IndexParams:
     """Build the index, then choose `search_k` (and more trees if needed) by measuring
-    recall@100 against exact search on real user queries; finally time exact search on
-    the same queries and record which of the two serves (`backend`).
+    recall@100 against exact search on real user queries, and record which of the two
+    serves (`backend`, see `serving_backend`).
 
+    Exact search is timed first, on the same queries: where it fits the query budget, no
+    Annoy setting slower than it could serve, so the search stops there. Otherwise
     `search_k` doubles until the recall target is met or a query (k = 100, re-scoring
     included) would take longer than `max_query_ms`; trees double up to 4x the starting
     count while the target is missed. Embeddings where random-projection trees cannot
     reach the target within that budget (diffuse, weakly trained ones) get the best
     recall the budget allows, measured and recorded, rather than an unbounded search."""
     targets = targets or IndexTargets()
-    target_recall, max_query_ms = targets.recall_at_100, targets.max_query_ms
     directory.mkdir(parents=True, exist_ok=True)
     items, dim = item_emb.shape
     kth = kth_best_scores(item_emb, queries, 100)  # ground truth computed once
+    exact_ms = _exact_query_ms(item_emb, queries[:200])
+    budget_ms = min(targets.max_query_ms, exact_ms)
     trees = n_trees or int(min(100, max(10, 2 * np.log2(max(items, 2)))))
     max_trees = 4 * trees
     while True:
@@ -219,25 +222,38 @@ def build_annoy(
         index.build(trees, n_jobs=-1)
         built = IndexParams(metric, dim, trees, 100 * trees, 0.0, time.perf_counter() - started)
         best = _measure(index, item_emb, queries, kth, built)
-        while best.recall_at_100 < target_recall and best.search_k < 64 * 100 * trees:
+        while best.recall_at_100 < targets.recall_at_100 and best.search_k < 64 * 100 * trees:
             wider = _measure(
                 index, item_emb, queries, kth, replace(best, search_k=2 * best.search_k)
             )
-            if wider.query_ms > max_query_ms:
+            if wider.query_ms > budget_ms:
                 break
             best = wider
-        if best.recall_at_100 >= target_recall or trees >= max_trees or n_trees is not None:
+        done = best.recall_at_100 >= targets.recall_at_100 or n_trees is not None
+        # More trees start with a wider (slower) search: none can serve past the budget.
+        if done or trees >= max_trees or best.query_ms > budget_ms:
             break
         index.unload()
         trees *= 2
-    exact_ms = _exact_query_ms(item_emb, queries[:200])
-    backend = "exact" if exact_ms <= best.query_ms else "annoy"
     params = replace(
         best,
         build_seconds=round(best.build_seconds, 3),
         exact_query_ms=round(exact_ms, 3),
-        backend=backend,
     )
+    params = replace(params, backend=serving_backend(params, targets))
     (directory / PARAMS_FILE).write_text(json.dumps(asdict(params), indent=2) + "\n")
     index.unload()
     return params
+
+
+def serving_backend(params: IndexParams, targets: IndexTargets) -> str:
+    """Exact search (recall 1.0) wherever it is at least as fast as Annoy's setting, or
+    fits the query budget while Annoy misses the recall target: a 36,706-item catalogue
+    served Annoy at recall@100 0.78 in 1.6 ms when exact search took 2.2 of the 2.5 ms
+    allowed. Annoy serves where it is faster and meets the target, or where exact
+    search is over budget too (huge catalogues: the best recall the budget allows)."""
+    exact_fits = params.exact_query_ms <= targets.max_query_ms
+    annoy_misses = params.recall_at_100 < targets.recall_at_100
+    if params.exact_query_ms <= params.query_ms or (exact_fits and annoy_misses):
+        return "exact"
+    return "annoy"

