@@ -183,8 +183,8 @@ def build(
         Path | None,
         typer.Option(
             "--config",
-            help="Build settings as TOML ([tower], [train], [index], [rebuild], [compute]); "
-            "flags override it. `recsys tune` writes one.",
+            help="Build settings as TOML (sections \\[tower], \\[train], \\[index], "
+            "\\[rebuild], \\[compute]); flags override it. `recsys tune` writes one.",
         ),
     ] = None,
     epochs: Annotated[

@@ -1,6 +1,8 @@
 """The `recsys` command as a user runs it: a subprocess, its output and its exit code."""
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 from helpers import recsys
@@ -138,3 +140,25 @@ def test_device_cuda_is_refused_with_the_reason_before_any_work(tmp_path: Path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: --device cuda")
     assert not (tmp_path / "a").exists()
+
+
+def test_help_texts_keep_their_square_brackets():
+    """Rich reads "[tower]" in a help text as markup and drops it: `recsys build --help`
+    showed "Build settings as TOML (, , , , )". Every help text escapes its brackets."""
+    import re
+
+    import typer
+    from typer.testing import CliRunner
+
+    from recsys.cli import app
+
+    def commands(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, [*path, name])
+
+    for path, command in commands(typer.main.get_command(app), []):
+        for text in [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]:
+            assert not re.search(r"(?<!\\)\[[a-z_]+\]", text), (path, text)
+    shown = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "240"}).output
+    assert "[tower], [train], [index]" in shown, shown
