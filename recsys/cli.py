@@ -234,7 +234,7 @@ def build(
         ),
     ] = None,
     seed: int | None = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (on a terminal only).")] = True,
     from_scratch: Annotated[
         bool | None, typer.Option(help="Do not warm-start from the current version.")
     ] = None,
@@ -524,7 +524,9 @@ def tune(
     ] = None,
     trials: Annotated[int | None, typer.Option(min=1, help="At most this many trials.")] = None,
     seed: int = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show a progress bar (on a terminal only).")
+    ] = True,
 ) -> None:
     """Search the settings that matter most on the validation split only (Optuna), within
     a time budget; write the best as a file for `recsys build --config`."""

@@ -10,6 +10,7 @@ a new trial starts while one more epoch still fits.
 
 import logging
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -146,7 +147,7 @@ def tune(
         n_trials=max_trials,
         timeout=remaining,
         callbacks=[out_of_time],
-        show_progress_bar=progress,
+        show_progress_bar=progress and sys.stderr.isatty(),  # no redraws in a log file
         catch=(),
     )
     completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]

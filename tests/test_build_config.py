@@ -112,10 +112,10 @@ def test_tune_writes_a_config_that_build_accepts_within_its_budget(tiny, tmp_pat
     started = time.monotonic()
     result = recsys(
         "tune", "--data", tiny, "--budget-minutes", "0.5", "--trials", "3", "--out", out,
-        "--no-progress",
     )  # fmt: skip
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stderr
+    assert "%|" not in result.stderr  # progress bars on a terminal only, never in a log
     assert "trials" in result.stdout and "recall@20" in result.stdout
     assert seconds < 0.5 * 60 * 1.1 + 20  # the budget, plus the interpreter's start-up
     tuned = BuildConfig.from_file(out)
