@@ -577,13 +577,22 @@ def evaluate(
             "(never trained on, never used for early stopping).",
         ),
     ] = None,
+    test: Annotated[
+        Path | None,
+        typer.Option(
+            "--test",
+            help="Held-out events (Parquet/CSV, e.g. a random 20% of each user's items "
+            "that no build saw) as the test, every user of the file asked.",
+        ),
+    ] = None,
     items: ItemsOption = None,
     users: UsersOption = None,
     columns: ColumnsOption = None,
 ) -> None:
     """Full-ranking Recall / NDCG / HitRate @10,20,50,100 of a version (or two) and of
-    popularity, on one set of users: the events after the versions' logs ended, else
-    the newest version's validation split (it says which)."""
+    popularity, on one set of users: a held-out file's events (--test), else the events
+    after the versions' logs ended, else the newest version's validation split (it says
+    which)."""
     from features.sources import parse_columns, resolve_source
     from recsys.core.errors import ArtifactError
     from recsys.core.versions import VersionStore
@@ -597,11 +606,15 @@ def evaluate(
         if not path.is_dir():
             raise ArtifactError(f"{artifacts}: no version {name!r}; have {', '.join(store.list())}")
         paths.append(path)
-    source = None
+    if data is not None and test is not None:
+        raise RecsysError("give --test (held-out events) or --data (a grown log), not both")
+    mapping = parse_columns(columns) if columns else None
+    source = held_out = None
     if data is not None:
-        mapping = parse_columns(columns) if columns else None
         source = resolve_source(data, items=items, users=users, columns=mapping)
-    chosen, results = evaluate_versions(paths, source)
+    if test is not None:
+        held_out = resolve_source(test, columns=mapping)
+    chosen, results = evaluate_versions(paths, source, held_out)
     table = Table(title=f"evaluation on {len(chosen.task):,} users: {chosen.description}")
     table.add_column("metric")
     for name in results:

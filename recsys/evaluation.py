@@ -21,6 +21,7 @@ from features.feature_set import FeatureSet
 from features.ingest import ingest
 from features.sources import DataSource
 from recsys.core import schema as s
+from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
 from recsys.core.versions import verify_version
 from recsys.gate import last_timestamp
@@ -57,6 +58,41 @@ def _after(features: FeatureSet, cutoff: int, config: TrainConfig) -> Slice | No
     return Slice(f"{later.height:,} events after the versions' logs ended", seen, task, False)
 
 
+def held_out_slice(newest: Path, test: DataSource, work: Path) -> Slice:
+    """A held-out file's (user, item) pairs as the test (a random share of each user's
+    items that no build saw: the published protocol for logs without time), every user
+    of the file asked as they are in the newest version's data. Pairs of a user or an
+    item that version never saw are left out, for every model alike (nothing could rank
+    them), and counted in the description."""
+    data = VersionLayout(newest).data
+    seen = FeatureSet.load(data)
+    config = TrainConfig.from_dict(
+        json.loads((VersionLayout(newest).model / TRAIN_CONFIG).read_text())
+    )
+    ingest(test, work / "test", previous=data)  # the version's IDs keep their indices
+    pairs = FeatureSet.load(work / "test").interactions
+    pairs = pairs.filter(config.events.is_target(pairs))
+    known = pairs.filter(
+        (pl.col(s.USER_IDX) < seen.num_users) & (pl.col(s.ITEM_IDX) < seen.num_items)
+    )
+    if known.is_empty():
+        raise RecsysError(
+            f"{', '.join(map(str, test.interactions))}: none of its {pairs.height:,} target "
+            f"events has a user and an item that {newest.name} knows"
+        )
+    task = eval_task(known, seen.histories)
+    left_out = pairs.height - known.height
+    description = (
+        f"{known.height:,} held-out events of {', '.join(p.name for p in test.interactions)}"
+        + (
+            f" ({left_out:,} of users or items {newest.name} never saw left out)"
+            if left_out
+            else ""
+        )
+    )
+    return Slice(description, seen, task, False)
+
+
 def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path) -> Slice:
     """Events after every version's log (from `source`, or the newest version's data),
     else the newest version's validation split."""
@@ -86,13 +122,18 @@ def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path
 
 
 def evaluate_versions(
-    versions: list[Path], source: DataSource | None = None
+    versions: list[Path], source: DataSource | None = None, test: DataSource | None = None
 ) -> tuple[Slice, dict[str, dict[str, float]]]:
-    """Metrics of each version and of popularity on one slice, keyed by name."""
+    """Metrics of each version and of popularity on one slice, keyed by name: `test`'s
+    held-out events when given, else `evaluation_slice`'s."""
     for version in versions:
         verify_version(version)
     with tempfile.TemporaryDirectory(prefix="recsys-evaluate-") as tmp:
-        chosen = evaluation_slice(versions, source, Path(tmp))
+        if test is not None:
+            newest = max(versions, key=lambda v: v.name)
+            chosen = held_out_slice(newest, test, Path(tmp))
+        else:
+            chosen = evaluation_slice(versions, source, Path(tmp))
     results = {}
     features = chosen.seen
     for version in versions:

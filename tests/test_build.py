@@ -119,6 +119,36 @@ def test_evaluate_reproduces_the_validation_metrics_of_the_build(built):
     assert f"{expected:.4f}" in row  # the version's column (popularity's is beside it)
 
 
+def test_evaluate_on_a_held_out_file_scores_every_user_of_it(built, tmp_path):
+    """`--test`: a file of held-out events is the test. Each user's held-out item here is
+    the version's own first recommendation, so HitRate@10 is 1; a row of an unknown user
+    and one of an unknown item are left out and counted."""
+    _, artifacts = built
+    recs = tmp_path / "recs.parquet"
+    assert (
+        recsys(
+            "recommend", "--artifacts", artifacts, "--users", "all", "--k", "1", "--out", recs
+        ).returncode
+        == 0
+    )
+    held_out = pl.read_parquet(recs).select("user_id", "item_id").head(40)
+    unknown = pl.DataFrame({"user_id": [123456789, 0], "item_id": [0, 987654321]})
+    test = tmp_path / "test.csv"
+    pl.concat([held_out, unknown.cast(held_out.schema)]).write_csv(test)
+    result = recsys("evaluate", "--artifacts", artifacts, "--test", test)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "evaluation on 40 users: 40 held-out events of test.csv (2 of users or items" in text
+    row = next(line for line in result.stdout.splitlines() if "hit_rate@10 " in line)
+    assert row.split("│")[2].strip() == "1.0000", row  # the version's column
+    both = recsys("evaluate", "--artifacts", artifacts, "--test", test, "--data", test)
+    assert both.returncode == 2 and "not both" in both.stderr
+    strangers = tmp_path / "strangers.csv"
+    unknown.write_csv(strangers)
+    none = recsys("evaluate", "--artifacts", artifacts, "--test", strangers)
+    assert none.returncode == 2 and "none of its 2 target events" in none.stderr, none.stderr
+
+
 def test_rebuild_keeps_ids_and_records_the_previous_version(built, tmp_path):
     data, artifacts = built
     store = VersionStore(artifacts)

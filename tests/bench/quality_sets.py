@@ -32,7 +32,9 @@ Side = tuple[pl.DataFrame, UserHistories, EvalTask]  # fit events, query histori
 
 
 def holdout_files(events: pl.DataFrame, out: Path, seed: int = 0) -> tuple[Path, pl.DataFrame]:
-    """Write the training 80% (no timestamp, sorted by user then item); return the test 20%."""
+    """Write the training 80% (no timestamp, sorted by user then item) and the test 20%
+    (`recsys evaluate --test` scores a build on it, as this benchmark does); return the
+    test pairs."""
     # Sorted before the draw: `unique()` returns rows in no fixed order, which made the
     # split (and every figure) differ from run to run.
     pairs = events.select(s.USER_ID, s.ITEM_ID).unique().sort(s.USER_ID, s.ITEM_ID)
@@ -50,7 +52,9 @@ def holdout_files(events: pl.DataFrame, out: Path, seed: int = 0) -> tuple[Path,
     pairs.filter(~is_test).select(s.USER_ID, s.ITEM_ID).sort(s.USER_ID, s.ITEM_ID).write_parquet(
         train_path
     )
-    return train_path, pairs.filter(is_test).select(s.USER_ID, s.ITEM_ID)
+    test = pairs.filter(is_test).select(s.USER_ID, s.ITEM_ID)
+    test.write_parquet(out / "test.parquet")
+    return train_path, test
 
 
 class EmbeddingScorer:
