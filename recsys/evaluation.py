@@ -58,6 +58,13 @@ def _after(features: FeatureSet, cutoff: int, config: TrainConfig) -> Slice | No
     return Slice(f"{later.height:,} events after the versions' logs ended", seen, task, False)
 
 
+def _train_config(version: Path) -> TrainConfig:
+    """The resolved training settings a version was built with (its target events)."""
+    return TrainConfig.from_dict(
+        json.loads((VersionLayout(version).model / TRAIN_CONFIG).read_text())
+    )
+
+
 def held_out_slice(newest: Path, test: DataSource, work: Path) -> Slice:
     """A held-out file's (user, item) pairs as the test (a random share of each user's
     items that no build saw: the published protocol for logs without time), every user
@@ -66,9 +73,7 @@ def held_out_slice(newest: Path, test: DataSource, work: Path) -> Slice:
     them), and counted in the description."""
     data = VersionLayout(newest).data
     seen = FeatureSet.load(data)
-    config = TrainConfig.from_dict(
-        json.loads((VersionLayout(newest).model / TRAIN_CONFIG).read_text())
-    )
+    config = _train_config(newest)
     ingest(test, work / "test", previous=data)  # the version's IDs keep their indices
     pairs = FeatureSet.load(work / "test").interactions
     pairs = pairs.filter(config.events.is_target(pairs))
@@ -102,9 +107,7 @@ def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path
         ingest(source, work / "data", previous=data)
         data = work / "data"
     features = FeatureSet.load(data)
-    config = TrainConfig.from_dict(
-        json.loads((VersionLayout(newest).model / TRAIN_CONFIG).read_text())
-    )
+    config = _train_config(newest)
     stamps = [last_timestamp(v) for v in versions]
     if all(stamp is not None for stamp in stamps):
         cutoff = max(stamp for stamp in stamps if stamp is not None)

@@ -4,6 +4,7 @@ torch.optim.Adagrad for embeddings, AdamW for the MLPs) training the same model 
 batches, in one run."""
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,16 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     return results + step_parts(quick) + validation_ranking(quick)
 
 
+def _mean_ms(call: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Mean milliseconds of `call` over `repeats` runs, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - started) / repeats * 1000
+
+
 def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[str, Any]]:
     """Milliseconds a step spends in the loss (forward and backward) and in the input
     dropout, the parts of a 256-d step that are neither matrix products of the towers nor
@@ -195,12 +206,7 @@ def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[st
     repeats = 5 if quick else 20
     results = []
     for name, step in parts.items():
-        for _ in range(3):
-            step()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        ms = (time.perf_counter() - started) / repeats * 1000
+        ms = _mean_ms(step, repeats, warmup=3)
         results.append({"part": name, "ms": ms})
         print(f"{name}: {ms:.1f} ms", flush=True)
     save(
@@ -243,11 +249,7 @@ def validation_ranking(
     repeats = 3 if quick else 10
     results = []
     for name, rank in ways.items():
-        rank()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            rank()
-        ms = (time.perf_counter() - started) / repeats * 1000
+        ms = _mean_ms(rank, repeats, warmup=1)
         results.append({"ranking": name, "ms": ms})
         print(f"{name}: {ms:.0f} ms", flush=True)
     save(
