@@ -108,16 +108,17 @@ def test_build_with_a_bad_config_file_exits_2_without_a_traceback(tiny, tmp_path
 
 
 def test_tune_writes_a_config_that_build_accepts_within_its_budget(tiny, tmp_path):
+    """No trial limit: the search runs to the budget, which the whole command keeps to
+    within 10% (the interpreter's start-up, seconds of imports, counts: it once ran on
+    top of the budget)."""
     out = tmp_path / "tuned.toml"
     started = time.monotonic()
-    result = recsys(
-        "tune", "--data", tiny, "--budget-minutes", "0.5", "--trials", "3", "--out", out,
-    )  # fmt: skip
+    result = recsys("tune", "--data", tiny, "--budget-minutes", "0.5", "--out", out)
     seconds = time.monotonic() - started
     assert result.returncode == 0, result.stderr
     assert "%|" not in result.stderr  # progress bars on a terminal only, never in a log
     assert "trials" in result.stdout and "recall@20" in result.stdout
-    assert seconds < 0.5 * 60 * 1.1 + 20  # the budget, plus the interpreter's start-up
+    assert 0.5 * 60 * 0.8 < seconds < 0.5 * 60 * 1.1
     tuned = BuildConfig.from_file(out)
     assert tuned.train.refit is True  # trials skip the refit; the written settings do not
     assert out.read_text().startswith("# recsys tune")

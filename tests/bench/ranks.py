@@ -17,7 +17,7 @@ BATCH = 2048
 
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
-    data = synthetic_data(work, rows=200_000 if quick else 1_000_000)
+    data = synthetic_data(work, rows=200_000 if quick else 500_000)  # throughput, not scale
     features = work / f"ranks-ingest-{data.name}"
     if not (features / "manifest.json").is_file():
         ingest(resolve_source(data), features)
