@@ -153,16 +153,27 @@ def _service_rows(
     return [{"version": label, **row} for row in rows]
 
 
+SERVING_EPOCHS = 2  # the serving sections measure a version's shape, not its quality
+
+
 def movielens_version(work: Path) -> Path:
-    """Artifacts with a MovieLens-100K version (built on first use)."""
+    """Artifacts with a MovieLens-100K version (built on first use): the default model
+    (members, widths, features, index) trained for `SERVING_EPOCHS` without the refit,
+    which serves at the cost of a fully trained one in a fraction of its build."""
     from data import movielens
     from features.sources import resolve_source
     from recsys.core.settings import Settings
     from recsys.pipeline import build
+    from training.config import TrainConfig
 
     artifacts = work / "serving-ml-100k"
     if VersionStore(artifacts).current_name() is None:
-        build(resolve_source(movielens.fetch(Settings().datasets_dir)), artifacts, progress=False)
+        build(
+            resolve_source(movielens.fetch(Settings().datasets_dir)),
+            artifacts,
+            config=TrainConfig(max_epochs=SERVING_EPOCHS, refit=False),
+            progress=False,
+        )
     return artifacts
 
 
