@@ -72,6 +72,16 @@ def test_table_widths_follow_the_embedding_size_and_the_skip_path_needs_them_equ
             TowerConfig(embedding_dim=32, **widths)  # type: ignore[arg-type]
 
 
+def test_table_widths_alone_need_no_embedding_size_without_the_skip_path():
+    """`[tower] id_dim = 48` with `skip = false` was refused while the embedding size was
+    left to the log ("need embedding_dim set too"), although only the skip path ties the
+    tables' width to it."""
+    tower = TowerConfig(id_dim=48, feature_dim=16, skip=False).resolve(800_000, id_rows=70_000)
+    assert (tower.embedding_dim, tower.id_width, tower.feature_width) == (256, 48, 16)
+    with pytest.raises(ValueError, match="set embedding_dim too"):
+        TowerConfig(id_dim=48)  # the skip path: the log's width would refuse 48 later
+
+
 def test_versions_from_before_the_skip_path_load_without_it():
     payload = TowerConfig(embedding_dim=16).to_dict()
     del payload["skip"]

@@ -60,8 +60,14 @@ class TowerConfig:
                 "hidden_dim: 0 is a linear tower)"
             )
         if self.embedding_dim is None:
-            if self.id_dim or self.feature_dim:
-                raise ValueError("id_dim and feature_dim need embedding_dim set too")
+            # The width comes from the log later (`resolve`); the skip path would then
+            # refuse any other table width, so say so now. Without it any width goes.
+            if self.skip and (self.id_dim or self.feature_dim):
+                raise ValueError(
+                    "the skip path needs id_dim and feature_dim equal to embedding_dim: "
+                    "set embedding_dim too, leave them at 0 (they follow it), or set "
+                    "skip = false"
+                )
         elif self.skip and not self.id_width == self.feature_width == self.embedding_dim:
             raise ValueError(
                 "the skip path adds ID and item-feature rows to the output: id_dim and "
