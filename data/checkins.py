@@ -32,6 +32,8 @@ class CheckinConfig:
     home_share: float = 0.6  # share of a user's events in their home city
     reach: float = 1.0  # how far a user travels within a city (city radius 1)
     wander: float = 0.45  # share of events anywhere, by popularity alone (unpredictable taste)
+    popularity_spread: float = 1.5  # sigma of the places' log-normal popularity: higher,
+    # a few places draw more of the events (popularity alone scores higher)
     seed: int = 0
 
     @property
@@ -78,7 +80,7 @@ def generate(out: Path, cfg: CheckinConfig) -> Path:
     rng = np.random.default_rng(cfg.seed)
     item_city = rng.choice(cfg.n_cities, cfg.n_items, p=_zipf_shares(cfg.n_cities, rng))
     item_place = rng.normal(0.0, 1.0, (cfg.n_items, 2))
-    item_popularity = rng.lognormal(0.0, 1.5, cfg.n_items)
+    item_popularity = rng.lognormal(0.0, cfg.popularity_spread, cfg.n_items)
     city_share = np.bincount(item_city, minlength=cfg.n_cities) / cfg.n_items
     user_city = rng.choice(cfg.n_cities, cfg.n_users, p=city_share)  # residents ~ places
     user_place = rng.normal(0.0, 1.0, (cfg.n_users, 2))

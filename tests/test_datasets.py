@@ -84,6 +84,21 @@ def test_checkin_log_is_sparse_local_and_reproducible(tmp_path):
     assert top_city_share(log) > top_city_share(shuffled) + 0.1
 
 
+def test_a_wider_popularity_spread_puts_more_check_ins_on_the_top_places(tmp_path):
+    """`popularity_spread` (the benchmark's `--popularity-spread`) skews the log towards
+    a few places, as public logs where popularity alone scores higher are."""
+
+    def top_share(spread: float) -> float:
+        cfg = CheckinConfig(rows=20_000, popularity_spread=spread, seed=3)
+        log = pl.read_parquet(
+            generate_checkins(tmp_path / str(spread), cfg) / "interactions.parquet"
+        )
+        counts = log["item_id"].value_counts()["count"].sort(descending=True)
+        return float(counts.head(max(1, len(counts) // 100)).sum() / log.height)
+
+    assert top_share(2.5) > 1.3 * top_share(1.5)  # 0.149 against 0.096 (seed 3)
+
+
 @pytest.mark.slow  # builds a model
 def test_a_movielens_version_serves_with_titles_over_its_side_features(movielens_dir, tmp_path):
     """Two item features (genres, year) and three user features: the served towers read

@@ -315,15 +315,25 @@ def main() -> None:
     parser.add_argument("changes", nargs="*", help="SECTION.KEY=VALUE (TOML value)")
     parser.add_argument("--synthetic", type=int, help="a planted log of this many events")
     parser.add_argument("--checkins", type=int, help="a sparse check-in log of this many events")
+    parser.add_argument(
+        "--popularity-spread",
+        type=float,
+        default=checkins.CheckinConfig.popularity_spread,
+        help="the check-in log's popularity spread (log-normal sigma; higher: more skewed)",
+    )
     parser.add_argument("--peers", action="store_true", help="also fit and score the peers")
     parser.add_argument("--work", type=Path, default=Settings().cache_dir / "bench" / "explore")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     if args.checkins:
-        data = checkins.generate(
-            args.work / f"checkins-{args.checkins}", checkins.CheckinConfig(args.checkins, seed=7)
+        shape = checkins.CheckinConfig(
+            args.checkins, popularity_spread=args.popularity_spread, seed=7
         )
+        name = f"checkins-{args.checkins}"
+        if shape != checkins.CheckinConfig(args.checkins, seed=7):
+            name += f"-spread-{args.popularity_spread}"
+        data = checkins.generate(args.work / name, shape)
         events = pl.read_parquet(data / "interactions.parquet")
     elif args.synthetic:
         config = synthetic.SyntheticConfig(rows=args.synthetic, seed=7)
