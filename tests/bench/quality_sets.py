@@ -330,9 +330,9 @@ def main() -> None:
         shape = checkins.CheckinConfig(
             args.checkins, popularity_spread=args.popularity_spread, seed=7
         )
-        name = f"checkins-{args.checkins}"
-        if shape != checkins.CheckinConfig(args.checkins, seed=7):
-            name += f"-spread-{args.popularity_spread}"
+        name = f"checkins-{args.checkins}"  # the usual log keeps its directory
+        if shape.popularity_spread != checkins.CheckinConfig.popularity_spread:
+            name += f"-spread-{shape.popularity_spread}"
         data = checkins.generate(args.work / name, shape)
         events = pl.read_parquet(data / "interactions.parquet")
     elif args.synthetic:
