@@ -22,7 +22,9 @@ settings.register_profile("repeatable", derandomize=True, deadline=None)
 settings.register_profile("explore", derandomize=False, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
-TEST_DB = 15  # keep tests away from database 0, which a developer may be using
+# Keep tests away from database 0, which a developer may be using; RECSYS_TEST_REDIS_DB gives
+# concurrent test runs on one server databases of their own (each test flushes its own).
+TEST_DB = int(os.environ.get("RECSYS_TEST_REDIS_DB", "15"))
 
 
 def _answers(url: str) -> bool:
