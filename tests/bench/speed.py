@@ -176,7 +176,7 @@ def step_parts(quick: bool, batch: int = 2048, width: int = 256) -> list[dict[st
     embedding lookups, on unit vectors as the cosine towers make them: the symmetric loss
     against the one-way one, and computed from one shared exponential of the score matrix
     (the default) against masked log-sum-exps (what scores of unbounded range use, and
-    every step before 2026-12-03's tenth session); the byte-mask dropout against
+    every step before 2026-12-03's 0.12.0); the byte-mask dropout against
     nn.Dropout."""
     generator = torch.Generator().manual_seed(0)
     items = torch.randint(0, 30_000, (batch,), generator=generator)
@@ -223,8 +223,8 @@ def validation_ranking(
     quick: bool, queries: int = 1024, items: int = 36_706
 ) -> list[dict[str, Any]]:
     """Milliseconds to rank one chunk of a validation pass (every item scored, seen items
-    excluded, best 100 kept in order): `top_k_unseen` (torch.topk, the default since the
-    eleventh session) against NumPy's argpartition and a sort of its 100, what validation
+    excluded, best 100 kept in order): `top_k_unseen` (torch.topk, the default since release
+    0.13.0) against NumPy's argpartition and a sort of its 100, what validation
     ran before, on the catalogue size of the 1M-event check-in log."""
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(queries, items)).astype(np.float32)
