@@ -8,10 +8,20 @@ the last newline. A crash mid-write leaves at most a partial last line, which no
 ever takes, and nobody appends to it again (a process writes only its own, new segment).
 A reader remembers a byte offset per segment, so it never takes an event twice; a build
 records the offsets it absorbed, so the service knows which events its version holds.
+
+Why a write is checked to the last byte: `os.write` may store only part of a payload (a
+full disk, a file-size limit). The writer loops until every byte is written; if it cannot,
+it truncates the segment back to where the append began, so no partial line stays for the
+next append to glue onto, moves on to a new segment, and raises: nothing is acknowledged
+that is not whole on disk. A line that a reader still cannot parse (written by an older
+version, or damaged on disk) is quarantined: skipped, counted and logged once with its
+segment and byte offset, never a crash of a reader.
 """
 
 import csv
+import errno
 import io
+import logging
 import os
 import socket
 import threading
@@ -23,6 +33,8 @@ from pathlib import Path
 import polars as pl
 
 from recsys.core import schema as s
+
+log = logging.getLogger(__name__)
 
 EVENTS_DIR = "events"
 SUFFIX = ".csv"
@@ -50,6 +62,10 @@ def segments(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.suffix == SUFFIX and p.is_file())
+
+
+class EventStoreError(OSError):
+    """Events could not be stored whole; none of them was acknowledged."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -90,7 +106,8 @@ class SegmentWriter:
         return path
 
     def append(self, events: list[Event]) -> Path:
-        """Write `events` durably; the segment they went to."""
+        """Write `events` durably; the segment they went to. EventStoreError, with the
+        segment as it was before the call, if they could not all be written."""
         payload = _encode(events)
         with self._lock:
             if self.path is None:
@@ -101,11 +118,40 @@ class SegmentWriter:
                 self.path = self._open()
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
             try:
-                os.write(fd, payload)
-                os.fsync(fd)
+                before = os.fstat(fd).st_size
+                try:
+                    _write_all(fd, payload)
+                    os.fsync(fd)
+                except OSError as exc:
+                    name = self.path.name
+                    self._undo(fd, before)
+                    raise EventStoreError(
+                        exc.errno, f"events not stored in {name}: {exc.strerror}"
+                    ) from exc
             finally:
                 os.close(fd)
             return self.path
+
+    def _undo(self, fd: int, size: int) -> None:
+        """Cut a failed append off the segment and write the next ones to a new segment
+        (if the cut fails too, the partial line stays last in a segment nobody appends to,
+        and readers never take a partial line)."""
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError:
+            log.error("could not cut a failed append off %s", self.path)
+        self.path = None
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    """Write every byte of `payload` (os.write may write only part of it)."""
+    view = memoryview(payload)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.EIO, "the disk took no bytes")
+        view = view[written:]
 
 
 def complete_bytes(path: Path, start: int) -> tuple[bytes, int]:
@@ -118,17 +164,41 @@ def complete_bytes(path: Path, start: int) -> tuple[bytes, int]:
     return chunk[:end], start + end
 
 
-def parse_lines(data: bytes, skip_header: bool) -> list[Event]:
-    """Events from whole CSV lines as `SegmentWriter` writes them (IDs as text)."""
-    rows = csv.reader(io.StringIO(data.decode()))
+QUARANTINED = {"lines": 0}  # lines no reader could parse, in this process
+
+
+def _quarantine(source: str, offset: int, why: str) -> None:
+    QUARANTINED["lines"] += 1
+    log.warning("event segment %s, byte %d: line quarantined (%s)", source, offset, why)
+
+
+def _event(line: bytes) -> Event:
+    """One CSV line as SegmentWriter writes it; ValueError (or csv.Error) if it is not."""
+    row = next(csv.reader([line.decode("utf-8")]))
+    if len(row) != len(COLUMNS):
+        raise ValueError(f"{len(row)} fields, expected {len(COLUMNS)}")
+    user, item, timestamp, weight, event = row
+    if not user.strip() or not item.strip():
+        raise ValueError("empty ID")
+    return Event(user, item, int(timestamp), float(weight), event or None)
+
+
+def parse_lines(
+    data: bytes, skip_header: bool, source: str = "events", start: int = 0
+) -> list[Event]:
+    """Events from whole CSV lines as `SegmentWriter` writes them (IDs as text); a line
+    that is not one (`source` and the byte offset `start` of `data` name it in the log) is
+    quarantined, never raised."""
     events = []
-    for number, row in enumerate(rows):
-        if skip_header and number == 0:
+    offset = start
+    for number, line in enumerate(data.split(b"\n")[:-1] if data else []):
+        at, offset = offset, offset + len(line) + 1
+        if (skip_header and number == 0) or not line:
             continue
-        if len(row) != len(COLUMNS):
-            continue  # never written by SegmentWriter; a build reports such rows as rejects
-        user, item, timestamp, weight, event = row
-        events.append(Event(user, item, int(timestamp), float(weight), event or None))
+        try:
+            events.append(_event(line))
+        except (ValueError, csv.Error, StopIteration) as exc:
+            _quarantine(source, at, str(exc)[:80])
     return events
 
 
@@ -136,7 +206,7 @@ def read_new(path: Path, start: int) -> tuple[list[Event], int]:
     """Events of `path` after byte `start` (0: from the top, header skipped), and the
     offset to continue from."""
     data, end = complete_bytes(path, start)
-    return parse_lines(data, skip_header=start == 0), end
+    return parse_lines(data, skip_header=start == 0, source=path.name, start=start), end
 
 
 @dataclass(frozen=True)
@@ -148,6 +218,20 @@ class EventSnapshot:
     path: Path | None  # None: no events
     absorbed: dict[str, int]
     rows: int
+
+
+def _frame(events: list[Event]) -> pl.DataFrame:
+    """Parsed events as text columns, as a CSV reader without type inference gives them."""
+    return pl.DataFrame(
+        {
+            s.USER_ID: [str(e.user_id) for e in events],
+            s.ITEM_ID: [str(e.item_id) for e in events],
+            s.TIMESTAMP: [str(e.timestamp) for e in events],
+            s.WEIGHT: [repr(e.weight) for e in events],
+            s.EVENT: [e.event or "" for e in events],
+        },
+        schema=dict.fromkeys(COLUMNS, pl.String),
+    )
 
 
 def _typed(frame: pl.DataFrame) -> pl.DataFrame:
@@ -167,13 +251,16 @@ def _typed(frame: pl.DataFrame) -> pl.DataFrame:
 
 def snapshot(directory: Path, out: Path, columns: dict[str, str] | None = None) -> EventSnapshot:
     """Copy the whole lines of every segment to `out` (Parquet, columns named as the log's
-    files name them: `columns` maps ours -> theirs) for a build to read beside its log."""
+    files name them: `columns` maps ours -> theirs) for a build to read beside its log.
+    Segments are parsed as the service parses them, so a line either reader cannot take
+    is quarantined by both, never a failed build."""
     frames, absorbed = [], {}
     for path in segments(directory):
         data, end = complete_bytes(path, 0)
         absorbed[path.name] = end
-        if data.count(b"\n") > 1:  # more than the header
-            frames.append(pl.read_csv(io.BytesIO(data), infer_schema=False))
+        events = parse_lines(data, skip_header=True, source=path.name)
+        if events:
+            frames.append(_frame(events))
     if not frames:
         return EventSnapshot(None, absorbed, 0)
     frame = _typed(pl.concat(frames, how="vertical"))

@@ -9,6 +9,7 @@ import polars as pl
 
 from recsys.core import schema as s
 from recsys.core.errors import DataValidationError
+from recsys.core.ids import MAX_WEIGHT
 
 # Text timestamps in any of these layouts are accepted (plus integer or float seconds).
 TIMESTAMP_FORMATS = (
@@ -123,12 +124,14 @@ def validate_log(path: Path, frame: pl.LazyFrame, file_index: int) -> ValidatedL
             (pl.col(f"_c_{s.TIMESTAMP}").is_null(), "unparsable timestamp"),
         ]
     weight = pl.col(f"_c_{s.WEIGHT}")
-    checks.append(
+    checks += [
         (
             weight.is_null() | ~weight.is_finite() | (weight < 0),
             "invalid weight (null, not a number, infinite or negative)",
-        )
-    )
+        ),
+        # Larger weights overflow the Float32 the trainer reads (1e308 became inf, then NaN).
+        (weight > MAX_WEIGHT, f"weight above {MAX_WEIGHT:g}"),
+    ]
     reason: pl.Expr = pl.lit(None, pl.String)
     for failed, why in reversed(checks):  # the first failed check names the reason
         reason = pl.when(failed).then(pl.lit(why)).otherwise(reason)

@@ -719,8 +719,19 @@ def events_consume(
     stream: Annotated[str, typer.Option(help="Redis stream key.")] = "recsys:events",
     group: Annotated[str, typer.Option(help="Consumer group (created if missing).")] = "recsys",
     consumer: Annotated[
-        str | None, typer.Option(help="This consumer's name in the group. Default: host-pid.")
+        str | None,
+        typer.Option(
+            help="This consumer's name in the group. Default: the host and the artifacts "
+            "path, the same on every restart (one consumer per host and artifacts)."
+        ),
     ] = None,
+    claim_idle_ms: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Claim messages another consumer left unacknowledged this long (it died).",
+        ),
+    ] = 60_000,
     redis_url: Annotated[
         str, typer.Option(envvar="REDIS_URL", help="The Redis that holds the stream.")
     ] = "redis://127.0.0.1:6379/0",
@@ -730,17 +741,17 @@ def events_consume(
 ) -> None:
     """Follow a Redis stream with a consumer group (XREADGROUP): each message (one event as
     its fields, or a field `events` holding a JSON list) is validated, stored durably, then
-    acknowledged (XACK). Pending messages of this consumer are taken first after a crash."""
-    import socket
-
+    acknowledged (XACK). Pending messages of this consumer are taken first after a crash;
+    messages that are no events go to the dead-letter stream STREAM:dead with their reason;
+    messages a dead consumer of the group left pending are claimed."""
     import redis
 
-    from recsys.event_sources import StreamConsumer
+    from recsys.event_sources import StreamConsumer, default_consumer_name
 
-    name = consumer or f"{socket.gethostname()}-{os.getpid()}"
+    name = consumer or default_consumer_name(artifacts)
     try:
         client = redis.Redis.from_url(redis_url)
-        reader = StreamConsumer(client, artifacts, stream, group, name)
+        reader = StreamConsumer(client, artifacts, stream, group, name, claim_idle_ms)
     except redis.RedisError as exc:
         raise RecsysError(f"cannot reach the stream's Redis ({type(exc).__name__})") from exc
     deadline = None if max_seconds is None else time.monotonic() + max_seconds

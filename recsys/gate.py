@@ -92,7 +92,7 @@ def compare(
         reference=round(mean, 6),
         difference=round(float((candidate - reference).mean()) if len(reference) else 0.0, 6),
         interval=(round(low, 6), round(high, 6)),
-        worse=high < -margin * mean,
+        worse=not high >= -margin * mean,  # a NaN interval or reference counts as worse
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from safetensors import safe_open
 
 from features.catalogue_log import changes_path, merged_item_table
 from features.config import FeatureConfig
@@ -197,6 +198,32 @@ def embed_version(
     return Embeddings(users, items)
 
 
+def refuse_non_finite(
+    layout: VersionLayout, embeddings: Embeddings, metrics: dict[str, float]
+) -> None:
+    """A version with a NaN or infinite number in its weights, embeddings or validation
+    metrics is never committed, whatever a gate would say: it answers every request with
+    `"score": null`. One line naming what was not finite."""
+    found = []
+    sides = (("user embeddings", embeddings.users), ("item embeddings", embeddings.items))
+    for name, values in sides:
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            found.append(f"{bad:,} values of the {name}")
+    with safe_open(str(layout.model_weights), framework="numpy") as weights:
+        for key in weights.keys():  # noqa: SIM118 (safe_open is no mapping)
+            bad = int(np.count_nonzero(~np.isfinite(weights.get_tensor(key))))
+            if bad:
+                found.append(f"{bad:,} values of {key}")
+    found += [f"validation {k} = {v}" for k, v in metrics.items() if not np.isfinite(v)]
+    if found:
+        raise RecsysError(
+            "refused to commit a version with numbers that are not finite: "
+            + "; ".join(found[:5])
+            + " (check the log's weights and the training settings)"
+        )
+
+
 def index_version(
     layout: VersionLayout,
     embeddings: Embeddings,
@@ -312,6 +339,7 @@ def _build_locked(
         layout.build_config.write_text(settings.to_toml())
         _save_curve(result.history, layout.model / "training_curve.png", result.config.eval_k)
         embeddings = embed_version(layout, features, result, split)
+        refuse_non_finite(layout, embeddings, result.best_metrics or {})
         index = index_version(layout, embeddings, tower, index_targets, result.config.seed)
         gate = None
         if previous is not None and policy.gate:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from features.catalogue_log import ItemChange, append_change, changes_path
-from features.event_log import SegmentWriter
+from features.event_log import EventStoreError, SegmentWriter
 from serving.cache import CACHE_EVENTS, Cache, pack_results, unpack_results
 from serving.catalogue import FilterError, Filters
 from serving.event_rows import parse_events
@@ -52,6 +52,12 @@ class UnknownItem(AnswerError):
 
 class Invalid(AnswerError):
     status = 422
+
+
+class Unstored(AnswerError):
+    """The disk did not take a write whole: nothing of it is acknowledged."""
+
+    status = 507
 
 
 def _as_list(value: Any) -> list[str]:
@@ -313,7 +319,12 @@ class Answers:
             state.items.integer,
         )
         if accepted:
-            state.fresh.read(self.events.append(accepted))
+            try:
+                segment = self.events.append(accepted)
+            except EventStoreError as exc:
+                EVENTS.labels("unstored").inc(len(accepted))
+                raise Unstored(f"no event of this request was stored: {exc}") from exc
+            state.fresh.read(segment)
         EVENTS.labels("accepted").inc(len(accepted))
         EVENTS.labels("rejected").inc(len(rejected))
         return {"accepted": len(accepted), "rejected": rejected}

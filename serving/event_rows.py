@@ -10,8 +10,8 @@ from typing import Any
 
 from features.event_log import COLUMNS, Event
 from recsys.core import schema as s
+from recsys.core.ids import IdError, checked_id, checked_text, checked_weight
 
-MAX_ID_CHARS = 256
 MAX_EVENT_CHARS = 64
 LATEST_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
 
@@ -21,23 +21,10 @@ class RowError(ValueError):
 
 
 def _identifier(value: Any, column: str, integers: bool) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise RowError(f"{column} must be an integer or a string")
-    if isinstance(value, str):
-        value = value.strip()
-        if not value:
-            raise RowError(f"empty {column}")
-        if len(value) > MAX_ID_CHARS or any(c in value for c in "\r\n\x00"):
-            raise RowError(f"{column} must be one line of at most {MAX_ID_CHARS} characters")
-    if not integers:
-        return str(value)
     try:
-        number = int(value)
-    except ValueError:
-        raise RowError(f"{column} must be an integer: this catalogue's IDs are integers") from None
-    if not -(2**63) <= number < 2**63:
-        raise RowError(f"{column} is beyond 64 bits")
-    return number
+        return checked_id(value, column, integers)
+    except IdError as exc:
+        raise RowError(str(exc)) from None
 
 
 def _timestamp(value: Any, now: float) -> int:
@@ -48,9 +35,15 @@ def _timestamp(value: Any, now: float) -> int:
     if isinstance(value, bool):
         raise RowError("timestamp must be seconds since the epoch or ISO-8601 text")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an integer beyond a double (10**400)
+            raise RowError("timestamp out of range (0 to year 9999)") from None
     elif isinstance(value, str):
-        text = value.strip()
+        try:
+            text = checked_text(value, "timestamp", 64)
+        except IdError as exc:
+            raise RowError(str(exc)) from None
         try:
             seconds = float(text)
         except ValueError:
@@ -71,26 +64,34 @@ def _timestamp(value: Any, now: float) -> int:
 def _weight(value: Any) -> float:
     if value is None:
         return 1.0
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RowError("weight must be a number")
-    if not math.isfinite(value) or value < 0:
-        raise RowError("invalid weight (not a number, infinite or negative)")
-    return float(value)
+    try:
+        return checked_weight(value)
+    except IdError as exc:
+        raise RowError(str(exc)) from None
 
 
 def _event_type(value: Any) -> str | None:
-    if value is None:
+    """The event's type: printable one-line text (a CR, NUL or lone surrogate stored in a
+    segment would break every reader), or None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    if not isinstance(value, str) or len(value) > MAX_EVENT_CHARS or "\n" in value:
-        raise RowError(f"event must be a one-line string of at most {MAX_EVENT_CHARS} characters")
-    return value.strip() or None
+    try:
+        return checked_text(value, "event", MAX_EVENT_CHARS)
+    except IdError as exc:
+        raise RowError(str(exc)) from None
+
+
+def _printable(name: object) -> str:
+    """A column name fit to send back (a lone surrogate cannot be encoded as JSON)."""
+    text = str(name)
+    return text[:40] if text.isprintable() else ascii(text)[:40]
 
 
 def parse_event(row: Any, integer_users: bool, integer_items: bool, now: float) -> Event:
     """One posted row as an `Event`, or RowError saying why not."""
     if not isinstance(row, dict):
         raise RowError("an event is an object with user_id and item_id")
-    unknown = sorted(str(k) for k in row if k not in COLUMNS)
+    unknown = sorted(_printable(k) for k in row if k not in COLUMNS)
     if unknown:
         raise RowError(f"unknown column(s) {', '.join(unknown)}; allowed: {', '.join(COLUMNS)}")
     for column in s.REQUIRED_COLUMNS:

@@ -12,6 +12,8 @@ import bisect
 import numpy as np
 import polars as pl
 
+from recsys.core.ids import canonical_integer
+
 
 class IdLookup:
     def __init__(self, ids: pl.Series) -> None:
@@ -38,15 +40,10 @@ class IdLookup:
 
     def typed(self, raw: object) -> int | str | None:
         """A request's ID (always text in a URL) in the vocabulary's own type; None for
-        text that is no integer in a vocabulary of integers."""
+        text that is no canonical integer in a vocabulary of integers (recsys.core.ids)."""
         if not self.integer:
             return str(raw)
-        if isinstance(raw, int):
-            return raw
-        try:
-            return int(str(raw))
-        except ValueError:
-            return None
+        return canonical_integer(raw)  # "1_0" names no user, never user 10
 
     def find(self, raw: object) -> int | None:
         """The dense index of a request's ID, None if the vocabulary lacks it."""

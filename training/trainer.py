@@ -400,10 +400,16 @@ def _train_one(
                     _, extra["extra_item_emb"] = parallel.model(builder.items(extra_ids).to(device))
                     extra["extra_item_ids"] = torch.from_numpy(extra_ids).to(device)
             loss = loss_fn(user_emb, item_emb, item_ids, weights, **extra)
+            value = loss.item()
+            if not math.isfinite(value):  # a step on it would make every weight NaN
+                raise RecsysError(
+                    f"training stopped: the loss is {value} at epoch {epoch}, step {b} "
+                    "(check the log's weights and the learning rates)"
+                )
             parallel.optimizer.zero_grad()
             loss.backward()
             parallel.optimizer.step()
-            losses.append(loss.item())
+            losses.append(value)
             state.step += 1
             if b % 20 == 0:
                 rate = (b + 1) * cfg.batch_size / (time.perf_counter() - epoch_start)  # global
