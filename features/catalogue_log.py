@@ -7,6 +7,8 @@ lines only, from a remembered offset, as with the event segments."""
 
 import fcntl
 import json
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,6 +18,9 @@ import polars as pl
 
 from features.side_tables import read_side_table
 from recsys.core import schema as s
+from recsys.core.ids import MAX_ID_CHARS, canonical_integer, checked_text
+
+log = logging.getLogger(__name__)
 
 CATALOGUE_DIR = "catalogue"
 CHANGES_FILE = "changes.jsonl"
@@ -36,15 +41,28 @@ def changes_path(artifacts: Path) -> Path:
 
 
 def append_change(path: Path, change: ItemChange) -> None:
-    """Append one change durably; concurrent writers (workers) take turns on a lock."""
+    """Append one change durably; concurrent writers (workers) take turns on a lock. A
+    change that a reader could not read back is refused (ValueError) before a byte is
+    written; the whole line is written or the file is cut back to where it was."""
+    checked_change(asdict(change))
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(asdict(change), separators=(",", ":")) + "\n").encode()
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, line)
-        os.fsync(fd)
+        before = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                written = os.write(fd, view)
+                if written <= 0:
+                    raise OSError("the disk took no bytes")
+                view = view[written:]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, before)
+            raise
     finally:
         os.close(fd)  # releases the lock
     if created:
@@ -55,8 +73,43 @@ def append_change(path: Path, change: ItemChange) -> None:
             os.close(directory)
 
 
+MAX_VALUES = 100  # values of one feature column of one item
+
+
+def checked_change(record: Any) -> ItemChange:
+    """A stored (or about to be stored) change, if every field keeps the rules that every
+    reader relies on; ValueError saying why not."""
+    if not isinstance(record, dict) or set(record) - {"item_id", "available", "features", "at"}:
+        raise ValueError("not a change record")
+    item = record.get("item_id")
+    if isinstance(item, bool) or not isinstance(item, int | str):
+        raise ValueError("item_id must be an integer or text")
+    if isinstance(item, str):
+        checked_text(item, "item_id", MAX_ID_CHARS)
+    elif canonical_integer(item) is None:
+        raise ValueError("item_id is beyond 64 bits")
+    if not isinstance(record.get("available"), bool):
+        raise ValueError("available must be true or false")
+    at = record.get("at", 0.0)
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        raise ValueError("at must be a finite number")
+    features = record.get("features")
+    if features is not None:
+        if not isinstance(features, dict) or not features:
+            raise ValueError("features must be a non-empty object")
+        for column, values in features.items():
+            checked_text(column, "feature column")
+            if not isinstance(values, list) or len(values) > MAX_VALUES:
+                raise ValueError(f"feature {column}: a list of at most {MAX_VALUES} values")
+            for value in values:
+                checked_text(value, f"feature {column}")
+    return ItemChange(item, record["available"], features, float(at))
+
+
 def read_changes(path: Path, start: int = 0) -> tuple[list[ItemChange], int]:
-    """Changes after byte `start` (whole lines only) and the offset to continue from."""
+    """Changes after byte `start` (whole lines only) and the offset to continue from. A
+    line no reader could use (not JSON, a lone surrogate, a field of the wrong type) is
+    quarantined: skipped and logged with its byte offset, never a failed restart or build."""
     try:
         with path.open("rb") as handle:
             handle.seek(start)
@@ -65,11 +118,15 @@ def read_changes(path: Path, start: int = 0) -> tuple[list[ItemChange], int]:
         return [], start
     end = chunk.rfind(b"\n") + 1
     changes = []
-    for line in chunk[:end].splitlines():
+    offset = start
+    for line in chunk[:end].split(b"\n")[:-1]:
+        at, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
         try:
-            changes.append(ItemChange(**json.loads(line)))
-        except (ValueError, TypeError):
-            continue  # not written by append_change
+            changes.append(checked_change(json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            log.warning("%s, byte %d: change quarantined (%s)", path, at, str(exc)[:80])
     return changes, start + end
 
 

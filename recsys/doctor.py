@@ -100,8 +100,12 @@ def check_redis(url: str | None) -> Callable[[], tuple[bool, str]]:
 
 def check_writable(directory: Path) -> Callable[[], tuple[bool, str]]:
     def check() -> tuple[bool, str]:
+        """Never creates the directory: a mistyped path would look fine and be left
+        behind (`recsys build` creates it)."""
+        if not directory.is_dir():
+            problem = "is not a directory" if directory.exists() else "does not exist"
+            return False, f"{directory}: {problem} (recsys build --artifacts creates it)"
         try:
-            directory.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-") as handle:
                 handle.write(b"ok")
                 handle.flush()

@@ -11,6 +11,7 @@ search threads. `for_request` may run the user tower and is called from a thread
 import asyncio
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from features.catalogue_log import ItemChange, append_change, changes_path
+from features.catalogue_log import MAX_VALUES, ItemChange, append_change, changes_path
 from features.event_log import EventStoreError, SegmentWriter
+from recsys.core.ids import IdError, checked_id, checked_text
 from serving.cache import CACHE_EVENTS, Cache, pack_results, unpack_results
 from serving.catalogue import FilterError, Filters
 from serving.event_rows import parse_events
@@ -60,9 +62,38 @@ class Unstored(AnswerError):
     status = 507
 
 
-def _as_list(value: Any) -> list[str]:
-    values = value if isinstance(value, list) else [value]
-    return [str(v) for v in values if v is not None]
+def _feature_texts(features: dict[str, Any], columns: Any) -> dict[str, list[str]]:
+    """A PUT's features as text, each value checked; Invalid saying which and why."""
+    if not features:
+        raise Invalid("features must name at least one column of the item table")
+    unknown = sorted(set(features) - set(columns))
+    if unknown:
+        shown = ", ".join(ascii(c)[1:-1][:40] for c in unknown)
+        raise Invalid(
+            f"unknown feature column(s) {shown}; the item table's: "
+            f"{', '.join(sorted(columns)) or 'none'}"
+        )
+    out: dict[str, list[str]] = {}
+    for column, value in features.items():
+        values = value if isinstance(value, list) else [value]
+        if len(values) > MAX_VALUES:
+            raise Invalid(f"feature {column}: at most {MAX_VALUES} values")
+        texts = []
+        for one in values:
+            if one is None:
+                continue
+            if isinstance(one, float) and not math.isfinite(one):
+                raise Invalid(f"feature {column}: numbers must be finite")
+            if not isinstance(one, str | int | float | bool):
+                raise Invalid(f"feature {column}: values are text, numbers or booleans")
+            try:
+                texts.append(checked_text(str(one), f"feature {column}"))
+            except IdError as exc:
+                raise Invalid(str(exc)) from None
+        out[column] = texts
+    if not any(out.values()):
+        raise Invalid("features must give at least one value")
+    return out
 
 
 def _fresh_query(
@@ -161,6 +192,7 @@ class Answers:
     offload_search_ms: float  # misses of versions whose searches take this long: threads
     max_k: int
     max_history: int  # longest history a request may give
+    max_new_items: int = 10_000  # new items held between builds (RECSYS_MAX_NEW_ITEMS)
 
     def current(self) -> VersionState:
         """The version a request uses from start to end (read once: see serving.live)."""
@@ -333,25 +365,30 @@ class Answers:
         self, raw_item: ItemId, available: bool, features: dict[str, Any] | None
     ) -> Answer:
         """Hide, show or add an item (a thread: the fsync blocks); durable before the
-        answer, on this worker at once and on the others within a poll."""
+        answer, on this worker at once and on the others within a poll. Everything is
+        checked before a byte is stored: the ID by the events route's rules, every feature
+        value (printable text, finite numbers, at most MAX_VALUES a column)."""
         state = self.current()
         shelf = state.catalogue
-        key = state.new_item_key(str(raw_item))
-        known = state.item_index(raw_item) is not None
-        if isinstance(raw_item, str) and state.items.integer and not isinstance(key, int):
-            raise Invalid("item_id must be an integer: this catalogue's IDs are integers")
-        text: dict[str, list[str]] | None = None
-        if features is not None:
-            unknown = sorted(set(features) - set(shelf.columns))
-            if unknown:
-                raise Invalid(
-                    f"unknown feature column(s) {', '.join(unknown)}; the item table's: "
-                    f"{', '.join(sorted(shelf.columns)) or 'none'}"
-                )
-            text = {c: _as_list(v) for c, v in features.items()}
+        try:
+            key = checked_id(raw_item, "item_id", state.items.integer)
+        except IdError as exc:
+            raise Invalid(str(exc)) from None
+        known = state.item_index(key) is not None
+        text = None if features is None else _feature_texts(features, shelf.columns)
         if not known and text is None and str(key) not in shelf.new_items and available:
             raise Invalid("a new item needs features: the item tower embeds it from them")
-        append_change(changes_path(self.artifacts), ItemChange(key, available, text, time.time()))
+        adding = not known and text is not None and str(key) not in shelf.new_items
+        if adding and len(shelf.new_items) >= self.max_new_items:
+            raise Invalid(
+                f"{len(shelf.new_items):,} new items are held since the version was "
+                f"built (RECSYS_MAX_NEW_ITEMS): build a version to take them in"
+            )
+        change = ItemChange(key, available, text, time.time())
+        try:
+            append_change(changes_path(self.artifacts), change)
+        except OSError as exc:
+            raise Unstored(f"the change was not stored: {exc}") from exc
         CATALOGUE_CHANGES.labels(
             "added" if not known and text else "shown" if available else "hidden"
         ).inc()
@@ -377,7 +414,8 @@ class Answers:
             if new is None or not new.available:
                 raise UnknownItem(f"unknown item_id {raw_item!r}")
             items, scores = state.search(new.embedding, np.zeros(0, np.int64), k + 1, filters)
-            keep = np.array(state.item_ids(items), dtype=object) != new.raw
+            own = state.new_item_key(new.raw)  # an int in a catalogue of integers
+            keep = np.array([i != own for i in state.item_ids(items)], dtype=bool)
             found: Found = (items[keep][:k], scores[keep][:k], False)
             answer_id: ItemId = state.new_item_key(new.raw)
         else:

@@ -51,18 +51,31 @@ def _open(settings: ServiceSettings) -> Resources:
         settings.offload_search_ms,
         settings.max_k,
         settings.max_history,
+        settings.max_new_items,
     )
     return Resources(settings, live, cache, threads, answers)
 
 
+def _text(value: str) -> str:
+    """Text that UTF-8 can carry: a lone surrogate is shown escaped."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return ascii(value)[1:-1]
+    return value
+
+
 def _finite(value: Any) -> Any:
-    """A validation error's input, safe to echo as JSON (NaN and Infinity are not JSON)."""
+    """A validation error's input, safe to echo as JSON (NaN and Infinity are not JSON,
+    a lone surrogate is not UTF-8)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return _text(value)
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {_finite(k): _finite(v) for k, v in value.items()}
     return value
 
 

@@ -99,6 +99,7 @@ class Catalogue:
     any_hidden: bool = False
     offset: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _block: tuple[np.ndarray, np.ndarray] | None = None  # new items' (N, D) and available
 
     def __post_init__(self) -> None:
         self.hidden = np.zeros(len(self.items), dtype=bool)
@@ -137,6 +138,8 @@ class Catalogue:
             changes, self.offset = read_changes(self.changes, self.offset)
             for change in changes:
                 self._apply(change)
+            if changes:
+                self._block = None
             self.generation += len(changes)
             self.any_hidden = bool(self.hidden.any())
             return len(changes)
@@ -191,6 +194,30 @@ class Catalogue:
             hit[self.columns[column].items_with(values)] = True
             mask &= hit
         return mask
+
+    def new_block(self, filters: Filters) -> tuple[np.ndarray, np.ndarray] | None:
+        """The new items' embeddings (N, D), stacked once per change rather than per
+        request (10,000 new items made every miss 50-110 ms), and which of them may be
+        answered: available and passing every filter. None without new items."""
+        block = self._block
+        if block is None:
+            new = self.new_list()
+            if not new:
+                return None
+            block = (
+                np.stack([item.embedding for item in new]).astype(np.float32),
+                np.array([item.available for item in new], dtype=bool),
+            )
+            self._block = block
+        matrix, available = block
+        mask = available.copy()
+        if filters:
+            for n, item in enumerate(self.new_list()):
+                if mask[n] and not all(
+                    item.categories.get(c, set()) & set(v) for c, v in filters.items()
+                ):
+                    mask[n] = False
+        return matrix, mask
 
     def new_candidates(self, filters: Filters) -> list[tuple[int, NewItem]]:
         """(item index, new item) of the new items that are available and pass every

@@ -33,7 +33,7 @@ class RecommendationRequest(BaseModel):
     history: list[ItemId] = Field(
         default_factory=list, max_length=1000, description="Recent item IDs, oldest first"
     )
-    k: int = Field(10, ge=1, le=1000)
+    k: int = Field(10, ge=1, description="At most RECSYS_MAX_K (1,000 by default)")
     exclude: list[ItemId] = Field(default_factory=list, max_length=10_000)
     categories: dict[str, list[str]] = Field(
         default_factory=dict,

@@ -21,14 +21,18 @@ class ServiceSettings(BaseSettings):
     redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
     redis_retry_seconds: float = Field(default=1.0, ge=0.0)  # back-off after a Redis failure
     lru_entries: int = Field(default=100_000, ge=0)
-    max_k: int = Field(default=1000, ge=1)
+    max_k: int = Field(default=1000, ge=1, le=10_000)  # the largest k of every route
     max_history: int = Field(default=1000, ge=1, le=1000)  # longest history in a request
+    max_new_items: int = Field(  # items added through PUT /admin/items between builds
+        default=10_000, ge=0, le=1_000_000
+    )
     reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
     # How often a worker reads the other workers' posted events (its own: at once)
     events_poll_seconds: float = Field(default=0.1, gt=0.0, le=60.0)
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403
     api_keys: SecretStr | None = None  # comma-separated; set: /v1 routes need X-API-Key
     header_timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)  # slow clients
+    body_timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)  # whole body after them
     max_body_bytes: int = Field(default=1_000_000, ge=1_000)  # larger request bodies: 413
     # Cache misses of a version whose build measured a search at this or more search in
     # the worker's search threads; faster ones on the event loop: at 2 ms per search (1M
@@ -54,6 +58,8 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 "is set but empty: unset RECSYS_ADMIN_API_KEY to disable the admin routes"
             )
+        if value is not None:
+            _usable_key(value.get_secret_value())
         return value
 
     @field_validator("api_keys")
@@ -61,6 +67,10 @@ class ServiceSettings(BaseSettings):
     def _client_keys_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not [k for k in value.get_secret_value().split(",") if k.strip()]:
             raise ValueError("holds no key: unset RECSYS_API_KEYS to leave /v1 open")
+        if value is not None:
+            for key in value.get_secret_value().split(","):
+                if key.strip():
+                    _usable_key(key.strip())
         return value
 
     @field_validator("redis_url")
@@ -75,6 +85,15 @@ class ServiceSettings(BaseSettings):
         except ValueError as exc:
             raise ValueError("has a port that is not a number") from exc
         return value
+
+
+def _usable_key(key: str) -> None:
+    """A key a client can send in an X-API-Key header: HTTP strips a header value's
+    surrounding spaces, so a key with them could never match (every request a 401)."""
+    if key != key.strip():
+        raise ValueError("has spaces around it, which no X-API-Key header can carry")
+    if not key.isprintable() or not key.isascii():
+        raise ValueError("holds characters an X-API-Key header cannot carry")
 
 
 def settings_problem(exc: ValidationError) -> str:

@@ -123,13 +123,21 @@ class VersionState:
         ids, scores = self.recommender.for_vector(
             query, exclude, k, shelf.hidden_mask(), shelf.allowed(filters)
         )
-        banned = set(exclude.tolist())
-        new = [(i, item) for i, item in shelf.new_candidates(filters) if i not in banned]
-        if not new:
+        block = shelf.new_block(filters)
+        if block is None:
             return ids, scores
-        extra_ids = np.array([i for i, _ in new], dtype=np.int64)
-        extra_scores = (np.stack([item.embedding for _, item in new]) @ query).astype(np.float32)
-        ids = np.concatenate([ids, extra_ids])
+        matrix, allowed = block
+        known = len(self.items)
+        banned = exclude[exclude >= known] - known
+        allowed[banned[banned < len(allowed)]] = False
+        extra_ids = np.flatnonzero(allowed)
+        if not len(extra_ids):
+            return ids, scores
+        extra_scores = (matrix[extra_ids] @ query).astype(np.float32)
+        if len(extra_ids) > k:
+            best = np.argpartition(-extra_scores, k - 1)[:k]
+            extra_ids, extra_scores = extra_ids[best], extra_scores[best]
+        ids = np.concatenate([ids, extra_ids + known])
         scores = np.concatenate([scores.astype(np.float32), extra_scores])
         order = np.lexsort((ids, -scores))[:k]
         return ids[order], scores[order]

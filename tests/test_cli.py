@@ -74,6 +74,7 @@ def test_a_log_that_collapses_to_one_item_is_not_built(tmp_path: Path):
 
 
 def test_doctor_names_each_check_and_fails_on_a_bad_one(tmp_path: Path, redis_url: str):
+    (tmp_path / "artifacts").mkdir()
     good = recsys("doctor", "--artifacts", tmp_path / "artifacts", "--redis-url", redis_url)
     assert good.returncode == 0, good.stdout
     names = [line.split(":")[0].split()[-1] for line in good.stdout.strip().splitlines()]
@@ -85,6 +86,9 @@ def test_doctor_names_each_check_and_fails_on_a_bad_one(tmp_path: Path, redis_ur
     assert bad.returncode == 1
     failed = [line for line in bad.stdout.splitlines() if line.startswith("FAIL")]
     assert [line.split(":")[0] for line in failed] == ["FAIL redis", "FAIL artifacts"]
+    missing = recsys("doctor", "--artifacts", tmp_path / "typo", "--redis-url", redis_url)
+    assert missing.returncode == 1 and "does not exist" in missing.stdout
+    assert not (tmp_path / "typo").exists()  # probe: doctor said ok and created it
 
 
 def test_doctor_names_a_version_mismatch():

@@ -172,10 +172,11 @@ def built(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_a_bad_stored_line_neither_stops_a_restart_nor_a_build(built, tmp_path):
+    from test_events import _rebuild
+
     from recsys.core.versions import VersionStore
     from serving.app import create_app
     from serving.settings import ServiceSettings
-    from test_events import _rebuild
 
     artifacts = private_copy(built, tmp_path)
     _plant_bad_segment(artifacts / "events")
