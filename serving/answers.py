@@ -97,11 +97,17 @@ def _feature_texts(features: dict[str, Any], columns: Any) -> dict[str, list[str
 
 
 def _fresh_query(
-    state: VersionState, user: int | None, fresh: UserEvents
+    state: VersionState, user: int | None, fresh: UserEvents, half: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(query vector, new item indices): the user tower on the version's history of the
-    user plus their events since (weighted as the version weighs its bags; items the
-    version does not know are left out)."""
+    """(query vector, new item indices) for a user with events newer than the version.
+
+    The user tower on the version's history of the user plus the new events (weighted as
+    the version weighs its bags; items the version does not know are left out), mixed
+    with the tower's vector of the new events alone, the way an anonymous session is
+    answered, with weight n / (n + half) for n new events. Why the mix: a known user's
+    vector is mostly their ID row and long history, so ten new events barely moved it (on
+    MovieLens-100K, 10 horror events left the horror share of user 1's top 20 at 0.00);
+    recent actions should count most, and more of them count more."""
     pairs = zip(fresh.items, fresh.weights, strict=True)
     mapped = [(state.item_index(raw), w) for raw, w in pairs]
     new = np.array([i for i, _ in mapped if i is not None], np.int64)
@@ -113,7 +119,11 @@ def _fresh_query(
         np.concatenate([past, new]).tolist(),
         np.concatenate([past_weights, new_weights]).tolist(),
     )
-    return query, new
+    if user is None or not len(new):
+        return query, new  # an unknown user is answered from the new events alone
+    recent = state.embed_history(None, new.tolist(), new_weights.tolist())  # (D,)
+    share = len(new) / (len(new) + half)
+    return ((1.0 - share) * query + share * recent).astype(np.float32), new
 
 
 def filter_tag(filters: Filters) -> str:
@@ -193,6 +203,7 @@ class Answers:
     max_k: int
     max_history: int  # longest history a request may give
     max_new_items: int = 10_000  # new items held between builds (RECSYS_MAX_NEW_ITEMS)
+    fresh_half_events: float = 5.0  # RECSYS_FRESH_HALF_EVENTS: see _fresh_query
 
     def current(self) -> VersionState:
         """The version a request uses from start to end (read once: see serving.live)."""
@@ -225,15 +236,19 @@ class Answers:
         self._store(key, items, scores)
         return items, scores, False
 
-    async def cached_on_loop(self, state: VersionState, key: str, search: Search) -> Found:
+    async def cached_on_loop(
+        self, state: VersionState, key: str, search: Search, offload: bool = False
+    ) -> Found:
         """A hit is answered on the loop. A miss on a version whose searches are slow
         searches in the search threads: Annoy and NumPy release the GIL while they search,
         so the loop keeps answering hits meanwhile. Faster searches run on the loop:
-        handing the GIL back and forth cost more than it saved at 2 ms per search."""
+        handing the GIL back and forth cost more than it saved at 2 ms per search.
+        `offload`: the miss runs the user tower (a user with posted events), whose cost
+        grows with the events, so it never runs on the loop."""
         hit = self._lookup(key)
         if hit is not None:
             return *hit, True
-        if state.search_ms >= self.offload_search_ms:
+        if offload or state.search_ms >= self.offload_search_ms:
             loop = asyncio.get_running_loop()
             items, scores = await loop.run_in_executor(self.search_threads, self._timed, search)
         else:
@@ -280,7 +295,7 @@ class Answers:
             return key, lambda: state.popular(np.zeros(0, np.int64), k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
-            query, new = _fresh_query(state, user, fresh)
+            query, new = _fresh_query(state, user, fresh, self.fresh_half_events)
             seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
             exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
             return state.search(query, exclude, k, filters)
@@ -303,7 +318,8 @@ class Answers:
         state = self.current()
         filters = self._checked(state, filters or {})
         key, search, fallback = self._user_search(state, raw_user, k, exclude_seen, filters)
-        found = await self.cached_on_loop(state, key, search)
+        fresh = ":fresh:" in key  # the tower runs on a miss: off the loop
+        found = await self.cached_on_loop(state, key, search, offload=fresh)
         return _recommendations(state, state.user_key(raw_user), found, fallback)
 
     def for_request(self, body: RecommendationRequest) -> Answer:
@@ -325,7 +341,11 @@ class Answers:
         rec = state.recommender
         seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
         fresh = None if body.user_id is None else state.fresh_events(state.user_key(body.user_id))
-        fresh_query, new = (None, seen[:0]) if fresh is None else _fresh_query(state, user, fresh)
+        fresh_query, new = (
+            (None, seen[:0])
+            if fresh is None
+            else _fresh_query(state, user, fresh, self.fresh_half_events)
+        )
         banned = np.unique(np.concatenate([np.asarray(history + excluded, np.int64), seen, new]))
         if history:  # a session: the request's history is the user's recent past
             query = state.embed_history(user, history)

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def _open(settings: ServiceSettings) -> Resources:
-    live = LiveVersion(VersionStore(settings.artifacts))
+    live = LiveVersion(VersionStore(settings.artifacts), settings.fresh_events_per_user)
     live.load_now()
     cache = make_cache(
         settings.redis_url,
@@ -52,6 +52,7 @@ def _open(settings: ServiceSettings) -> Resources:
         settings.max_k,
         settings.max_history,
         settings.max_new_items,
+        settings.fresh_half_events,
     )
     return Resources(settings, live, cache, threads, answers)
 

@@ -5,8 +5,13 @@ from the offsets its version absorbed at build time, so what a version already h
 never counted again, and a restarted worker or a flushed Redis loses nothing. A worker
 reads its own writes at once and the other workers' segments every poll
 (`RECSYS_EVENTS_POLL_SECONDS`), so an event reaches every worker's answers within a poll.
-A user's sequence number (how many of their events this worker has) goes into the cache
-key, so an answer cached before an event is never served after it.
+A user's sequence number (how many of their events this worker has taken) goes into the
+cache key, so an answer cached before an event is never served after it.
+
+Why a cap per user: the user tower reads a user's most recent events only (at most
+`RECSYS_FRESH_EVENTS_PER_USER`, 1,000 by default, the longest history a request may give),
+so older ones are dropped from memory as new ones come; the sequence number still counts
+every event. 100,000 events posted for one user cost that user's answers as much as 1,000.
 """
 
 import threading
@@ -15,15 +20,14 @@ from pathlib import Path
 
 from features.event_log import Event, read_new, segments
 
+DEFAULT_PER_USER = 1000
+
 
 @dataclass
 class UserEvents:
     items: list[str] = field(default_factory=list)  # raw item IDs as text, oldest first
     weights: list[float] = field(default_factory=list)
-
-    @property
-    def sequence(self) -> int:
-        return len(self.items)
+    sequence: int = 0  # every event taken for the user, also those no longer held
 
 
 class FreshEvents:
@@ -34,8 +38,10 @@ class FreshEvents:
         directory: Path,
         absorbed: dict[str, int] | None = None,
         event_weights: dict[str, float] | None = None,
+        per_user: int = DEFAULT_PER_USER,
     ) -> None:
         self.directory = directory
+        self.per_user = per_user
         self.event_weights = dict(event_weights or {})  # the version's --event-weights
         self.offsets: dict[str, int] = dict(absorbed or {})
         self.users: dict[str, UserEvents] = {}
@@ -47,6 +53,9 @@ class FreshEvents:
             held = self.users.setdefault(str(e.user_id), UserEvents())
             held.items.append(str(e.item_id))
             held.weights.append(self.event_weights.get(e.event or "", e.weight))
+            held.sequence += 1
+            if len(held.items) >= 2 * self.per_user:  # trimmed in bulk: amortised O(1)
+                del held.items[: -self.per_user], held.weights[: -self.per_user]
         self.count += len(events)
 
     def read(self, path: Path) -> int:
@@ -74,4 +83,5 @@ class FreshEvents:
             return None
         with self._lock:
             held = self.users[user]
-            return UserEvents(list(held.items), list(held.weights))
+            last = self.per_user
+            return UserEvents(held.items[-last:], held.weights[-last:], held.sequence)

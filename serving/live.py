@@ -21,6 +21,7 @@ from prometheus_client import Counter
 
 from recsys.core.errors import RecsysError
 from recsys.core.versions import VersionStore
+from serving.fresh import DEFAULT_PER_USER
 from serving.state import VersionState
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,9 @@ def _background_loader() -> None:
 
 
 class LiveVersion:
-    def __init__(self, store: VersionStore) -> None:
+    def __init__(self, store: VersionStore, fresh_per_user: int = DEFAULT_PER_USER) -> None:
         self.store = store
+        self.fresh_per_user = fresh_per_user
         self.state: VersionState | None = None
         self.failed: str | None = None  # last version that could not be loaded
         self._lock = asyncio.Lock()
@@ -67,7 +69,7 @@ class LiveVersion:
 
     def load_now(self) -> VersionState:
         """The first load, at start-up: without a version there is nothing to serve."""
-        self.state = VersionState.load(self.store.current())
+        self.state = VersionState.load(self.store.current(), self.fresh_per_user)
         settle_heap()
         return self.state
 
@@ -82,7 +84,10 @@ class LiveVersion:
                 return False
             try:
                 loaded = await asyncio.get_running_loop().run_in_executor(
-                    self._loader, VersionState.load, self.store.versions / name
+                    self._loader,
+                    VersionState.load,
+                    self.store.versions / name,
+                    self.fresh_per_user,
                 )
             except Exception as exc:  # any failure keeps the old version; retried on change
                 RELOADS.labels("failed").inc()

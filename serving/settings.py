@@ -26,6 +26,11 @@ class ServiceSettings(BaseSettings):
     max_new_items: int = Field(  # items added through PUT /admin/items between builds
         default=10_000, ge=0, le=1_000_000
     )
+    # A user's posted events held per worker (the most recent; the tower reads no more)
+    fresh_events_per_user: int = Field(default=1000, ge=1, le=100_000)
+    # How many posted events weigh as much as the user's stored vector: the answer mixes
+    # the vector of the posted events alone in with weight n / (n + this)
+    fresh_half_events: float = Field(default=5.0, gt=0.0, le=1e6)
     reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
     # How often a worker reads the other workers' posted events (its own: at once)
     events_poll_seconds: float = Field(default=0.1, gt=0.0, le=60.0)

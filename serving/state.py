@@ -12,7 +12,7 @@ from features.ordering import Ordering
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
 from serving.catalogue import Catalogue, Filters
-from serving.fresh import FreshEvents, UserEvents
+from serving.fresh import DEFAULT_PER_USER, FreshEvents, UserEvents
 from serving.ids import IdLookup
 from serving.recommender import Recommender
 from serving.user_tower import UserTower
@@ -30,7 +30,7 @@ class VersionState:
     catalogue: Catalogue  # hidden and new items, categories for filters
 
     @classmethod
-    def load(cls, path: Path) -> "VersionState":
+    def load(cls, path: Path, fresh_per_user: int = DEFAULT_PER_USER) -> "VersionState":
         """Load a committed version (ARTIFACTS/versions/NAME) and what was posted after it
         (ARTIFACTS/events/, ARTIFACTS/catalogue/)."""
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
@@ -39,7 +39,7 @@ class VersionState:
         event_weights = data_manifest.get("feature_config", {}).get("event_weights", {})
         absorbed = read_manifest(path, verify=False).get("events_absorbed", {})
         artifacts = path.parent.parent
-        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights)
+        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights, fresh_per_user)
         fresh.poll()
         items = IdLookup(recommender.item_ids)
         return cls(
