@@ -78,10 +78,36 @@ def _bucketed(column: pl.Series) -> pl.Series:
     return frame.select(pl.concat_list(label).alias(column.name))[column.name]
 
 
-def feature_values(column: pl.Series, separator: str) -> pl.Series | None:
-    """The column as lists of text values, or None if it cannot be a feature."""
+CATEGORICAL_INTEGERS = 100  # distinct values an integer column may have as categories
+
+
+def is_bucket_label(text: str) -> bool:
+    """Whether a category is one of `_bucketed`'s labels."""
+    return text == "0" or text.startswith((">=", "<=-"))
+
+
+def continuous(column: pl.Series) -> bool:
+    """Whether a numeric column is a quantity to bucket rather than a set of categories:
+    floats always; integers by their values, not their dtype, when they take more than
+    CATEGORICAL_INTEGERS distinct values over a wide range (a duration in ms, a play
+    count). Few values (ratings, age groups, years of a catalogue) stay categories, each
+    its own: bucketing by magnitude would put every year into one bucket."""
     dtype = column.dtype
     if dtype.is_float() or isinstance(dtype, pl.Decimal):
+        return True
+    if not dtype.is_integer() or column.n_unique() <= CATEGORICAL_INTEGERS:
+        return False
+    low, high = column.min(), column.max()
+    return low is None or float(low) <= 0 or float(high) >= 4 * float(low)  # type: ignore[arg-type]
+
+
+def feature_values(
+    column: pl.Series, separator: str, bucketed: bool | None = None
+) -> pl.Series | None:
+    """The column as lists of text values, or None if it cannot be a feature. `bucketed`:
+    whether the build bucketed it (None: decide from the column, as a build does)."""
+    dtype = column.dtype
+    if bucketed if bucketed is not None else continuous(column):
         return _bucketed(column)
     if isinstance(dtype, pl.List):
         return column.cast(pl.List(pl.String))
@@ -137,7 +163,7 @@ def build_side_features(
             continue
         categories = values.explode().drop_nulls()
         categories = categories.filter(categories != "")
-        bucketed = table.schema[name].is_float() or isinstance(table.schema[name], pl.Decimal)
+        bucketed = continuous(table[name])
         near_unique = categories.n_unique() > max(1.0, config.max_category_ratio * len(categories))
         if near_unique and not bucketed:  # buckets group values already: a few per octave
             ignored[name] = "near-unique values (say no more than the ID)"

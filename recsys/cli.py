@@ -63,6 +63,10 @@ def friendly_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# What a build says per stage and per epoch where no terminal shows its progress bars.
+PROGRESS_LOGGERS = ("recsys.pipeline", "training.trainer")
+
+
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     logging.basicConfig(
@@ -76,6 +80,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
         warnings.filterwarnings("ignore")
         for name in ("torch", "torchrec"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # cron, a scheduler: plain lines instead of progress bars
+        for name in PROGRESS_LOGGERS:
+            logging.getLogger(name).setLevel(logging.INFO)
 
 
 DataOption = Annotated[

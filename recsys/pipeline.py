@@ -150,6 +150,8 @@ def plan_warm_start(
     is then a third of the epochs its lineage's last full run took (early stopping
     included), so that it follows what this data set needs, not the example budget."""
     if previous is None or policy.from_scratch:
+        why = "no current version" if previous is None else "--from-scratch"
+        log.info("training from scratch: %s", why)
         return WarmPlan(config, tower)
     model_dir = VersionLayout(previous).model
     old = ModelSpec.from_dict(json.loads((model_dir / SPEC).read_text()))
@@ -168,6 +170,13 @@ def plan_warm_start(
     full_run_epochs = int(train.get("full_run_epochs") or train.get("epochs_run") or 1)
     if config.warm_epochs is None:
         config = replace(config, warm_epochs=warm_budget(full_run_epochs))
+    log.info(
+        "warm start from %s: its model fits this log; %s epoch(s) at most (its lineage's "
+        "full run took %d)",
+        previous.name,
+        config.warm_epochs,
+        full_run_epochs,
+    )
     return WarmPlan(config, warm_tower, model_dir, previous.name, full_run_epochs)
 
 
@@ -279,6 +288,35 @@ def _manifest(
     }
 
 
+def stage(name: str, started: float) -> None:
+    """One plain line per finished stage, for operators who read a build's log, not a
+    terminal (cron, a scheduler)."""
+    log.info("stage %s done: %.1f s since the build started", name, time.perf_counter() - started)
+
+
+def log_ingest(report: IngestReport) -> None:
+    """What ingest read, kept and refused, and why, in plain lines."""
+    log.info(
+        "ingest: read %d rows from %d file(s), kept %d, rejected %d, duplicates %d; "
+        "%d users, %d items (%d new users, %d new items); ordering %s (%s)",
+        report.read,
+        report.files,
+        report.kept,
+        report.rejected,
+        report.duplicates,
+        report.users,
+        report.items,
+        report.new_users,
+        report.new_items,
+        report.ordering,
+        report.ordering_reason,
+    )
+    for reason, count in sorted(report.rejects_by_reason.items(), key=lambda kv: -kv[1]):
+        log.info("ingest: rejected %d row(s): %s", count, reason)
+    for table, summary in report.side_tables.items():
+        log.info("ingest: %s table: %s", table, json.dumps(summary, default=str))
+
+
 def _build_locked(
     source: DataSource,
     store: VersionStore,
@@ -315,6 +353,8 @@ def _build_locked(
             FeatureConfig(event_weights=dict(settings.train.event_weights)),
             previous=VersionLayout(previous).data if previous else None,
         )
+        log_ingest(ingest_report)
+        stage("ingest", started)
         features = FeatureSet.load(layout.data)
         if features.num_items < MIN_ITEMS:
             raise RecsysError(
@@ -336,26 +376,32 @@ def _build_locked(
             warm_start=plan.model_dir,
             progress=progress,
         )
+        stage("fit", started)
         layout.build_config.write_text(settings.to_toml())
         _save_curve(result.history, layout.model / "training_curve.png", result.config.eval_k)
         embeddings = embed_version(layout, features, result, split)
         refuse_non_finite(layout, embeddings, result.best_metrics or {})
+        stage("embed", started)
         index = index_version(layout, embeddings, tower, index_targets, result.config.seed)
+        stage("index", started)
         gate = None
         if previous is not None and policy.gate:
             validated = load_model(layout.model, validated=True)
             gate = _gate(previous, validated, features, split, result.config, policy.gate_margin)
             log.warning("quality gate: %s", gate.reason)
+            stage("gate", started)
         manifest = _manifest(settings, ingest_report, result, index, plan, gate, previous)
         manifest["posted_events"] = posted.rows
         manifest["events_absorbed"] = posted.absorbed
         store.commit(name, staging, manifest)
+        stage("commit", started)
     except BaseException:
         store.discard(staging)
         raise
     promoted = gate is None or gate.promoted
     if promoted:
         store.promote(name)
+        stage("promote", started)
     return BuildReport(
         name,
         store.versions / name,

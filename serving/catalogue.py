@@ -17,7 +17,7 @@ import polars as pl
 
 from features.catalogue_log import ItemChange, changes_path, read_changes
 from features.config import FeatureConfig
-from features.side_tables import feature_values
+from features.side_tables import feature_values, is_bucket_label
 from features.vocab import ID
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
@@ -39,6 +39,7 @@ class CategoryColumn:
     starts: np.ndarray  # (C + 1,) posting list bounds
     items: np.ndarray  # item_idx grouped by category
     dtype: pl.DataType  # of the column in the item table, for new items' values
+    bucketed: bool = False  # the build bucketed its values (a quantity, not categories)
 
     @classmethod
     def load(cls, vocab_path: Path, bags: pl.Series, dtype: pl.DataType) -> "CategoryColumn":
@@ -49,7 +50,9 @@ class CategoryColumn:
         order = np.argsort(values, kind="stable")
         counts = np.bincount(values, minlength=len(categories))
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        return cls({c: i for i, c in enumerate(categories)}, starts, rows[order], dtype)
+        bucketed = bool(categories) and all(is_bucket_label(c) for c in categories)
+        codes = {c: i for i, c in enumerate(categories)}
+        return cls(codes, starts, rows[order], dtype, bucketed)
 
     def items_with(self, values: list[str]) -> np.ndarray:
         codes = [self.codes[v] for v in values if v in self.codes]
@@ -66,7 +69,7 @@ class CategoryColumn:
                 series = pl.Series([one]).cast(inner, strict=True)
             except (pl.exceptions.PolarsError, TypeError, ValueError):
                 series = pl.Series([str(one)])
-            cells = feature_values(series, separator)
+            cells = feature_values(series, separator, self.bucketed)
             if cells is not None and cells[0] is not None:
                 out += [str(text) for text in cells[0] if text is not None]
         return out

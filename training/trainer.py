@@ -436,7 +436,13 @@ def _train_one(
             on_epoch(record)
         watched = metrics[f"recall@{cfg.eval_k}"]
         log.info(
-            "epoch %d loss %.4f valid recall@%d %.4f", epoch, record["loss"], cfg.eval_k, watched
+            "epoch %d/%d: %.1f s, loss %.4f, valid recall@%d %.4f",
+            epoch,
+            cfg.max_epochs,
+            record["seconds"],
+            record["loss"],
+            cfg.eval_k,
+            watched,
         )
         state.epoch = epoch
         if watched > state.best:
