@@ -635,6 +635,18 @@ def evaluate(
             key = f"{metric}@{k}"
             table.add_row(key, *(f"{r[key]:.4f}" for r in results.values()))
     out.print(table)
+    if compare:
+        from recsys.evaluation import compare_versions
+
+        diff = compare_versions(paths, chosen)
+        low, high = diff.interval
+        verdict = "beyond noise" if low > 0 or high < 0 else "within noise"
+        out.print(
+            f"{paths[1].name} against {paths[0].name}: recall@20 difference "
+            f"{diff.difference:+.4f}, 95% interval {low:+.4f} to {high:+.4f} over "
+            f"{len(chosen.task):,} users ({verdict})",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -24,11 +24,11 @@ from recsys.core import schema as s
 from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
 from recsys.core.versions import verify_version
-from recsys.gate import last_timestamp
+from recsys.gate import Comparison, compare, last_timestamp
 from training.baselines import Popularity
 from training.config import TrainConfig
 from training.embed import TowerScorer
-from training.evaluate import EvalTask, eval_task, evaluate, sample_task
+from training.evaluate import EvalTask, eval_task, evaluate, evaluate_per_user, sample_task
 from training.export import version_towers
 from training.fit import TRAIN_CONFIG
 from training.trainer import build_split
@@ -146,3 +146,18 @@ def evaluate_versions(
     popularity = Popularity.fit(features.interactions, features.num_items)
     results["popularity"] = evaluate(popularity, chosen.task)
     return chosen, results
+
+
+def compare_versions(versions: list[Path], chosen: Slice, metric: str = "recall@20") -> Comparison:
+    """The second version against the first, user by user on the chosen slice: the mean
+    difference of `metric` and its 95% bootstrap interval, as the quality gate computes
+    them (an interval that excludes 0 is a difference beyond noise)."""
+    first, second = (
+        evaluate_per_user(
+            TowerScorer(m, b, m.spec.num_items, catalogue=chosen.seen.num_items), chosen.task
+        )[metric]
+        for m, b in (
+            version_towers(v, chosen.seen, validated=chosen.validated) for v in versions[:2]
+        )
+    )
+    return compare(versions[0].name, second, first, margin=0.0, seed=0)

@@ -324,6 +324,12 @@ def test_evaluate_scores_versions_on_events_they_never_saw(dataset, tmp_path):
     header = next(line for line in both.stdout.splitlines() if "metric" in line)
     assert first in header and second in header and "popularity" in header
     assert len(_table(both.stdout)["recall@20"]) == 3
+    # The difference with the gate's bootstrap interval (was: two columns, no verdict).
+    rows = _table(both.stdout)["recall@20"]
+    said = next(line for line in both.stdout.splitlines() if "recall@20 difference" in line)
+    assert said.startswith(f"{second} against {first}") and "95% interval" in said
+    assert said.endswith(("(within noise)", "(beyond noise)")), said
+    assert len(rows) == 3
     # Without a grown log: the newest version's validation split, and it says so.
     fallback = recsys("evaluate", "--artifacts", artifacts, "--compare", first, second)
     assert fallback.returncode == 0, fallback.stderr
