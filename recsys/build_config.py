@@ -20,10 +20,11 @@ printed and stored in each version (`build_config.toml`, and the manifest).
 
 import dataclasses
 import enum
+import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import tomli_w
 
@@ -44,6 +45,14 @@ class RebuildPolicy:
     # improvement); the gate rejects only what is worse with 95% confidence (recsys.gate).
     gate_margin: float = 0.0
     keep_versions: int = 5  # versions kept on disk, the current one included
+
+    def __post_init__(self) -> None:  # checked before any work: 0 failed after promotion
+        if not 1 <= self.keep_versions <= 10_000:
+            raise ValueError(
+                f"keep_versions must be between 1 and 10,000, got {self.keep_versions!r}"
+            )
+        if not math.isfinite(self.gate_margin) or not -1.0 <= self.gate_margin <= 1.0:
+            raise ValueError(f"gate_margin must be between -1 and 1, got {self.gate_margin!r}")
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,9 @@ class BuildConfig:
     def with_file(self, path: Path) -> "BuildConfig":
         """A copy with the settings of a TOML file applied."""
         try:
-            document = tomllib.loads(path.read_text())
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RecsysError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
         except OSError as exc:
             raise RecsysError(f"{path}: cannot read the config file ({exc.strerror})") from exc
         except tomllib.TOMLDecodeError as exc:
@@ -183,6 +194,16 @@ def _parse(section: str, key: str, value: Any, current: Any) -> Any:
             raise TypeError(f"target_events must be event type names, got {value!r}")
         return tuple(n.strip() for n in names if n.strip())
     default = getattr(current, key)
+    if default is None:  # the type comes from the annotation (int | None, str | None)
+        hint = get_type_hints(type(current))[key]
+        wanted = [a for a in get_args(hint) if a is not type(None)] or [hint]
+        if int in wanted and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{key} must be an integer, got {value!r}")
+        if float in wanted and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise TypeError(f"{key} must be a number, got {value!r}")
+        if str in wanted and not isinstance(value, str):
+            raise TypeError(f"{key} must be text, got {value!r}")
+        return float(value) if float in wanted else value
     if isinstance(default, enum.Enum):
         return type(default)(value)
     if isinstance(default, bool) and not isinstance(value, bool):

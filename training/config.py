@@ -17,6 +17,7 @@ class Similarity(enum.Enum):
 MAX_MEMBERS = 8
 USER_SUMMED = 3  # inputs the user tower's skip path sums: user ID, history, recent bags
 AUTO_MEMBERS = 4  # the most `members` a log gets by default
+MAX_WIDTH = 4096  # the widest table or layer a setting may ask for
 SERVED_WIDTH = 256  # a default build's served vector: members x embedding_dim
 BASE_WIDTH = 64  # the narrowest default member (and every version's before the rule)
 TABLE_PARAMETERS = 1 << 26  # ID rows x width a default build widens its tables up to
@@ -52,6 +53,9 @@ class TowerConfig:
     # the log's weights differ
 
     def __post_init__(self) -> None:
+        widest = max(self.id_dim, self.feature_dim, self.hidden_dim, self.embedding_dim or 0)
+        if widest > MAX_WIDTH:  # 5,000,000 tried to allocate 25.6 GB before anything said so
+            raise ValueError(f"tower sizes must be at most {MAX_WIDTH:,}, got {widest:,}")
         if min(self.id_dim, self.feature_dim, self.hidden_dim) < 0 or (
             self.embedding_dim is not None and self.embedding_dim < 1
         ):
@@ -220,6 +224,22 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.losses or any(weight <= 0 for _, weight in self.losses):
             raise ValueError("losses need at least one entry, each with a positive weight")
+        for name, low, high in (
+            ("batch_size", 1, 1 << 20),
+            ("max_epochs", 1, 10_000),
+            ("warm_epochs", 1, 10_000),
+            ("patience", 0, 10_000),
+            ("eval_k", 1, 1_000),
+            ("max_valid_users", 1, 100_000_000),
+            ("example_budget", 1, 10**12),
+            ("seed", 0, 2**32 - 1),  # what every random generator of a build accepts
+        ):
+            value = getattr(self, name)
+            if value is not None and not low <= value <= high:
+                raise ValueError(f"{name} must be between {low:,} and {high:,}, got {value!r}")
+        for name in ("learning_rate", "embedding_learning_rate"):
+            if not 0 < getattr(self, name) <= 10:
+                raise ValueError(f"{name} must be in (0, 10], got {getattr(self, name)!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.logq_correction < 0 or self.query_logq_correction < 0:
