@@ -10,6 +10,7 @@ from bench import (
     ablations,
     build,
     freshness,
+    genre_share,
     index,
     ingest,
     nightly,
@@ -25,7 +26,7 @@ from bench import (
 )
 from recsys.core.settings import Settings
 
-OPT_IN = {"ablations"}  # sections run only when --only names them
+OPT_IN = {"ablations", "genre-share"}  # sections run only when --only names them
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
         "nightly, soak, swap, freshness, worker-memory; and, run only when named, "
-        "ablations",
+        "ablations, genre-share",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -66,6 +67,7 @@ def main() -> None:
         ("freshness", freshness),
         ("worker-memory", worker_memory),
         ("ablations", ablations),  # opt-in: outside the full run's hour
+        ("genre-share", genre_share),  # opt-in: two default builds, about 15 minutes
     )
     for name, bench in benches:
         if (args.only and name not in args.only) or (not args.only and name in OPT_IN):

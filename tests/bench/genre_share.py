@@ -1,0 +1,156 @@
+"""Do posted events move a known user towards what they just did? MovieLens-100K, a
+default build, `recsys serve` with 2 workers: for a user, a genre with no item in their
+top 20; 10 events of that genre's most popular items posted; then new-connection GETs
+until every worker answers with the events (4 changed answers in a row), and the share of
+that genre in the top 20 then. With the default mixing (`RECSYS_FRESH_HALF_EVENTS`) and
+with it off (the events only appended to the history), on the log with timestamps and on
+the same log without them (a set)."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import polars as pl
+
+from bench.report import markdown_table, save
+from recsys.core.versions import VersionStore
+from recsys.processes import served
+
+POSTED = 10
+TOP = 20
+CONSECUTIVE = 4  # changed answers in a row, new connections: every worker has the events
+
+
+def default_version(work: Path, name: str, timestamps: bool) -> Path:
+    """Artifacts with a default build of MovieLens-100K (built on first use)."""
+    from data import movielens
+    from features.sources import resolve_source
+    from recsys.core.settings import Settings
+    from recsys.pipeline import build
+
+    artifacts = work / name
+    if VersionStore(artifacts).current_name() is None:
+        source = movielens.fetch(Settings().datasets_dir)
+        data = work / f"{name}-data"
+        data.mkdir(parents=True, exist_ok=True)
+        log = pl.read_parquet(source / "interactions.parquet")
+        (log if timestamps else log.drop("timestamp")).write_parquet(data / "interactions.parquet")
+        for table in ("items", "users"):
+            pl.read_parquet(source / f"{table}.parquet").write_parquet(data / f"{table}.parquet")
+        build(resolve_source(data), artifacts, progress=False)
+    return artifacts
+
+
+def _genres(artifacts: Path) -> tuple[dict[int, set[str]], dict[str, list[int]]]:
+    """Each item's genres, and each genre's items from most to least popular."""
+    version = VersionStore(artifacts).current()
+    items = pl.read_parquet(version / "data" / "items.parquet")
+    genres = items["genres"].to_list()
+    of_item = {int(i): set(g or []) for i, g in zip(items["item_id"], genres, strict=True)}
+    vocab = pl.read_parquet(version / "data" / "vocab" / "item_id.parquet")
+    order = (
+        pl.read_parquet(version / "data" / "interactions.parquet")
+        .group_by("item_idx")
+        .len()
+        .join(vocab, left_on="item_idx", right_on="index")
+        .sort(["len", "id"], descending=[True, False])["id"]
+        .to_list()
+    )
+    by_genre: dict[str, list[int]] = {}
+    for item in order:
+        for genre in of_item.get(item, ()):
+            by_genre.setdefault(genre, []).append(item)
+    return of_item, by_genre
+
+
+def _top(client: httpx.Client, user: int) -> list[int]:
+    answer = client.get(f"/v1/users/{user}/recommendations", params={"k": TOP}).json()
+    return [int(i["item_id"]) for i in answer["items"]]
+
+
+def shares(artifacts: Path, users: list[int], half: float | None, work: Path) -> dict[str, float]:
+    """Mean and user-1 share of the posted genre in the next top 20, and the time from the
+    last 202 until every worker answered with the events (on a copy of the artifacts
+    with no posted events, so that runs do not see each other's)."""
+    from bench.freshness import _serving_copy
+
+    of_item, by_genre = _genres(artifacts)
+    artifacts = _serving_copy(artifacts, work, f"genre-share-{half}")
+    env = {} if half is None else {"RECSYS_FRESH_HALF_EVENTS": str(half)}
+    found, seconds = {}, []
+    with served(artifacts, env=env, workers=2) as base:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=base, limits=limits, timeout=30) as client:
+            for user in users:
+                before = _top(client, user)
+                held = set().union(*(of_item.get(i, set()) for i in before))
+                genre = max(
+                    (g for g in by_genre if g not in held and len(by_genre[g]) >= POSTED),
+                    key=lambda g: len(by_genre[g]),
+                    default=None,
+                )
+                if genre is None:
+                    continue
+                events = [{"user_id": user, "item_id": i} for i in by_genre[genre][:POSTED]]
+                posted = client.post("/v1/events", json={"events": events})
+                acknowledged = time.perf_counter()
+                assert posted.status_code == 202, posted.text
+                streak, after = 0, before
+                while streak < CONSECUTIVE and time.perf_counter() - acknowledged < 10:
+                    after = _top(client, user)
+                    streak = streak + 1 if after != before else 0
+                seconds.append(time.perf_counter() - acknowledged)
+                found[user] = float(np.mean([genre in of_item.get(i, set()) for i in after]))
+    return {
+        "user_1": found.get(1, float("nan")),
+        "mean": float(np.mean(list(found.values()))),
+        "users": float(len(found)),
+        "p99_s": float(np.percentile(seconds, 99)),
+    }
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(0)
+    users = [
+        1,
+        *sorted(int(u) for u in rng.choice(np.arange(2, 944), 9 if quick else 49, replace=False)),
+    ]
+    rows: list[dict[str, Any]] = []
+    for name, timestamps in (("with timestamps", True), ("a set (no timestamps)", False)):
+        artifacts = default_version(
+            work, f"genre-share-{'time' if timestamps else 'set'}", timestamps
+        )
+        for label, half in (("default mixing", None), ("no mixing (before)", 1e6)):
+            found = shares(artifacts, users, half, work)
+            rows.append({"log": name, "serving": label, **found})
+    table = [
+        [
+            r["log"],
+            r["serving"],
+            f"{r['user_1']:.2f}",
+            f"{r['mean']:.3f} ({int(r['users'])} users)",
+            f"{r['p99_s'] * 1000:.0f} ms",
+        ]
+        for r in rows
+    ]
+    save(
+        "genre_share",
+        "Posted events and a known user's answer (`make bench ONLY=genre-share`)",
+        markdown_table(
+            ["log", "serving", "user 1: share", "mean share", "p99 to every worker"], table
+        ),
+        f"{POSTED} events of a genre absent from the user's top {TOP}, posted to `recsys "
+        "serve --workers 2`; the genre's share of the next top 20 once every worker "
+        "answers with them. Default builds of MovieLens-100K. Target: >= 0.2.",
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    work = Path(sys.argv[1] if len(sys.argv) > 1 else "bench_results/work")
+    for row in run("--quick" in sys.argv, work):
+        print(row, flush=True)
