@@ -119,6 +119,43 @@ def feature_values(
     return None
 
 
+@dataclass(frozen=True)
+class ColumnVerdict:
+    """What one side-table column becomes: its feature values, or why it is none."""
+
+    values: pl.Series | None  # lists of category text per row; None: not a feature
+    categories: pl.Series  # the distinct-able category texts (empty if not a feature)
+    kind: str  # "category", "multi-valued category", "bucketed number" or "ignored"
+    reason: str = ""  # why it is not a feature
+
+    def describe(self) -> str:
+        if self.values is None:
+            return f"not a feature: {self.reason}"
+        return f"{self.kind} feature ({self.categories.n_unique():,} values)"
+
+
+def column_verdict(column: pl.Series, config: FeatureConfig) -> ColumnVerdict:
+    """Decide one column as a build does: a feature (category, multi-valued category or
+    bucketed number) or not, and why; `build_side_features` and `recsys build --dry-run`
+    both ask here."""
+    none = pl.Series(column.name, [], pl.String)
+    values = feature_values(column, config.multi_value_separator)
+    if values is None:
+        why = f"{column.dtype} column (not text, numbers or lists)"
+        return ColumnVerdict(None, none, "ignored", why)
+    categories = values.explode().drop_nulls()
+    categories = categories.filter(categories != "")
+    bucketed = continuous(column)
+    near_unique = categories.n_unique() > max(1.0, config.max_category_ratio * len(categories))
+    if near_unique and not bucketed:  # buckets group values already: a few per octave
+        why = "near-unique values (say no more than the ID)"
+        return ColumnVerdict(None, none, "ignored", why)
+    longest = values.list.len().max()
+    multi = isinstance(longest, int) and longest > 1
+    kind = "bucketed number" if bucketed else "multi-valued category" if multi else "category"
+    return ColumnVerdict(values, categories, kind)
+
+
 def _encode(values: pl.Series, vocab: Vocabulary) -> pl.Series:
     """Lists of category text -> lists of category indices (empty list when missing)."""
     name = values.name
@@ -157,17 +194,11 @@ def build_side_features(
     for name in table.columns:
         if name == key:
             continue
-        values = feature_values(table[name], config.multi_value_separator)
-        if values is None:
-            ignored[name] = f"{table.schema[name]} column (not text, numbers or lists)"
+        verdict = column_verdict(table[name], config)
+        if verdict.values is None:
+            ignored[name] = verdict.reason
             continue
-        categories = values.explode().drop_nulls()
-        categories = categories.filter(categories != "")
-        bucketed = continuous(table[name])
-        near_unique = categories.n_unique() > max(1.0, config.max_category_ratio * len(categories))
-        if near_unique and not bucketed:  # buckets group values already: a few per octave
-            ignored[name] = "near-unique values (say no more than the ID)"
-            continue
+        values, categories = verdict.values, verdict.categories
         vocab = previous.get(name, Vocabulary.empty(name, text=True)).extend(categories)
         vocabs[name] = vocab
         bags = bags.with_columns(_encode(values.rename(name), vocab))

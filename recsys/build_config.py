@@ -20,62 +20,77 @@ printed and stored in each version (`build_config.toml`, and the manifest).
 
 import dataclasses
 import enum
-import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, get_args, get_type_hints
+from typing import Any, Literal
 
 import tomli_w
+from pydantic import ValidationError, field_validator
 
-from features.events import parse_event_weights
 from features.sources import parse_columns
 from recsys.core.errors import RecsysError
+from recsys.core.typed_settings import (
+    described,
+    number,
+    one_line,
+    parse_assignment,
+    settings_section,
+    switch,
+    whole,
+)
 from serving.index import IndexTargets
-from training.config import LossKind, TowerConfig, TrainConfig, parse_losses
+from training.config import LossKind, TowerConfig, TrainConfig
 
 
-@dataclass(frozen=True)
+@settings_section
 class RebuildPolicy:
     """How a build relates to the current version (all ignored for a first build)."""
 
-    from_scratch: bool = False  # else warm-start from the current version when possible
-    gate: bool = True  # compare a rebuild with the current version before promoting it
+    from_scratch: bool = switch(
+        False, "train from scratch; else warm-start from the current version when possible"
+    )
+    gate: bool = switch(True, "compare a rebuild with the current version before promoting")
     # Tolerated loss against a reference, relative (0: none beyond noise; negative: demand an
     # improvement); the gate rejects only what is worse with 95% confidence (recsys.gate).
-    gate_margin: float = 0.0
-    keep_versions: int = 5  # versions kept on disk, the current one included
-
-    def __post_init__(self) -> None:  # checked before any work: 0 failed after promotion
-        if not 1 <= self.keep_versions <= 10_000:
-            raise ValueError(
-                f"keep_versions must be between 1 and 10,000, got {self.keep_versions!r}"
-            )
-        if not math.isfinite(self.gate_margin) or not -1.0 <= self.gate_margin <= 1.0:
-            raise ValueError(f"gate_margin must be between -1 and 1, got {self.gate_margin!r}")
+    gate_margin: float = number(
+        0.0, -1.0, 1.0, "tolerated relative loss against the current version (0: none)"
+    )
+    keep_versions: int = whole(
+        5, 1, 10_000, "versions kept on disk, the current one included"
+    )  # checked before any work: 0 failed after promotion
 
 
-@dataclass(frozen=True)
+@settings_section
 class Compute:
     """Where training runs: `nproc` local ranks under torchrun (1: in this process)."""
 
-    nproc: int = 1
-    device: str = "cpu"  # or "cuda"
+    nproc: int = whole(1, 1, 1024, "local ranks under torchrun (1: in this process)")
+    device: Literal["cpu", "cuda"] = described("cpu", "where training runs")
 
 
-@dataclass(frozen=True)
+@settings_section
 class Inputs:
     """What a build reads (absolute paths). Each version remembers them, so that a plain
     `recsys build --artifacts DIR` rebuilds from the same log and tables."""
 
-    data: str | None = None
-    items: str | None = None
-    users: str | None = None
-    columns: dict[str, str] = dataclasses.field(default_factory=dict)  # ours -> the files'
-    posted_events: bool = True  # also the events posted to the service (ARTIFACTS/events/)
+    data: str | None = described(None, "the interaction log (a file or a directory)", strict=True)
+    items: str | None = described(None, "the item table", strict=True)
+    users: str | None = described(None, "the user table", strict=True)
+    columns: dict[str, str] = described(
+        {}, "our column name = the files' (OURS=THEIRS,... or a table)"
+    )
+    posted_events: bool = switch(True, "also the events posted to the service (ARTIFACTS/events/)")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns_as_text(cls, value: Any) -> Any:
+        if not isinstance(value, str | dict):
+            raise ValueError("columns must be OURS=THEIRS pairs")
+        return parse_columns(value)
 
 
-@dataclass(frozen=True)
+@settings_section
 class BuildConfig:
     tower: TowerConfig = dataclasses.field(default_factory=TowerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -86,25 +101,36 @@ class BuildConfig:
 
     def with_overrides(self, overrides: dict[str, dict[str, Any]]) -> "BuildConfig":
         """A copy with `{section: {setting: value}}` applied; `None` values are skipped (a
-        flag that was not given)."""
+        flag that was not given). Every value goes through the section's schema."""
         updated = {}
         for section, values in overrides.items():
             current = getattr(self, _section(section))
-            names = {f.name: f for f in fields(current)}
+            names = {f.name for f in fields(current)}
             given = {k: v for k, v in values.items() if v is not None}
-            unknown = sorted(set(given) - set(names))
+            unknown = sorted(set(given) - names)
             if unknown:
                 raise RecsysError(
                     f"[{section}]: unknown setting(s) {', '.join(unknown)}; "
                     f"known: {', '.join(sorted(names))}"
                 )
             try:
-                updated[section] = replace(
-                    current, **{k: _parse(section, k, v, current) for k, v in given.items()}
-                )
+                updated[section] = replace(current, **given)
+            except ValidationError as exc:
+                raise RecsysError(one_line(exc, section)) from None
             except (TypeError, ValueError) as exc:
-                raise RecsysError(f"[{section}]: {exc}") from exc
+                raise RecsysError(f"[{section}] {exc}") from None
         return replace(self, **updated)
+
+    def with_assignments(self, assignments: list[str]) -> "BuildConfig":
+        """A copy with `--set section.key=value` pairs applied, in order."""
+        overrides: dict[str, dict[str, Any]] = {}
+        for text in assignments:
+            try:
+                section, key, value = parse_assignment(text)
+            except ValueError as exc:
+                raise RecsysError(str(exc)) from None
+            overrides.setdefault(section, {})[key] = value
+        return self.with_overrides(overrides)
 
     @classmethod
     def from_file(cls, path: Path) -> "BuildConfig":
@@ -166,53 +192,6 @@ def _section(name: str) -> str:
     if name not in known:
         raise RecsysError(f"unknown section [{name}]; known: {', '.join(known)}")
     return name
-
-
-def _parse(section: str, key: str, value: Any, current: Any) -> Any:
-    """A TOML or flag value in the type the dataclass field holds."""
-    if key == "losses":
-        return parse_losses([value] if isinstance(value, str) else list(value))
-    if section == "inputs" and key == "columns":
-        if not isinstance(value, str | dict):
-            raise TypeError(f"columns must be OURS=THEIRS pairs, got {value!r}")
-        return parse_columns(value)
-    if section == "inputs" and key != "posted_events":
-        if not isinstance(value, str):
-            raise TypeError(f"{key} must be a path, got {value!r}")
-        return value
-    if key == "event_weights":
-        if isinstance(value, str):
-            return parse_event_weights(value)
-        if not isinstance(value, dict) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in value.values()
-        ):
-            raise TypeError(f"event_weights must map event types to numbers, got {value!r}")
-        return {str(k): float(v) for k, v in value.items()}
-    if key == "target_events":
-        names = value.split(",") if isinstance(value, str) else value
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise TypeError(f"target_events must be event type names, got {value!r}")
-        return tuple(n.strip() for n in names if n.strip())
-    default = getattr(current, key)
-    if default is None:  # the type comes from the annotation (int | None, str | None)
-        hint = get_type_hints(type(current))[key]
-        wanted = [a for a in get_args(hint) if a is not type(None)] or [hint]
-        if int in wanted and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{key} must be an integer, got {value!r}")
-        if float in wanted and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise TypeError(f"{key} must be a number, got {value!r}")
-        if str in wanted and not isinstance(value, str):
-            raise TypeError(f"{key} must be text, got {value!r}")
-        return float(value) if float in wanted else value
-    if isinstance(default, enum.Enum):
-        return type(default)(value)
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise TypeError(f"{key} must be true or false, got {value!r}")
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if default is not None and not isinstance(value, type(default)):
-        raise TypeError(f"{key} must be a {type(default).__name__}, got {value!r}")
-    return value
 
 
 def _plain(value: Any) -> Any:

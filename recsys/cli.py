@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
@@ -137,15 +138,22 @@ def ingest(
         ("seconds", report.seconds),
     ]
     rows += [(f"  rejected: {reason}", n) for reason, n in report.rejects_by_reason.items()]
-    for side, summary in report.side_tables.items():
-        features = ", ".join(f"{c} ({n})" for c, n in summary["features"].items()) or "none"
-        rows.append((f"{side} table", f"{summary['rows']} rows; features: {features}"))
-        for column, why in summary["ignored_columns"].items():
-            rows.append((f"  {side}.{column}", f"not a feature: {why}"))
+    rows += _side_table_rows(report.side_tables)
     for name, value in rows:
         table.add_row(name, str(value))
     out.print(table)
     out.print(f"wrote {out_dir}/ (rejects: {out_dir / 'rejects.parquet'})")
+
+
+def _side_table_rows(side_tables: dict[str, Any]) -> list[tuple[str, str]]:
+    """What became of each side-table column: a feature (with its values) or why not."""
+    rows = []
+    for side, summary in side_tables.items():
+        features = ", ".join(f"{c} ({n})" for c, n in summary["features"].items()) or "none"
+        rows.append((f"{side} table", f"{summary['rows']} rows; features: {features}"))
+        for column, why in summary["ignored_columns"].items():
+            rows.append((f"  {side}.{column}", f"not a feature: {why}"))
+    return rows
 
 
 def _time_range(first: int | None, last: int | None) -> str:
@@ -153,6 +161,20 @@ def _time_range(first: int | None, last: int | None) -> str:
         return "no timestamps"
     start, end = (pl.Series([first, last]) * 1000).cast(pl.Datetime("ms")).to_list()
     return f"{start:%Y-%m-%d %H:%M} .. {end:%Y-%m-%d %H:%M} UTC"
+
+
+def _print_column_plan(source: Any, train: Any) -> None:
+    """`build --dry-run`: what each column of the log and side tables becomes."""
+    from features.column_plan import plan_columns
+    from features.config import FeatureConfig
+
+    table = Table(title="what each input column becomes")
+    for heading in ("table", "column", "becomes"):
+        table.add_column(heading)
+    config = FeatureConfig(event_weights=dict(train.event_weights))
+    for plan in plan_columns(source, config, train.events):
+        table.add_row(plan.table, plan.column, plan.becomes)
+    out.print(table)
 
 
 def _index_summary(index: Any) -> str:
@@ -165,6 +187,15 @@ def _index_summary(index: Any) -> str:
         return f"exact search serves, {index.exact_query_ms:.2f} ms/query; {annoy}"
     return f"{annoy}; exact search {index.exact_query_ms:.2f} ms/query"
 
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="SECTION.KEY=VALUE for any build setting (`recsys settings` lists them); "
+        "repeat. Applied over --config, under the named flags.",
+    ),
+]
 
 ArtifactsOption = Annotated[
     Path, typer.Option("--artifacts", help="Artifacts root: versions/ and the current pointer.")
@@ -194,6 +225,14 @@ def build(
             "\\[rebuild], \\[compute]); flags override it. `recsys tune` writes one.",
         ),
     ] = None,
+    assignments: SetOption = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print the resolved settings and what each input column becomes; build nothing.",
+        ),
+    ] = False,
     epochs: Annotated[
         int | None, typer.Option(min=1, help="Default: scales with the data.")
     ] = None,
@@ -327,24 +366,15 @@ def build(
     # The current version's settings and inputs are the base: a plain rebuild repeats it.
     settings = current_settings(artifacts) or BuildConfig()
     settings = settings.with_file(config_file) if config_file else settings
-    settings = settings.with_overrides(flags)
+    settings = settings.with_assignments(assignments or []).with_overrides(flags)
     given = settings.inputs
     if given.data is None:
         raise RecsysError(
             f"--data is needed: {artifacts} has no current version that records its inputs"
         )
-    device_name = settings.compute.device
-    if device_name not in ("cpu", "cuda"):
-        raise RecsysError(f"--device must be cpu or cuda, got {device_name!r}")
-    if device_name == "cuda":
-        from training.parallel import check_device
-
-        check_device(device_name)
-    err.print(
-        "settings (defaults < current version < --config < flags):\n" + settings.to_toml().rstrip(),
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+    heading = "settings (defaults < current version < --config < --set < flags):\n"
+    (out if dry_run else err).print(
+        heading + settings.to_toml().rstrip(), markup=False, highlight=False, soft_wrap=True
     )
     source = resolve_source(
         Path(given.data),
@@ -352,6 +382,13 @@ def build(
         users=Path(given.users) if given.users else None,
         columns=given.columns,
     )
+    if dry_run:
+        _print_column_plan(source, settings.train)
+        return
+    if settings.compute.device == "cuda":
+        from training.parallel import check_device
+
+        check_device(settings.compute.device)
     report = run_build(
         source,
         artifacts,
@@ -370,7 +407,10 @@ def build(
             "rows read / kept / rejected",
             f"{report.ingest.read} / {report.ingest.kept} / {report.ingest.rejected}",
         ),
+        ("duplicates collapsed", report.ingest.duplicates),
+        *[(f"  rejected: {why}", n) for why, n in report.ingest.rejects_by_reason.items()],
         ("users / items", f"{report.ingest.users} / {report.ingest.items}"),
+        *_side_table_rows(report.ingest.side_tables),
         ("ordering", f"{report.ingest.ordering}: {report.ingest.ordering_reason}"),
         (
             "epochs (best; refit)",
@@ -398,6 +438,40 @@ def build(
     if not report.promoted:
         err.print(f"candidate {report.version} rejected by the quality gate; current unchanged")
         raise typer.Exit(code=3)
+
+
+@app.command("settings")
+@friendly_errors
+def settings_command(
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="A Markdown table (docs/training.md's).")
+    ] = False,
+) -> None:
+    """Every build setting, from the schema that checks them: section, name, type, default
+    and what it does. Set them in a --config file (\\[section] name = value) or with
+    --set section.name=value."""
+    from dataclasses import fields
+
+    from recsys.build_config import BuildConfig
+    from recsys.core.typed_settings import describe_fields
+
+    headings = ("setting", "type", "default", "what it does")
+    rows = [
+        (f"{section.name}.{name}", kind, default, description)
+        for section in fields(BuildConfig)
+        for name, kind, default, description in describe_fields(section.type)
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(headings) + " |", "|---|---|---|---|"]
+        lines += [f"| `{n}` | {k} | `{d}` | {w.replace('|', '/')} |" for n, k, d, w in rows]
+        print("\n".join(lines))
+        return
+    table = Table(title="build settings")
+    for heading in headings:
+        table.add_column(heading)
+    for cells in rows:
+        table.add_row(*(Text(cell) for cell in cells))  # "[softmax:1]" is no markup
+    out.print(table)
 
 
 @app.command()
@@ -530,6 +604,7 @@ def tune(
     config_file: Annotated[
         Path | None, typer.Option("--config", help="Settings to start from (TOML).")
     ] = None,
+    assignments: SetOption = None,
     trials: Annotated[int | None, typer.Option(min=1, help="At most this many trials.")] = None,
     seed: int = 0,
     progress: Annotated[
@@ -545,8 +620,16 @@ def tune(
     from recsys.tune import tune as run_tune
 
     base = BuildConfig.from_file(config_file) if config_file else BuildConfig()
+    base = base.with_assignments(assignments or [])
+    if base.compute.device == "cuda":
+        from training.parallel import check_device
+
+        check_device(base.compute.device)
     source = resolve_source(
-        data, items=items, users=users, columns=parse_columns(columns) if columns else None
+        data,
+        items=items,
+        users=users,
+        columns=parse_columns(columns) if columns else base.inputs.columns,
     )
     start_up = time.time() - psutil.Process().create_time()  # imports, counted in the budget
     result = run_tune(source, budget_minutes, base, seed, trials, progress, start_up)

@@ -12,14 +12,16 @@ about the same users, each seeing the same events before the slice.
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import polars as pl
 
+from features.config import FeatureConfig
 from features.feature_set import FeatureSet
 from features.ingest import ingest
 from features.sources import DataSource
+from recsys.build_config import BuildConfig, Inputs
 from recsys.core import schema as s
 from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
@@ -65,6 +67,35 @@ def _train_config(version: Path) -> TrainConfig:
     )
 
 
+def recorded_inputs(version: Path) -> Inputs:
+    """What `version` was built from (its column names, side tables), as it recorded them."""
+    stored = VersionLayout(version).build_config
+    return BuildConfig.from_file(stored).inputs if stored.is_file() else Inputs()
+
+
+def recorded_source(version: Path, source: DataSource) -> DataSource:
+    """A grown log read as `version` read its own: the files' column names it was built
+    with, and, where `source` names no side tables, the item table it trained on (the
+    service's added items merged in) and its user table. Without them the towers would
+    score every item without its features."""
+    inputs, layout = recorded_inputs(version), VersionLayout(version)
+
+    def existing(path: Path | str | None) -> Path | None:
+        return Path(path) if path is not None and Path(path).is_file() else None
+
+    return replace(
+        source,
+        columns=source.columns or dict(inputs.columns),
+        items=source.items or existing(layout.catalogue_items) or existing(inputs.items),
+        users=source.users or existing(inputs.users),
+    )
+
+
+def _feature_config(config: TrainConfig) -> FeatureConfig:
+    """Ingest settings that give events the weights the build gave them."""
+    return FeatureConfig(event_weights=dict(config.event_weights))
+
+
 def held_out_slice(newest: Path, test: DataSource, work: Path) -> Slice:
     """A held-out file's (user, item) pairs as the test (a random share of each user's
     items that no build saw: the published protocol for logs without time), every user
@@ -74,7 +105,8 @@ def held_out_slice(newest: Path, test: DataSource, work: Path) -> Slice:
     data = VersionLayout(newest).data
     seen = FeatureSet.load(data)
     config = _train_config(newest)
-    ingest(test, work / "test", previous=data)  # the version's IDs keep their indices
+    # The version's IDs keep their indices; its column names and event weights apply.
+    ingest(test, work / "test", _feature_config(config), previous=data)
     pairs = FeatureSet.load(work / "test").interactions
     pairs = pairs.filter(config.events.is_target(pairs))
     known = pairs.filter(
@@ -103,11 +135,11 @@ def evaluation_slice(versions: list[Path], source: DataSource | None, work: Path
     else the newest version's validation split."""
     newest = max(versions, key=lambda v: v.name)
     data = VersionLayout(newest).data
+    config = _train_config(newest)
     if source is not None:
-        ingest(source, work / "data", previous=data)
+        ingest(source, work / "data", _feature_config(config), previous=data)
         data = work / "data"
     features = FeatureSet.load(data)
-    config = _train_config(newest)
     stamps = [last_timestamp(v) for v in versions]
     if all(stamp is not None for stamp in stamps):
         cutoff = max(stamp for stamp in stamps if stamp is not None)
@@ -131,9 +163,11 @@ def evaluate_versions(
     held-out events when given, else `evaluation_slice`'s."""
     for version in versions:
         verify_version(version)
+    newest = max(versions, key=lambda v: v.name)
+    source = recorded_source(newest, source) if source is not None else None
     with tempfile.TemporaryDirectory(prefix="recsys-evaluate-") as tmp:
         if test is not None:
-            newest = max(versions, key=lambda v: v.name)
+            test = replace(test, columns=test.columns or recorded_inputs(newest).columns)
             chosen = held_out_slice(newest, test, Path(tmp))
         else:
             chosen = evaluation_slice(versions, source, Path(tmp))

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import torch
 
+from features.config import FeatureConfig
 from features.feature_set import FeatureSet
 from features.ingest import ingest
 from features.sources import DataSource
@@ -84,8 +86,19 @@ def tune(
     base = base or BuildConfig()
     metric = f"recall@{base.train.eval_k}"
     with tempfile.TemporaryDirectory(prefix="recsys-tune-") as tmp:
-        ingest(source, Path(tmp) / "data")
+        # The log as the build reads it: event weights over the weight column (the targets
+        # are applied by the split and the loss, from base.train as in a build).
+        ingest(
+            source, Path(tmp) / "data", FeatureConfig(event_weights=dict(base.train.event_weights))
+        )
         features = FeatureSet.load(Path(tmp) / "data")
+    device = torch.device(base.compute.device)
+    if base.compute.nproc > 1:
+        log.info(
+            "tune: trials run in one process on %s; [compute] nproc = %d is kept for the build",
+            device,
+            base.compute.nproc,
+        )
     split = build_split(features, base.train)
     trials: list[dict[str, Any]] = []
     longest_epoch, setup = [0.0], [0.0]  # seconds, over all trials so far
@@ -115,7 +128,15 @@ def tune(
 
         stopped = False
         try:
-            train(features, split, config.tower, config.train, progress=False, on_epoch=on_epoch)
+            train(
+                features,
+                split,
+                config.tower,
+                config.train,
+                device=device,
+                progress=False,
+                on_epoch=on_epoch,
+            )
         except OutOfTime:
             stopped = True
         seconds = time.monotonic() - trial_start

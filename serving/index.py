@@ -17,6 +17,7 @@ import psutil
 from annoy import AnnoyIndex
 
 from recsys.core.errors import ArtifactError
+from recsys.core.typed_settings import number, settings_section
 
 INDEX_FILE = "items.ann"
 PARAMS_FILE = "index.json"
@@ -56,7 +57,7 @@ class IndexParams:
     backend: str = "annoy"  # what serves (`serving_backend`); "exact" has recall 1.0
 
 
-@dataclass(frozen=True)
+@settings_section
 class IndexTargets:
     """What the index tuning aims for (see `build_annoy`).
 
@@ -65,8 +66,12 @@ class IndexTargets:
     HTTP work on top the queueing tails of a 2-core service reached the 20 ms p99 target
     (measured on 1M items, where recall@100 was 0.51 at 3.6 ms and 0.47 at 2.0 ms)."""
 
-    recall_at_100: float = 0.95
-    max_query_ms: float = 2.5
+    recall_at_100: float = number(
+        0.95, 0.0, 1.0, "recall@100 against exact search the tuning aims for (0: fewest trees)"
+    )
+    max_query_ms: float = number(
+        2.5, 0.0, 60_000.0, "CPU time one k = 100 query may take", gt=0.0, le=60_000.0
+    )
 
 
 class AnnoyRetriever:

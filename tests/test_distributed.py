@@ -63,7 +63,7 @@ def test_a_one_rank_version_warm_starts_a_column_wise_sharded_run_that_serves(da
 
 def test_a_bad_device_is_refused_with_a_clear_message(data, tmp_path):
     result = recsys("build", "--data", data, "--artifacts", tmp_path / "a", "--device", "tpu")
-    assert result.returncode == 2 and "--device must be cpu or cuda" in result.stderr
+    assert result.returncode == 2 and "device: Input should be 'cpu' or 'cuda'" in result.stderr
 
 
 def test_row_wise_sharding_on_cpu_is_refused_clearly(data, tmp_path):

@@ -37,6 +37,8 @@ def test_a_build_without_a_terminal_prints_a_line_per_stage_and_epoch(tmp_path: 
     extra = tmp_path / "data" / "interactions" / "zz-duplicates.parquet"
     log = pl.read_parquet(tmp_path / "data" / "interactions")
     log.head(5).write_parquet(extra)  # five duplicate events, counted and said
+    bad = log.head(2).with_columns(pl.lit(None, pl.Int64).alias("user_id"))
+    bad.write_parquet(tmp_path / "data" / "interactions" / "zz-rejects.parquet")
     done = recsys(
         "build", "--data", tmp_path / "data", "--artifacts", tmp_path / "art", "--epochs", "2"
     )
@@ -47,6 +49,10 @@ def test_a_build_without_a_terminal_prints_a_line_per_stage_and_epoch(tmp_path: 
         assert f"stage {stage} done" in err, err[-2000:]
     assert "epoch 1/2:" in err and "loss" in err and "valid recall@" in err
     assert "ingest: read" in err and "duplicates" in err
+    table = " ".join(done.stdout.split())  # the summary: duplicates, reject reasons, columns
+    assert "duplicates collapsed │ 5" in table, done.stdout
+    assert "rejected: null user_id │ 2" in table, done.stdout
+    assert "items table" in table and "features: genres" in table, done.stdout
     assert "training from scratch: no current version" in err
     again = recsys("build", "--data", tmp_path / "data", "--artifacts", tmp_path / "art")
     assert again.returncode in (0, 3), again.stderr

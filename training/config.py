@@ -1,12 +1,16 @@
-"""Model and training settings: frozen dataclasses with defaults next to the code that uses
-them, resolved against the data (sizes that scale with it) and written into each version."""
+"""Model and training settings: typed, bounded sections (`recsys.core.typed_settings`)
+with defaults next to the code that uses them, resolved against the data (sizes that
+scale with it) and written into each version."""
 
 import enum
 import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, TypeVar
+from dataclasses import asdict, replace
+from typing import Any, Literal, TypeVar
 
-from features.events import EventRule
+from pydantic import field_validator
+
+from features.events import EventRule, parse_event_weights
+from recsys.core.typed_settings import described, number, settings_section, switch, whole
 
 
 class Similarity(enum.Enum):
@@ -24,45 +28,43 @@ TABLE_PARAMETERS = 1 << 26  # ID rows x width a default build widens its tables 
 ENSEMBLE_EVENTS = 1_000_000  # below this many training events, members = this // events
 
 
-@dataclass(frozen=True)
+@settings_section
 class TowerConfig:
     """Shape of both towers."""
 
-    embedding_dim: int | None = None  # output size of each member's towers; None: by
-    # the log (`member_width`): a large log's one tower as wide as a small log's ensemble
-    id_dim: int = 0  # user/item ID table width; 0: embedding_dim
-    feature_dim: int = 0  # width of side-feature category tables; 0: embedding_dim
-    hidden_dim: int = 256  # 0: one linear map per tower, no hidden layer
-    skip: bool = True  # add the pooled ID rows and history means (and the item's feature
-    # rows) to the MLP's output (a skip path: matrix factorisation's dot product, which the MLP
-    # corrects); needs id_dim == feature_dim == embedding_dim. False: the MLP alone (every
-    # version before it)
-    history_length: int = 50  # the long history bag
-    recent_length: int = 5  # the short history bag (most recent items)
-    similarity: Similarity = Similarity.COSINE
-    id_dropout: float = 0.1  # share of rows trained without their ID, for cold starts
-    dropout: float = 0.2  # on each tower's pooled inputs, while training: slows the decline
-    # of validation recall after its peak (planted 300k-event log: 0.43 -> 0.42 in three
-    # epochs with 0.2, against 0.43 -> 0.37 without); 0.2 over 0.1 with the skip path:
-    # test Recall@20 0.352 / 0.347 on MovieLens-100K, 0.156 / 0.151 on check-ins
-    members: int | None = None  # independently initialised towers trained side by side and
-    # averaged (a deep ensemble, served as one concatenated vector); None: by log size
-    weighted_bags: bool | None = None  # bags average their items by event weight (a
-    # purchase counts more than a view in the user's history); False: plain means (what
-    # equal weights amount to, and every earlier version's kernels); None: weighted when
-    # the log's weights differ
+    embedding_dim: int | None = whole(
+        None, 1, MAX_WIDTH, "output size of each member's towers; unset: by the log"
+    )  # (`member_width`): a large log's one tower as wide as a small log's ensemble
+    id_dim: int = whole(0, 0, MAX_WIDTH, "user/item ID table width; 0: embedding_dim")
+    feature_dim: int = whole(0, 0, MAX_WIDTH, "side-feature table width; 0: embedding_dim")
+    hidden_dim: int = whole(256, 0, MAX_WIDTH, "hidden layer width; 0: one linear map")
+    skip: bool = switch(
+        True, "add the pooled ID rows and history means to the MLP's output (a skip path)"
+    )  # matrix factorisation's dot product, which the MLP corrects; needs id_dim ==
+    # feature_dim == embedding_dim. False: the MLP alone (every version before it)
+    history_length: int = whole(50, 1, 10_000, "items in the long history bag")
+    recent_length: int = whole(5, 1, 10_000, "items in the short bag of the most recent")
+    similarity: Similarity = described(Similarity.COSINE, "cosine or dot")
+    id_dropout: float = number(
+        0.1, 0.0, 1.0, "share of rows trained without their ID, for cold starts", ge=0.0, lt=1.0
+    )
+    dropout: float = number(
+        0.2, 0.0, 1.0, "dropout on each tower's pooled inputs while training", ge=0.0, lt=1.0
+    )  # slows the decline of validation recall after its peak (planted 300k-event log:
+    # 0.43 -> 0.42 in three epochs with 0.2, against 0.43 -> 0.37 without); 0.2 over 0.1
+    # with the skip path: test Recall@20 0.352 / 0.347 on MovieLens-100K, 0.156 / 0.151 on
+    # check-ins
+    members: int | None = whole(
+        None, 1, MAX_MEMBERS, "towers trained side by side and averaged; unset: by log size"
+    )  # a deep ensemble, served as one concatenated vector
+    weighted_bags: bool | None = described(
+        None,
+        "bags average their items by event weight; unset: when the weights differ",
+        strict=True,
+    )  # a purchase counts more than a view in the user's history; False: plain means
+    # (what equal weights amount to, and every earlier version's kernels)
 
     def __post_init__(self) -> None:
-        widest = max(self.id_dim, self.feature_dim, self.hidden_dim, self.embedding_dim or 0)
-        if widest > MAX_WIDTH:  # 5,000,000 tried to allocate 25.6 GB before anything said so
-            raise ValueError(f"tower sizes must be at most {MAX_WIDTH:,}, got {widest:,}")
-        if min(self.id_dim, self.feature_dim, self.hidden_dim) < 0 or (
-            self.embedding_dim is not None and self.embedding_dim < 1
-        ):
-            raise ValueError(
-                "tower sizes must be >= 1 (id_dim, feature_dim: 0 follows embedding_dim; "
-                "hidden_dim: 0 is a linear tower)"
-            )
         if self.embedding_dim is None:
             # The width comes from the log later (`resolve`); the skip path would then
             # refuse any other table width, so say so now. Without it any width goes.
@@ -77,14 +79,8 @@ class TowerConfig:
                 "the skip path adds ID and item-feature rows to the output: id_dim and "
                 "feature_dim must equal embedding_dim (or set skip = false)"
             )
-        if not 1 <= self.recent_length <= self.history_length:
-            raise ValueError("need 1 <= recent_length <= history_length")
-        if not 0.0 <= self.id_dropout < 1.0:
-            raise ValueError("id_dropout must be in [0, 1)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError("dropout must be in [0, 1)")
-        if self.members is not None and not 1 <= self.members <= MAX_MEMBERS:
-            raise ValueError(f"members must be between 1 and {MAX_MEMBERS}")
+        if self.recent_length > self.history_length:
+            raise ValueError("recent_length must be at most history_length")
 
     def resolve(self, train_events: int, weighted: bool = False, id_rows: int = 0) -> "TowerConfig":
         """Fill `members`: small logs train several towers and average them, because their
@@ -174,86 +170,116 @@ def warm_budget(full_run_epochs: int) -> int:
     return max(1, math.ceil(full_run_epochs / 3))
 
 
-SHARDINGS = ("auto", "table_wise", "column_wise", "row_wise")  # row_wise: GPUs only
 
 
-@dataclass(frozen=True)
+@settings_section
 class TrainConfig:
-    """Optimisation settings. `None` means "scale with the data" (see `resolve`)."""
+    """Optimisation settings. Unset means "scale with the data" (see `resolve`)."""
 
-    losses: tuple[tuple[LossKind, float], ...] = ((LossKind.SOFTMAX, 1.0),)  # weighted sum
+    losses: tuple[tuple[LossKind, float], ...] = described(
+        ((LossKind.SOFTMAX, 1.0),), "NAME[:WEIGHT] list of softmax, npair, triplet (summed)"
+    )
     # 0.1 and a logQ correction a little past full (1.2) measured best on MovieLens-100K
     # without timestamps (Recall@20 0.33-0.34 against 0.30-0.33 at 0.05 / 1.0) and on the
     # planted synthetic log; below 1.0 popular items are over-recommended (0.5: 0.25).
-    temperature: float = 0.1
-    logq_correction: float = 1.2  # strength of the popularity correction (0: none, 1: full)
-    query_logq_correction: float = 0.0  # the same correction for users, the negatives of
-    # the symmetric loss's item -> user direction (heavy users are drawn most often). Off:
-    # 1.0 measured Recall@20 +0.001 to +0.002 but NDCG@20 up to -0.001 on the check-in
-    # logs, the reverse on MovieLens-100K (docs/quality.md)
-    extra_negatives: int = 0  # uniformly sampled negatives per batch (mixed negative sampling)
-    symmetric: bool = True  # each positive item against every query of the batch too (the
-    # item -> user softmax beside the user -> item one): test Recall@20 +0.004 on a
-    # 1M-event check-in log (0.1863 -> 0.1902), +0.003 at 300k events; MovieLens-100K
-    # within noise, temporal HR@10 unchanged (docs/quality.md); the loss's share of a step
-    # is in `make bench ONLY=speed` ("Parts of a training step")
-    batch_size: int | None = None
-    max_epochs: int | None = None
-    patience: int = 3  # epochs without validation improvement before stopping
-    learning_rate: float = 2e-3  # dense parameters (AdamW)
-    weight_decay: float = 1e-4
-    embedding_learning_rate: float = 0.05  # embedding rows (fused row-wise Adagrad)
-    embedding_weight_decay: float = 0.0  # L2 on the embedding rows a batch touches
-    warmup_fraction: float = 0.05
-    eval_k: int = 20  # early stopping watches validation Recall@eval_k
-    max_valid_users: int = 10_000  # validation users sampled for per-epoch evaluation
-    refit: bool = True  # after early stopping, retrain on every event for the best epochs;
-    # where the epochs came from `example_budget` and that would pass it (a large log that
-    # never stops early), the budget's last epoch continues on every event instead
-    valid_share: float = 0.2  # of each validation user's items, when time does not order the log
-    example_budget: int = 6_000_000  # default epochs: about this many training examples
-    # (a refit included): a sparse 1M-event log's 256-d tower runs ~110 s an epoch on 2 cores
-    warm_epochs: int | None = None  # budget of a warm-started rebuild (default: a third)
-    sharding: str = "auto"  # embedding tables over ranks: auto (the planner) or one of SHARDINGS
-    seed: int = 0
+    temperature: float = number(0.1, 0, 100, "softmax temperature", gt=0.0, le=100.0)
+    logq_correction: float = number(
+        1.2, 0.0, 10.0, "strength of the popularity correction (0: none, 1: full)"
+    )
+    query_logq_correction: float = number(
+        0.0, 0.0, 10.0, "the same correction for users, the item -> user direction's negatives"
+    )  # Off: 1.0 measured Recall@20 +0.001 to +0.002 but NDCG@20 up to -0.001 on the
+    # check-in logs, the reverse on MovieLens-100K (docs/quality.md)
+    extra_negatives: int = whole(
+        0, 0, 1 << 20, "uniformly sampled negatives per batch (mixed negative sampling)"
+    )
+    symmetric: bool = switch(
+        True, "each positive item against every query of the batch too (item -> user softmax)"
+    )  # test Recall@20 +0.004 on a 1M-event check-in log (0.1863 -> 0.1902), +0.003 at
+    # 300k events; MovieLens-100K within noise, temporal HR@10 unchanged (docs/quality.md);
+    # the loss's share of a step is in `make bench ONLY=speed` ("Parts of a training step")
+    batch_size: int | None = whole(None, 1, 1 << 20, "examples per step; unset: by log size")
+    max_epochs: int | None = whole(None, 1, 10_000, "epochs at most; unset: by example_budget")
+    patience: int = whole(3, 0, 10_000, "epochs without validation improvement before stopping")
+    learning_rate: float = number(2e-3, 0, 10, "dense parameters (AdamW)", gt=0.0, le=10.0)
+    weight_decay: float = number(1e-4, 0.0, 10.0, "AdamW weight decay")
+    embedding_learning_rate: float = number(
+        0.05, 0, 10, "embedding rows (fused row-wise Adagrad)", gt=0.0, le=10.0
+    )
+    embedding_weight_decay: float = number(
+        0.0, 0.0, 10.0, "L2 on the embedding rows a batch touches"
+    )
+    warmup_fraction: float = number(0.05, 0.0, 1.0, "share of steps with a rising rate")
+    eval_k: int = whole(20, 1, 1_000, "early stopping watches validation Recall@eval_k")
+    max_valid_users: int = whole(
+        10_000, 1, 100_000_000, "validation users sampled for per-epoch evaluation"
+    )
+    refit: bool = switch(
+        True, "after early stopping, retrain on every event for the best epochs"
+    )  # where the epochs came from `example_budget` and that would pass it (a large log
+    # that never stops early), the budget's last epoch continues on every event instead
+    valid_share: float = number(
+        0.2,
+        0,
+        1,
+        "of each validation user's items, when time does not order the log",
+        gt=0.0,
+        lt=1.0,
+    )
+    example_budget: int = whole(
+        6_000_000, 1, 10**12, "default epochs: about this many training examples"
+    )  # a refit included: a sparse 1M-event log's 256-d tower runs ~110 s an epoch on 2 cores
+    warm_epochs: int | None = whole(
+        None, 1, 10_000, "epochs of a warm-started rebuild; unset: a third of a full run"
+    )
+    sharding: Literal["auto", "table_wise", "column_wise", "row_wise"] = described(
+        "auto", "embedding tables over ranks: auto (the planner's choice); row_wise: GPUs only"
+    )
+    seed: int = whole(0, 0, 2**32 - 1, "seed of every random generator of a build")
     # What each event counts for (features.events): weights per event type, overriding the
     # weight column for the types named; the event types that are targets (empty: all).
-    event_weights: dict[str, float] = field(default_factory=dict)
-    target_events: tuple[str, ...] = ()
+    event_weights: dict[str, float] = described(
+        {}, "weight per event type, over the log's weight column (TYPE=W,... or a table)"
+    )
+    target_events: tuple[str, ...] = described(
+        (), "the event types that are training targets (empty: all)"
+    )
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _losses_as_text(cls, value: Any) -> Any:
+        """NAME[:WEIGHT] text (files, flags) or [[kind, weight]] pairs (manifests)."""
+        values = [value] if isinstance(value, str) else value
+        if isinstance(values, list | tuple) and values and all(isinstance(v, str) for v in values):
+            return parse_losses(list(values))
+        return value
+
+    @field_validator("event_weights", mode="before")
+    @classmethod
+    def _weights_as_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_event_weights(value)
+        if isinstance(value, dict) and any(
+            isinstance(v, bool) or not isinstance(v, int | float) for v in value.values()
+        ):
+            raise ValueError("event_weights must map event types to numbers")
+        return value
+
+    @field_validator("target_events", mode="before")
+    @classmethod
+    def _targets_as_text(cls, value: Any) -> Any:
+        names = value.split(",") if isinstance(value, str) else value
+        if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names):
+            return tuple(n.strip() for n in names if n.strip())
+        return value
 
     def __post_init__(self) -> None:
         if not self.losses or any(weight <= 0 for _, weight in self.losses):
             raise ValueError("losses need at least one entry, each with a positive weight")
-        for name, low, high in (
-            ("batch_size", 1, 1 << 20),
-            ("max_epochs", 1, 10_000),
-            ("warm_epochs", 1, 10_000),
-            ("patience", 0, 10_000),
-            ("eval_k", 1, 1_000),
-            ("max_valid_users", 1, 100_000_000),
-            ("example_budget", 1, 10**12),
-            ("seed", 0, 2**32 - 1),  # what every random generator of a build accepts
-        ):
-            value = getattr(self, name)
-            if value is not None and not low <= value <= high:
-                raise ValueError(f"{name} must be between {low:,} and {high:,}, got {value!r}")
-        for name in ("learning_rate", "embedding_learning_rate"):
-            if not 0 < getattr(self, name) <= 10:
-                raise ValueError(f"{name} must be in (0, 10], got {getattr(self, name)!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.logq_correction < 0 or self.query_logq_correction < 0:
-            raise ValueError("logq_correction and query_logq_correction must be >= 0")
-        if not 0.0 < self.valid_share < 1.0:
-            raise ValueError(f"valid_share must be in (0, 1), got {self.valid_share}")
         if self.extra_negatives and LossKind.SOFTMAX not in {kind for kind, _ in self.losses}:
             raise ValueError(
                 "extra_negatives feed the softmax loss only: add the softmax loss or drop them"
             )
-        if self.extra_negatives < 0:
-            raise ValueError(f"extra_negatives must be >= 0, got {self.extra_negatives}")
-        if self.sharding not in SHARDINGS:
-            raise ValueError(f"sharding must be one of {', '.join(SHARDINGS)}")
         EventRule(dict(self.event_weights), tuple(self.target_events))  # checks the weights
 
     @property
