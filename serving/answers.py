@@ -126,6 +126,44 @@ def _fresh_query(
     return ((1.0 - share) * query + share * recent).astype(np.float32), new
 
 
+FOCUS_WINDOW = 20  # the most recent new events that name the user's current interest
+FOCUS_SHARE = 0.5  # of the list's share n / (n + half), kept for that interest
+
+
+def fresh_search(
+    state: VersionState,
+    query: np.ndarray,
+    new: np.ndarray,
+    exclude: np.ndarray,
+    k: int,
+    filters: Filters,
+    half: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best k items for a fresh query, with room kept for what the new events share.
+
+    Where most of the user's latest events share a category of the catalogue (a genre,
+    a shelf: `Catalogue.shared_category`), round(k * FOCUS_SHARE * n / (n + half)) places
+    go to the query's best items of that category (ten events of one genre: 7 of 20).
+    Why: the mixed query alone moved a long-standing user's list by the model's item
+    similarity, which a log without time barely ties to genres (MovieLens-100K as a set:
+    10 events of a genre absent from the top 20 gave it 0.03 of the next 20, and user 1
+    on the log with timestamps 0.00). Every score stays the model's score for the query;
+    the quota only decides which items are listed."""
+    found = state.search(query, exclude, k, filters)
+    recent = new[-FOCUS_WINDOW:]
+    focus = {c: v for c, v in state.catalogue.shared_category(recent).items() if c not in filters}
+    places = round(k * FOCUS_SHARE * len(recent) / (len(recent) + half))
+    if not focus or places < 1:
+        return found
+    focused_ids, focused_scores = state.search(query, exclude, places, {**filters, **focus})
+    ids, scores = found
+    rest = ~np.isin(ids, focused_ids)
+    ids = np.concatenate([focused_ids, ids[rest][: k - len(focused_ids)]])
+    scores = np.concatenate([focused_scores, scores[rest][: k - len(focused_ids)]])
+    order = np.lexsort((ids, -scores))
+    return ids[order], scores[order]
+
+
 def filter_tag(filters: Filters) -> str:
     """The part of a cache key that names the filters ("" without any)."""
     if not filters:
@@ -295,10 +333,11 @@ class Answers:
             return key, lambda: state.popular(np.zeros(0, np.int64), k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
-            query, new = _fresh_query(state, user, fresh, self.fresh_half_events)
+            half = self.fresh_half_events
+            query, new = _fresh_query(state, user, fresh, half)
             seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
             exclude = np.unique(np.concatenate([seen, new])) if exclude_seen else new[:0]
-            return state.search(query, exclude, k, filters)
+            return fresh_search(state, query, new, exclude, k, filters, half)
 
         return key, search, False
 
@@ -358,7 +397,15 @@ class Answers:
             found = (items, scores, False)
             return _recommendations(state, body.user_id, found, True, unknown)
         key = query_key(state.scope, query, banned, body.k, filters)
-        found = self.cached(key, lambda: state.search(query, banned, body.k, filters))
+        if query is fresh_query:  # the user's events since the version: room for them
+            half = self.fresh_half_events
+
+            def search() -> tuple[np.ndarray, np.ndarray]:
+                return fresh_search(state, query, new, banned, body.k, filters, half)
+
+            found = self.cached(key + ":focus", search)
+        else:
+            found = self.cached(key, lambda: state.search(query, banned, body.k, filters))
         return _recommendations(state, body.user_id, found, unknown_items=unknown)
 
     def post_events(self, rows: list[Any]) -> Answer:

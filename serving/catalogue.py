@@ -40,6 +40,8 @@ class CategoryColumn:
     items: np.ndarray  # item_idx grouped by category
     dtype: pl.DataType  # of the column in the item table, for new items' values
     bucketed: bool = False  # the build bucketed its values (a quantity, not categories)
+    item_starts: np.ndarray | None = None  # (I + 1,) bounds of each item's categories
+    item_codes: np.ndarray | None = None  # category indices, item by item
 
     @classmethod
     def load(cls, vocab_path: Path, bags: pl.Series, dtype: pl.DataType) -> "CategoryColumn":
@@ -52,7 +54,17 @@ class CategoryColumn:
         starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         bucketed = bool(categories) and all(is_bucket_label(c) for c in categories)
         codes = {c: i for i, c in enumerate(categories)}
-        return cls(codes, starts, rows[order], dtype, bucketed)
+        item_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        return cls(codes, starts, rows[order], dtype, bucketed, item_starts, values)
+
+    def counts_among(self, items: np.ndarray) -> np.ndarray:
+        """(C,) how many of `items` (the version's item indices, each once) carry each
+        category."""
+        assert self.item_starts is not None and self.item_codes is not None
+        items = np.unique(items[items < len(self.item_starts) - 1])
+        parts = [self.item_codes[self.item_starts[i] : self.item_starts[i + 1]] for i in items]
+        codes = np.concatenate([np.unique(p) for p in parts]) if parts else np.zeros(0, np.int64)
+        return np.bincount(codes, minlength=len(self.codes))
 
     def items_with(self, values: list[str]) -> np.ndarray:
         codes = [self.codes[v] for v in values if v in self.codes]
@@ -185,6 +197,29 @@ class Catalogue:
             raise FilterError(
                 f"cannot filter on {', '.join(unknown)}; filterable columns: {filterable}"
             )
+
+    def shared_category(self, items: np.ndarray) -> Filters:
+        """The category most of `items` share, as a filter (`{"genres": ["Horror"]}`), or
+        none: among the values held by at least half of them (and two), the one with the
+        most information, count x log(lift), lift being its share among them over its share
+        of the catalogue (tf-idf's weighting: all ten in a genre of 3% of the catalogue
+        beats all ten in a language of 60%). Bucketed quantities do not count: a price
+        range is no interest. What a user just did, named by the catalogue's own columns."""
+        items = np.unique(items[items < len(self.items)])
+        needed = max(2, -(-len(items) // 2))
+        best: tuple[float, str, str] | None = None
+        for name, column in self.columns.items():
+            if column.bucketed or column.item_codes is None or len(items) < needed:
+                continue
+            counts = column.counts_among(items)
+            sizes = np.diff(column.starts)
+            for code in np.flatnonzero(counts >= needed).tolist():
+                lift = (counts[code] / len(items)) / (sizes[code] / max(1, len(self.items)))
+                weight = float(counts[code] * np.log(lift))
+                if weight > 0 and (best is None or weight > best[0]):
+                    text = next(t for t, c in column.codes.items() if c == code)
+                    best = (weight, name, text)
+        return {} if best is None else {best[1]: [best[2]]}
 
     def allowed(self, filters: Filters) -> np.ndarray | None:
         """(I,) bool: the version's items that pass every filter (None: no filters)."""

@@ -170,8 +170,6 @@ def warm_budget(full_run_epochs: int) -> int:
     return max(1, math.ceil(full_run_epochs / 3))
 
 
-
-
 @settings_section
 class TrainConfig:
     """Optimisation settings. Unset means "scale with the data" (see `resolve`)."""
