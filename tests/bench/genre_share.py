@@ -6,6 +6,7 @@ that genre in the top 20 then. With the default mixing (`RECSYS_FRESH_HALF_EVENT
 with it off (the events only appended to the history), on the log with timestamps and on
 the same log without them (a set)."""
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,76 @@ def next_item(work: Path) -> list[list[str]]:
     return rows
 
 
+HEAVY_EVENTS = 100_000
+
+
+def heavy_user(artifacts: Path, work: Path, seconds: int) -> list[list[str]]:
+    """Other users' cached answers (fixed rate, from each request's scheduled send time)
+    before and after 100,000 events were posted for one user, while that user's answers
+    are asked for continuously, each a cache miss (a new k every time)."""
+    import threading
+
+    from bench.freshness import RATE, _fixed_rate, _serving_copy
+
+    live = _serving_copy(artifacts, work, "genre-share-heavy")
+    version = VersionStore(artifacts).current()
+    users = pl.read_parquet(version / "data" / "vocab" / "user_id.parquet")["id"].to_list()
+    items = pl.read_parquet(version / "data" / "vocab" / "item_id.parquet")["id"].to_list()
+    others = [u for u in users if u != 1][:300]
+
+    def cached() -> Any:  # every request a hit: the keys were asked once before
+        while True:
+            for user in others:
+                yield f"/v1/users/{user}/recommendations", {"k": 10}
+
+    rows = []
+    env = {"REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}
+    with served(live, env=env, workers=2) as base:
+        with httpx.Client(base_url=base, timeout=60) as client:
+            for user in others:
+                client.get(f"/v1/users/{user}/recommendations", params={"k": 10})
+            before = _fixed_rate(base, cached(), seconds)
+            rng = np.random.default_rng(3)
+            for _ in range(HEAVY_EVENTS // 1000):
+                picks = rng.integers(0, len(items), 1000)
+                events = [{"user_id": 1, "item_id": items[int(i)]} for i in picks]
+                assert client.post("/v1/events", json={"events": events}).status_code == 202
+        stop, misses = threading.Event(), []
+
+        def heavy() -> None:
+            with httpx.Client(base_url=base, timeout=60) as client:
+                k = 10
+                while not stop.is_set():
+                    k = 10 + (k - 9) % 490
+                    started = time.perf_counter()
+                    client.get("/v1/users/1/recommendations", params={"k": k})
+                    misses.append((time.perf_counter() - started) * 1000)
+
+        worker = threading.Thread(target=heavy, daemon=True)
+        worker.start()
+        after = _fixed_rate(base, cached(), seconds)
+        stop.set()
+        worker.join()
+    for label, found in (("before", before), (f"after {HEAVY_EVENTS:,} events for user 1", after)):
+        rows.append(
+            [
+                f"other users' cached answers at {RATE}/s, {label}",
+                f"p50 {found['p50_ms']:.1f} ms",
+                f"p99 {found['p99_ms']:.1f} ms",
+                f"{int(found['errors'])} errors",
+            ]
+        )
+    rows.append(
+        [
+            "user 1's answers meanwhile (cache misses, one client in a loop)",
+            f"p50 {np.percentile(misses, 50):.1f} ms",
+            f"p99 {np.percentile(misses, 99):.1f} ms",
+            f"{len(misses)} requests",
+        ]
+    )
+    return rows
+
+
 def _genres(artifacts: Path) -> tuple[dict[int, set[str]], dict[str, list[int]]]:
     """Each item's genres, and each genre's items from most to least popular."""
     version = VersionStore(artifacts).current()
@@ -221,6 +292,15 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         f"{POSTED} events of a genre absent from the user's top {TOP}, posted to `recsys "
         "serve --workers 2`; the genre's share of the next top 20 once every worker "
         "answers with them. Default builds of MovieLens-100K. Target: >= 0.2.",
+    )
+    save(
+        "genre_share_heavy_user",
+        "One user with 100,000 posted events (`make bench ONLY=genre-share`)",
+        markdown_table(
+            ["case", "p50", "p99", "note"],
+            heavy_user(default_version(work, "genre-share-time", True), work, 10 if quick else 20),
+        ),
+        "MovieLens-100K default build with timestamps, `recsys serve --workers 2` and Redis.",
     )
     save(
         "genre_share_next_item",
