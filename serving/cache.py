@@ -8,14 +8,38 @@ import threading
 import time
 from collections import OrderedDict
 from typing import Protocol
+from urllib.parse import unquote
 
 import numpy as np
 import redis
 from prometheus_client import Counter
+from redis.cluster import ClusterNode, RedisCluster
 
 log = logging.getLogger(__name__)
 
 CACHE_EVENTS = Counter("recsys_cache_events_total", "Cache lookups and failures", ["event"])
+
+# A Redis Cluster (or a managed one): redis+cluster://[user:password@]host:port,host:port,...
+# (rediss+cluster:// for TLS). Each request reads or writes one key, so no command spans
+# slots; flushing SCANs every primary and UNLINKs slot by slot (redis-py splits it).
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+
+def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
+    """(host, port) of each startup node, user name and password of a cluster URL;
+    ValueError for a node without a numeric port."""
+    rest = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    credentials, _, hosts = rest.rpartition("@")
+    user, _, password = credentials.partition(":")
+    nodes = []
+    for node in filter(None, hosts.split(",")):
+        host, _, port = node.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("names a cluster node without host:port")
+        nodes.append((host.strip("[]"), int(port)))
+    if not nodes:
+        raise ValueError("names no cluster node")
+    return nodes, unquote(user) or None, unquote(password) or None
 
 
 class Cache(Protocol):
@@ -82,18 +106,42 @@ class RedisCache:
 
     def __init__(self, url: str, timeout_ms: int, retry_seconds: float) -> None:
         timeout = timeout_ms / 1000
-        self._pool = redis.ConnectionPool.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+        self.url, self.timeout = url, timeout
+        self.cluster = url.startswith(CLUSTER_SCHEMES)
+        self._pool = (
+            None
+            if self.cluster
+            else redis.ConnectionPool.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
+            )
         )
-        self._client: redis.Redis | None = None
+        self._client: redis.Redis | RedisCluster | None = None
         self.retry_seconds = retry_seconds
         self._down_until = 0.0
 
     @property
-    def client(self) -> redis.Redis:
-        """Raises redis.RedisError when Redis cannot be reached."""
+    def client(self) -> redis.Redis | RedisCluster:
+        """Raises redis.RedisError when Redis cannot be reached (a cluster client asks a
+        startup node for the slot map when it is made)."""
         if self._client is None:
-            self._client = redis.Redis(connection_pool=self._pool, single_connection_client=True)
+            if self.cluster:
+                nodes, user, password = cluster_nodes(self.url)
+                self._client = RedisCluster(
+                    startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                    username=user,
+                    password=password,
+                    ssl=self.url.startswith("rediss+"),
+                    socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout,
+                    # A failed node is a miss now, not a retry loop inside a request: the
+                    # back-off below keeps the service off the cache; the next call after
+                    # it reads the new slot map.
+                    cluster_error_retry_attempts=1,
+                )
+            else:
+                self._client = redis.Redis(
+                    connection_pool=self._pool, single_connection_client=True
+                )
         return self._client
 
     def _available(self) -> bool:
@@ -101,6 +149,8 @@ class RedisCache:
 
     def _failed(self, exc: Exception) -> None:
         CACHE_EVENTS.labels("error").inc()
+        if self.cluster:  # a node failed over or left: ask for the slot map again
+            self._client = None
         self._down_until = time.monotonic() + self.retry_seconds
         log.warning("redis unavailable (%s); serving uncached for %.1fs", exc, self.retry_seconds)
 

@@ -7,6 +7,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from serving.cache import CLUSTER_SCHEMES, cluster_nodes
+
 
 class ServiceSettings(BaseSettings):
     """`RECSYS_*` variables; `REDIS_URL` selects the cache server (unset: in-process LRU)."""
@@ -83,8 +85,14 @@ class ServiceSettings(BaseSettings):
     def _redis_scheme(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
+        if value.startswith(CLUSTER_SCHEMES):
+            cluster_nodes(value)  # a node without host:port is refused here
+            return value
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                "must start with redis://, rediss://, unix:// or (a cluster) "
+                "redis+cluster:// or rediss+cluster://"
+            )
         try:
             urlsplit(value).port  # noqa: B018 (parsing is the check; the message holds no URL)
         except ValueError as exc:

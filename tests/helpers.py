@@ -25,14 +25,25 @@ def recsys(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[s
     )
 
 
-def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
+def start_redis(port: int, workdir: str, *extra: str) -> subprocess.Popen[bytes]:
     """A real redis-server on a loopback port, keeping nothing on disk; returns once it
     answers PING. The one way tests start Redis (conftest's fallback server, and tests that
     stop and restart their own)."""
     binary = shutil.which("redis-server")
     assert binary, "no Redis answers and redis-server is not installed (make redis)"
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            workdir,
+            *extra,
+        ],
         stdout=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port, socket_timeout=0.2)
@@ -45,6 +56,52 @@ def start_redis(port: int, workdir: str) -> subprocess.Popen[bytes]:
             time.sleep(0.05)
     process.terminate()
     raise RuntimeError("redis-server did not start")
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus ports (port + 10000) exist and are free too: an
+    ephemeral port above 55535 has none, and redis-server refuses to start on it."""
+    import socket
+
+    from recsys.processes import free_port
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port > 55_535 or port in ports:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def start_redis_cluster(ports: list[int], workdir: str) -> list[subprocess.Popen[bytes]]:
+    """A real Redis Cluster of len(ports) masters (no replicas) on loopback, keeping
+    nothing on disk; returns once every node reports the cluster ok. Ports from
+    `cluster_ports`."""
+    flags = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+    processes = [
+        start_redis(port, workdir, *flags, "--cluster-config-file", f"nodes-{port}.conf")
+        for port in ports
+    ]
+    binary = shutil.which("redis-cli")
+    assert binary, "redis-cli is not installed (make redis)"
+    subprocess.run(
+        [binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    for port in ports:
+        client = redis.Redis(port=port, socket_timeout=1)
+        while client.cluster("info").get("cluster_state") != "ok":
+            assert time.monotonic() < deadline, f"the cluster node on {port} never got ok"
+            time.sleep(0.05)
+    return processes
 
 
 def small_version(root: Path, synthetic: "SyntheticConfig", config: "TrainConfig") -> Path:

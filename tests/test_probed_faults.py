@@ -243,7 +243,7 @@ def test_settings_that_would_be_ignored_are_refused_in_one_line(tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: [train]: extra_negatives feed the softmax loss only: add the softmax loss or "
+        "error: [train] extra_negatives feed the softmax loss only: add the softmax loss or "
         "drop them"
     ]
 
