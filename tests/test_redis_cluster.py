@@ -54,6 +54,7 @@ def test_every_slot_is_reached_and_a_flush_reaches_every_primary(cluster):
     assert cache.get(keys[0]) is None and cache.get("other:1") == b"x"
 
 
+@pytest.mark.slow  # builds a model and runs the service
 def test_a_killed_master_costs_no_failed_request(cluster, tmp_path):
     ports, processes = cluster
     artifacts = private_copy(
