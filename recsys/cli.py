@@ -1,6 +1,7 @@
 """The `recsys` command line. Commands are thin: they parse options, call one library
 function and print its report. Errors the user can fix print one line and exit 2."""
 
+import contextlib
 import functools
 import logging
 import os
@@ -198,14 +199,41 @@ SetOption = Annotated[
 ]
 
 ArtifactsOption = Annotated[
-    Path, typer.Option("--artifacts", help="Artifacts root: versions/ and the current pointer.")
+    str,
+    typer.Option(
+        "--artifacts",
+        help="Artifacts root: a directory, or object storage (s3://bucket/prefix, "
+        "file:///path) read through a local copy (--cache-dir).",
+    ),
 ]
+CacheDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        help="Local copy of artifacts on object storage. "
+        "Default: ~/.cache/recsys/remote/<hash of the URL>.",
+    ),
+]
+
+
+def _local_events(artifacts: str) -> Path:
+    """The artifacts directory of an `events` command: posted events live beside a host's
+    versions, not on object storage."""
+    from recsys.core.object_store import is_remote
+
+    if is_remote(artifacts):
+        raise RecsysError(
+            f"{artifacts}: posted events are stored per serving host; give that host's "
+            "--cache-dir as --artifacts"
+        )
+    return Path(artifacts)
 
 
 @app.command()
 @friendly_errors
 def build(
     artifacts: ArtifactsOption,
+    cache_dir: CacheDirOption = None,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -329,10 +357,6 @@ def build(
     warm-starts from the current version and must pass the quality gate (exit status 3
     when the candidate is rejected; the current version stays). Settings: defaults, then
     the --config file, then flags; the resolved settings are printed and stored."""
-    from features.sources import resolve_source
-    from recsys.build_config import BuildConfig, current_settings
-    from recsys.pipeline import build as run_build
-
     flags: dict[str, dict[str, Any]] = {
         "tower": {"embedding_dim": embedding_dim, "similarity": similarity},
         "train": {
@@ -363,6 +387,49 @@ def build(
     }
     flags["inputs"]["columns"] = columns
     flags["inputs"]["posted_events"] = posted_events
+    with contextlib.ExitStack() as held:
+        root, store = _build_root(artifacts, cache_dir, dry_run, held)
+        _build_in(root, store, flags, config_file, assignments, dry_run, progress)
+
+
+def _build_root(
+    artifacts: str, cache_dir: Path | None, dry_run: bool, held: contextlib.ExitStack
+) -> tuple[Path, Any]:
+    """The local artifacts root a build works in, and its version store: the directory
+    itself, or (object storage) a local copy of the current version, with the cross-host
+    build lock held and a store that uploads and promotes conditionally."""
+    from recsys.core.object_store import is_remote
+
+    if not is_remote(artifacts):
+        return Path(artifacts), None
+    from recsys.core.remote import MirroredStore, RemoteVersions, mirror_current
+    from recsys.remote_artifacts import cache_dir_for
+
+    root = cache_dir_for(artifacts, cache_dir)
+    remote = RemoteVersions(artifacts)
+    if not dry_run:
+        held.enter_context(remote.build_lock())
+    pointer = mirror_current(remote, root, _say)
+    return root, None if dry_run else MirroredStore(root, remote, pointer)
+
+
+def _say(line: str) -> None:
+    err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+def _build_in(
+    artifacts: Path,
+    store: Any,
+    flags: dict[str, dict[str, Any]],
+    config_file: Path | None,
+    assignments: list[str] | None,
+    dry_run: bool,
+    progress: bool,
+) -> None:
+    from features.sources import resolve_source
+    from recsys.build_config import BuildConfig, current_settings
+    from recsys.pipeline import build as run_build
+
     # The current version's settings and inputs are the base: a plain rebuild repeats it.
     settings = current_settings(artifacts) or BuildConfig()
     settings = settings.with_file(config_file) if config_file else settings
@@ -399,6 +466,7 @@ def build(
         index_targets=settings.index,
         compute=settings.compute,
         inputs=settings.inputs,
+        store=store,
     )
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)
@@ -479,6 +547,7 @@ def settings_command(
 def recommend(
     artifacts: ArtifactsOption,
     out_file: Annotated[Path, typer.Option("--out", help="Output Parquet file.")],
+    cache_dir: CacheDirOption = None,
     users: Annotated[str, typer.Option(help="'all' or a Parquet/CSV file with user_id.")] = "all",
     k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
     show: Annotated[int, typer.Option(min=0, help="Print this many users' lists.")] = 0,
@@ -491,11 +560,13 @@ def recommend(
     from recsys.core import schema as s
     from recsys.core.artifacts import write_parquet
     from recsys.core.versions import VersionStore
+    from recsys.remote_artifacts import readable_root
     from serving.recommender import Recommender
 
-    version = VersionStore(artifacts).current()
+    root = readable_root(artifacts, cache_dir, say=_say)
+    version = VersionStore(root).current()
     rec = Recommender.load(version)
-    changes = latest_changes(changes_path(artifacts))
+    changes = latest_changes(changes_path(root))
     hidden = rec.hide([key for key, change in changes.items() if not change.available])
     if users == "all":
         wanted = rec.user_ids
@@ -529,28 +600,62 @@ def recommend(
 @friendly_errors
 def serve(
     artifacts: ArtifactsOption,
+    cache_dir: CacheDirOption = None,
     host: str = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     workers: Annotated[int, typer.Option(min=1)] = 1,
 ) -> None:
     """Serve the current version over HTTP (uvicorn processes, one listening socket each;
-    workers share the mmap'd index)."""
-    import os
+    workers share the mmap'd index). With artifacts on object storage, this host keeps a
+    verified copy of the current version in --cache-dir and follows the pointer."""
+    import socket
+    import threading
 
     from pydantic import ValidationError
 
+    from recsys.core.object_store import is_remote
+
+    # Every process of this service counts into one directory that /metrics sums; set
+    # before prometheus-client is imported (the sync below counts in this process).
+    metrics_dir = None
+    if workers > 1:
+        from serving.multiprocess_dir import fresh_metrics_dir
+
+        metrics_dir = fresh_metrics_dir()
+    remote = is_remote(artifacts)
+    if remote:
+        from recsys.remote_artifacts import cache_dir_for
+
+        root = cache_dir_for(artifacts, cache_dir)
+    else:
+        root = Path(artifacts)
     from recsys.core.versions import VersionStore, verify_version
     from serving.settings import ServiceSettings, settings_problem
     from serving.workers import serve as serve_workers
 
     # Everything a worker would refuse is refused here, once, in one line: workers that
     # fail at start-up would otherwise print tracebacks (and be restarted).
-    os.environ["RECSYS_ARTIFACTS"] = str(artifacts.resolve())
+    os.environ["RECSYS_ARTIFACTS"] = str(root.resolve())
     try:
-        ServiceSettings()
+        settings = ServiceSettings()
     except ValidationError as exc:
         raise RecsysError(settings_problem(exc)) from None
-    version = verify_version(VersionStore(artifacts).current())["version"]
+    stop_sync = threading.Event()
+    if remote:
+        from recsys.core.remote import RemoteVersions
+        from serving.sync import HostSync
+
+        poll = settings.reload_poll_seconds or 2.0
+        sync = HostSync(
+            RemoteVersions(artifacts), root, poll, f"{socket.gethostname()}-{os.getpid()}", _say
+        )
+        try:
+            if not sync.until_a_version(stop_sync):
+                return
+        except KeyboardInterrupt:
+            return
+        _, stop_sync = sync.start()
+    version = verify_version(VersionStore(root).current())["version"]
 
     def announce(bound_host: str, bound_port: int) -> None:
         err.print(
@@ -561,14 +666,36 @@ def serve(
             soft_wrap=True,
         )
 
-    serve_workers(
-        "serving.main:app_factory",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        announce=announce,
-    )
+    try:
+        serve_workers(
+            "serving.main:app_factory",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            announce=announce,
+            drain_seconds=settings.drain_seconds,
+            metrics_dir=metrics_dir,
+        )
+    finally:
+        stop_sync.set()
+
+
+@app.command()
+@friendly_errors
+def rollback(
+    artifacts: ArtifactsOption,
+    to: Annotated[
+        str | None,
+        typer.Option(help="The version to go back to. Default: the one that served before."),
+    ] = None,
+) -> None:
+    """Point `current` back at the version that served before it (or --to VERSION); every
+    serving host follows on its next poll. A later build starts from that version."""
+    from recsys.remote_artifacts import rollback as move_back
+
+    before, after = move_back(artifacts, to)
+    out.print(f"current: {before} -> {after}", highlight=False)
 
 
 def show_recommendations(recs: pl.DataFrame, items_path: Path, users: int) -> None:
@@ -656,6 +783,7 @@ def tune(
 @friendly_errors
 def evaluate(
     artifacts: ArtifactsOption,
+    cache_dir: CacheDirOption = None,
     version: Annotated[
         str | None, typer.Option(help="The version to score (default: current).")
     ] = None,
@@ -691,9 +819,11 @@ def evaluate(
     from recsys.core.errors import ArtifactError
     from recsys.core.versions import VersionStore
     from recsys.evaluation import evaluate_versions
+    from recsys.remote_artifacts import readable_root
 
-    store = VersionStore(artifacts)
-    names = list(compare) if compare else [version] if version else [store.current().name]
+    wanted = list(compare) if compare else [version] if version else []
+    store = VersionStore(readable_root(artifacts, cache_dir, wanted, say=_say))
+    names = wanted or [store.current().name]
     paths = []
     for name in names:
         path = store.versions / name
@@ -735,8 +865,11 @@ def evaluate(
 @app.command()
 def doctor(
     artifacts: Annotated[
-        Path, typer.Option("--artifacts", help="The artifacts root to check for writing.")
-    ] = Path("artifacts"),
+        str,
+        typer.Option(
+            "--artifacts", help="The artifacts root (a directory or a URL) to check for writing."
+        ),
+    ] = "artifacts",
     redis_url: Annotated[
         str | None, typer.Option(envvar="REDIS_URL", help="Redis to ping (default: REDIS_URL).")
     ] = None,
@@ -808,7 +941,7 @@ def events_push(
 
     if not file.is_file():
         raise RecsysError(f"{file}: no such file")
-    pushed = push_file(file, artifacts, parse_columns(columns) if columns else None)
+    pushed = push_file(file, _local_events(artifacts), parse_columns(columns) if columns else None)
     _print_pushed(pushed)
     if pushed.rejected:
         raise typer.Exit(code=1)
@@ -850,10 +983,11 @@ def events_consume(
 
     from recsys.event_sources import StreamConsumer, default_consumer_name
 
-    name = consumer or default_consumer_name(artifacts)
+    root = _local_events(artifacts)
+    name = consumer or default_consumer_name(root)
     try:
         client = redis.Redis.from_url(redis_url)
-        reader = StreamConsumer(client, artifacts, stream, group, name, claim_idle_ms)
+        reader = StreamConsumer(client, root, stream, group, name, claim_idle_ms)
     except redis.RedisError as exc:
         raise RecsysError(f"cannot reach the stream's Redis ({type(exc).__name__})") from exc
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -884,5 +1018,5 @@ def events_prune(
     fall out of the window you train on."""
     from recsys.event_sources import prune_segments
 
-    pruned = prune_segments(artifacts, older_than)
+    pruned = prune_segments(_local_events(artifacts), older_than)
     out.print(f"pruned {len(pruned)} segment(s)" + "".join(f"\n  {n}" for n in pruned))

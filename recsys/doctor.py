@@ -117,11 +117,32 @@ def check_writable(directory: Path) -> Callable[[], tuple[bool, str]]:
     return check
 
 
-def checks(artifacts: Path, redis_url: str | None) -> list[Check]:
+def check_object_storage(url: str) -> Callable[[], tuple[bool, str]]:
+    def check() -> tuple[bool, str]:
+        """Reads the pointer and writes a scratch object: what builds and hosts do."""
+        from recsys.core.errors import RecsysError
+        from recsys.core.remote import RemoteVersions
+
+        try:
+            remote = RemoteVersions(url)
+            pointer = remote.pointer()
+            remote.objects.put(".doctor", b"ok")
+            remote.objects.delete(".doctor")
+        except RecsysError as exc:
+            return False, str(exc)
+        return True, f"{url}: readable and writable; current is {pointer.version or 'none yet'}"
+
+    return check
+
+
+def checks(artifacts: str, redis_url: str | None) -> list[Check]:
+    from recsys.core.object_store import is_remote
+
+    where = check_object_storage(artifacts) if is_remote(artifacts) else None
     return [
         ("versions", check_versions),
         ("imports", check_imports),
         ("cuda", check_cuda),
         ("redis", check_redis(redis_url)),
-        ("artifacts", check_writable(artifacts)),
+        ("artifacts", where or check_writable(Path(artifacts))),
     ]

@@ -106,10 +106,12 @@ def build(
     index_targets: IndexTargets | None = None,
     compute: Compute | None = None,
     inputs: Inputs | None = None,
+    store: VersionStore | None = None,
 ) -> BuildReport:
-    """One build under the artifacts directory's lock; see the module docstring."""
+    """One build under the artifacts directory's lock; see the module docstring. `store`
+    is the root's version store (default: a plain one; remote artifacts pass theirs)."""
     with build_lock(root) as died:
-        store = VersionStore(root)
+        store = store or VersionStore(root)
         abandoned = store.discard_abandoned_staging()
         if died or abandoned:
             log.warning("cleaned up after a build that died: removed %s", abandoned or "nothing")
@@ -421,17 +423,10 @@ RECENT_VERSIONS = 3  # versions that served lately (the current one included) th
 
 def _recent_versions(previous: Path) -> list[Path]:
     """Versions beside `previous` that served (promoted, or a first build), newest first."""
-    served = []
-    for version in sorted(previous.parent.iterdir(), reverse=True):
-        if version == previous or version.name.startswith(".") or not version.is_dir():
-            continue
-        try:
-            gate = read_manifest(version, verify=False).get("gate")
-        except ArtifactError:
-            continue
-        if gate is None or gate.get("promoted"):
-            served.append(version)
-    return served[: RECENT_VERSIONS - 1]
+    served = VersionStore(previous.parent.parent).served()
+    return [previous.parent / n for n in reversed(served) if n != previous.name][
+        : RECENT_VERSIONS - 1
+    ]
 
 
 def _gate(

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from features.event_log import SegmentWriter, events_dir
 from recsys.core.versions import VersionStore
@@ -91,6 +92,32 @@ async def _unanswerable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
 
+class VersionHeader:
+    """`X-Model-Version` on every answer: the version this worker holds when it answers
+    (a body's `model_version` names the version that computed it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def stamp(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                held = getattr(scope["app"].state, "resources", None)
+                version = held.live.version if held is not None else None
+                if version is not None:
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-model-version", version.encode()),
+                    ]
+            await send(message)
+
+        await self.app(scope, receive, stamp)
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -115,6 +142,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(VersionHeader)
     app.add_middleware(Measure)
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_exception_handler(AnswerError, _unanswerable)

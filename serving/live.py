@@ -22,6 +22,7 @@ from prometheus_client import Counter
 from recsys.core.errors import RecsysError
 from recsys.core.versions import VersionStore
 from serving.fresh import DEFAULT_PER_USER
+from serving.metrics import MODEL_VERSION
 from serving.state import VersionState
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class LiveVersion:
         """The first load, at start-up: without a version there is nothing to serve."""
         self.state = VersionState.load(self.store.current(), self.fresh_per_user)
         settle_heap()
+        MODEL_VERSION.labels(self.state.version).set(1)
         return self.state
 
     async def refresh(self, force: bool = False) -> bool:
@@ -104,6 +106,9 @@ class LiveVersion:
             # GET routes run on this loop without awaiting, so none holds the old version
             # now; a thread-pool request that still does keeps it alive until the next swap.
             settle_heap()
+            if previous is not None:
+                MODEL_VERSION.labels(previous).set(0)
+            MODEL_VERSION.labels(name).set(1)
             RELOADS.labels("switched").inc()
             log.info("switched from version %s to %s", previous, name)
             return True

@@ -6,12 +6,8 @@ client can grow `/metrics` by sending odd requests."""
 
 import time
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-# Set by `recsys serve` for its workers (a fresh directory per service): prometheus-client
-# then keeps every worker's counts in files there, and /metrics sums them.
-MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 REQUESTS = Counter("recsys_http_requests_total", "HTTP requests", ["route", "method", "status"])
 LATENCY = Histogram(
@@ -26,6 +22,14 @@ INDEX_SECONDS = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
 )
 EVENTS = Counter("recsys_events_total", "Posted events by outcome", ["outcome"])
+# 1 for the version this host answers with: `count by (version) (recsys_model_version_info
+# == 1)` over every host shows version skew in one query.
+MODEL_VERSION = Gauge(
+    "recsys_model_version_info",
+    "The loaded version (1) and versions loaded before (0)",
+    ["version"],
+    multiprocess_mode="livemax",
+)
 CATALOGUE_CHANGES = Counter("recsys_catalogue_changes_total", "Item changes", ["change"])
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

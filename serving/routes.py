@@ -19,7 +19,8 @@ from prometheus_client import (
 
 from recsys.core.errors import RecsysError
 from serving.answers import CACHE_PREFIX, Answer, Answers
-from serving.metrics import MULTIPROCESS_DIR
+from serving.drain import DRAINING
+from serving.multiprocess_dir import MULTIPROCESS_DIR
 from serving.resources import Resources
 from serving.schemas import (
     EventBatch,
@@ -201,13 +202,17 @@ def healthz() -> dict[str, str]:
 
 @probes.get("/readyz")
 def readyz(request: Request, response: Response) -> dict[str, object]:
-    """Model, index and cache state; 503 until a model is loaded."""
+    """Model, index and cache state; 503 until a verified version is loaded, and again
+    from the first SIGTERM on (the drain period: requests are still answered)."""
     held: Resources | None = getattr(request.app.state, "resources", None)
     current = held.live.state if held is not None else None
     cache_state = {"backend": held.cache.backend, "healthy": held.cache.healthy()} if held else None
     if current is None:
         response.status_code = 503
         return {"ready": False, "cache": cache_state}
+    if DRAINING.is_set():
+        response.status_code = 503
+        return {"ready": False, "draining": True, "model_version": current.version}
     return {
         "ready": True,
         "model_version": current.version,

@@ -34,6 +34,9 @@ class ServiceSettings(BaseSettings):
     # the vector of the posted events alone in with weight n / (n + this)
     fresh_half_events: float = Field(default=5.0, gt=0.0, le=1e6)
     reload_poll_seconds: float = Field(default=2.0, ge=0.0)  # 0: only POST /admin/reload
+    # After SIGTERM: /readyz answers 503 and requests are still answered this long, so a
+    # load balancer that checks /readyz takes the host out first (its interval x fall)
+    drain_seconds: float = Field(default=0.0, ge=0.0, le=600.0)
     # How often a worker reads the other workers' posted events (its own: at once)
     events_poll_seconds: float = Field(default=0.1, gt=0.0, le=60.0)
     admin_api_key: SecretStr | None = None  # unset: the admin routes answer 403

@@ -16,16 +16,15 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from types import FrameType
 
 import uvicorn
-from prometheus_client import multiprocess
 
-from serving.metrics import MULTIPROCESS_DIR
+from serving.drain import DrainingServer
+from serving.multiprocess_dir import fresh_metrics_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +56,19 @@ def _claim_port(host: str, port: int) -> socket.socket:
     return _port_socket(host, port)
 
 
-def _worker(app: str, factory: bool, host: str, port: int, log_level: str) -> None:
-    config = uvicorn.Config(
+def _config(app: str, factory: bool, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
         app, factory=factory, http=HTTP_PROTOCOL, host=host, port=port, log_level=log_level
     )
+
+
+def _worker(
+    app: str, factory: bool, host: str, port: int, log_level: str, drain_seconds: float
+) -> None:
+    config = _config(app, factory, host, port, log_level)
     # uvicorn loads the app (and the model) before it listens on the socket, so the kernel
     # sends this worker nothing until it can answer.
-    uvicorn.Server(config).run(sockets=[_port_socket(host, port)])
+    DrainingServer(config, drain_seconds).run(sockets=[_port_socket(host, port)])
 
 
 def serve(
@@ -75,15 +80,17 @@ def serve(
     workers: int = 1,
     log_level: str = "warning",
     announce: Callable[[str, int], None] | None = None,
+    drain_seconds: float = 0.0,
+    metrics_dir: str | None = None,
 ) -> None:
-    """Serve `app` ("module:attribute") until SIGTERM or SIGINT; `announce(host, port)` is
-    called once the port is known (uvicorn's own start-up lines are left out: one line)."""
+    """Serve `app` ("module:attribute") until SIGTERM or SIGINT, each worker draining for
+    `drain_seconds` first (serving.drain); `announce(host, port)` is called once the port
+    is known (uvicorn's own start-up lines are left out: one line). `metrics_dir`: the
+    workers' Prometheus directory, when the caller made it (see serving.multiprocess_dir)."""
     if workers == 1:
         if announce is not None:
             announce(host, port)
-        uvicorn.run(
-            app, factory=factory, http=HTTP_PROTOCOL, host=host, port=port, log_level=log_level
-        )
+        DrainingServer(_config(app, factory, host, port, log_level), drain_seconds).run()
         return
     try:
         holder = _claim_port(host, port)
@@ -94,8 +101,7 @@ def serve(
     stopping = False
     # Workers count into files of one fresh directory, and /metrics sums them (the
     # environment is read when a worker first imports prometheus-client).
-    metrics_dir = tempfile.mkdtemp(prefix="recsys-metrics-")
-    os.environ[MULTIPROCESS_DIR] = metrics_dir
+    metrics_dir = metrics_dir or fresh_metrics_dir()
     # Each worker's Polars pool gets its share of the cores (read when a worker imports
     # Polars), not all of them: loading a version runs Polars beside the answering threads.
     cores = len(os.sched_getaffinity(0))
@@ -106,7 +112,9 @@ def serve(
         stopping = True
 
     def start() -> BaseProcess:
-        process = spawn.Process(target=_worker, args=(app, factory, host, port, log_level))
+        process = spawn.Process(
+            target=_worker, args=(app, factory, host, port, log_level, drain_seconds)
+        )
         process.start()
         return process
 
@@ -125,13 +133,15 @@ def serve(
                     raise SystemExit(f"worker {process.pid} could not start the app; stopping")
                 log.error("worker %d exited (%s); starting another", process.pid, process.exitcode)
                 if process.pid is not None:
+                    from prometheus_client import multiprocess
+
                     multiprocess.mark_process_dead(process.pid, metrics_dir)
                 processes[n] = start()
     finally:
         for process in processes:
             process.terminate()
         for process in processes:
-            process.join(timeout=30)
+            process.join(timeout=drain_seconds + 30)
             if process.is_alive():
                 process.kill()
                 process.join()

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import redis
-from helpers import start_redis
+from helpers import S3Server, start_redis
 from hypothesis import settings
 
 from recsys.processes import free_port
@@ -87,3 +87,32 @@ def movielens_dir() -> Path:
     from recsys.core.settings import Settings
 
     return movielens.fetch(Settings().datasets_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One real S3 API for the session (moto's server mode behind a fault-injecting proxy);
+    tests make their own buckets. The AWS variables point this process at it."""
+
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    server.faults.clear()
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh bucket's URL with a prefix, faults cleared after the test."""
+    import hashlib
+
+    name = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:20]
+    url = s3_server.bucket(name)
+    yield f"{url}/recsys"
+    s3_server.faults.clear()

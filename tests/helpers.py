@@ -121,3 +121,92 @@ def private_copy(artifacts: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "artifacts"
     shutil.copytree(artifacts, copy, symlinks=True)
     return copy
+
+
+class S3Server:
+    """A real S3 API (moto's server mode) on a loopback port, with a proxy in front of it
+    that can fail or delay chosen requests: `faults` maps (method, path prefix) to a
+    status to answer, a delay in seconds, or a function called before forwarding."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        from moto.server import ThreadedMotoServer
+
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.moto.start()
+        host, port = self.moto.get_host_and_port()
+        self.upstream = (host, port)
+        self.faults: dict[tuple[str, str], object] = {}
+        self.seen: list[tuple[str, str]] = []
+        server = self
+
+        class Proxy(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                import http.client
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                server.seen.append((self.command, self.path))
+                for (method, prefix), fault in list(server.faults.items()):
+                    if method == self.command and self.path.startswith(prefix):
+                        if isinstance(fault, int):
+                            self.send_response(fault)
+                            self.send_header("Content-Length", "0")
+                            self.end_headers()
+                            return
+                        if isinstance(fault, float):
+                            time.sleep(fault)
+                        elif callable(fault):
+                            fault()
+                upstream = http.client.HTTPConnection(*server.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = f"{server.upstream[0]}:{server.upstream[1]}"
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                reply = upstream.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for key, value in reply.getheaders():
+                    if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+        self.proxy.daemon_threads = True
+        threading.Thread(target=self.proxy.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.proxy.server_address[1]}"
+        self.env = {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def bucket(self, name: str) -> str:
+        """A new bucket; returns its s3:// URL."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=f"http://{self.upstream[0]}:{self.upstream[1]}",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def stop(self) -> None:
+        self.proxy.shutdown()
+        self.moto.stop()

@@ -91,6 +91,18 @@ class VersionStore:
             p.name for p in self.versions.iterdir() if p.is_dir() and not p.name.startswith(".")
         )
 
+    def served(self) -> builtins.list[str]:
+        """Versions that served (promoted, or a first build: no gate), oldest first."""
+        found = []
+        for name in self.list():
+            try:
+                gate = read_manifest(self.versions / name, verify=False).get("gate")
+            except ArtifactError:
+                continue
+            if gate is None or gate.get("promoted"):
+                found.append(name)
+        return found
+
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
