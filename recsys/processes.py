@@ -56,18 +56,22 @@ def wait_listening(port: int, sockets: int, timeout: float = 180) -> None:
 
 @contextmanager
 def served(
-    artifacts: Path,
+    artifacts: Path | str,
     env: dict[str, str] | None = None,
     workers: int = 1,
     port: int | None = None,
     quiet: bool = True,
     log: Path | None = None,
+    cache_dir: Path | None = None,
 ) -> Iterator[str]:
     """`recsys serve` on a free loopback port; yields its base URL once every worker
-    listens, stops it on exit. `log`: a file that gets its output."""
+    listens, stops it on exit. `log`: a file that gets its output; `cache_dir`: the
+    host's copy of artifacts on object storage."""
     port = port or free_port()
     command = [sys.executable, "-m", "recsys", "serve", "--artifacts", str(artifacts)]
     command += ["--port", str(port), "--workers", str(workers)]
+    if cache_dir is not None:
+        command += ["--cache-dir", str(cache_dir)]
     log_file = log.open("wb") if log is not None else None
     output = log_file or (subprocess.DEVNULL if quiet else None)
     process = subprocess.Popen(
@@ -81,7 +85,7 @@ def served(
     finally:
         process.terminate()
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=30 + float((env or {}).get("RECSYS_DRAIN_SECONDS", 0)))
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
