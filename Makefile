@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo nightly test test-fast lint format bench bench-quick redis wrk clean
+.PHONY: setup demo nightly test test-fast lint format bench bench-quick redis haproxy wrk clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +40,11 @@ redis:  ## make sure a redis-server binary exists (tests start one if none answe
 	@command -v redis-server >/dev/null 2>&1 || redis-cli -u "$${REDIS_URL:-redis://127.0.0.1:6379/0}" ping >/dev/null 2>&1 \
 	  || (apt-get update -qq && apt-get install -y -qq redis-server)
 
-test: $(STAMP) redis  ## the whole test suite (what CI runs)
+haproxy:  ## make sure haproxy exists (the load-balancer tests run it in front of several hosts)
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy \
+	  || (apt-get update -qq && apt-get install -y -qq haproxy)
+
+test: $(STAMP) redis haproxy  ## the whole test suite (what CI runs)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) redis  ## unit and property tests, no model builds or services: under a minute

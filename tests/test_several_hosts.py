@@ -24,7 +24,9 @@ BUILD = ("--epochs", "1", "--no-progress")
 
 
 def build(bucket: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return recsys("build", "--artifacts", bucket, "--cache-dir", tmp_path / "builder", *BUILD, *extra)
+    return recsys(
+        "build", "--artifacts", bucket, "--cache-dir", tmp_path / "builder", *BUILD, *extra
+    )
 
 
 def wait_for(condition, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
