@@ -76,7 +76,8 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _encode(events: list[Event]) -> bytes:
+def encode_lines(events: list[Event]) -> bytes:
+    """Events as whole CSV lines (no header), as every reader parses them."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     for e in events:
@@ -108,7 +109,7 @@ class SegmentWriter:
     def append(self, events: list[Event]) -> Path:
         """Write `events` durably; the segment they went to. EventStoreError, with the
         segment as it was before the call, if they could not all be written."""
-        payload = _encode(events)
+        payload = encode_lines(events)
         with self._lock:
             if self.path is None:
                 self.path = self._open()
@@ -216,7 +217,7 @@ class EventSnapshot:
     later events as new)."""
 
     path: Path | None  # None: no events
-    absorbed: dict[str, int]
+    absorbed: dict[str, int | str]  # segment -> byte offset; the stream's mark -> its ID
     rows: int
 
 
@@ -249,11 +250,17 @@ def _typed(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def snapshot(directory: Path, out: Path, columns: dict[str, str] | None = None) -> EventSnapshot:
+def snapshot(
+    directory: Path,
+    out: Path,
+    columns: dict[str, str] | None = None,
+    shared: tuple[str, list[Event], str] | None = None,
+) -> EventSnapshot:
     """Copy the whole lines of every segment to `out` (Parquet, columns named as the log's
-    files name them: `columns` maps ours -> theirs) for a build to read beside its log.
-    Segments are parsed as the service parses them, so a line either reader cannot take
-    is quarantined by both, never a failed build."""
+    files name them: `columns` maps ours -> theirs) for a build to read beside its log,
+    with the events of the shared log when there is one (`shared`: its mark, its events,
+    the position after them). Segments are parsed as the service parses them, so a line
+    either reader cannot take is quarantined by both, never a failed build."""
     frames, absorbed = [], {}
     for path in segments(directory):
         data, end = complete_bytes(path, 0)
@@ -261,11 +268,17 @@ def snapshot(directory: Path, out: Path, columns: dict[str, str] | None = None) 
         events = parse_lines(data, skip_header=True, source=path.name)
         if events:
             frames.append(_frame(events))
+    absorbed_any: dict[str, int | str] = dict(absorbed)
+    if shared is not None:
+        mark, events, position = shared
+        absorbed_any[mark] = position
+        if events:
+            frames.append(_frame(events))
     if not frames:
-        return EventSnapshot(None, absorbed, 0)
+        return EventSnapshot(None, absorbed_any, 0)
     frame = _typed(pl.concat(frames, how="vertical"))
     mapping = columns or {}
     frame = frame.rename({c: mapping.get(c, c) for c in COLUMNS})
     out.parent.mkdir(parents=True, exist_ok=True)
     frame.write_parquet(out)
-    return EventSnapshot(out, absorbed, frame.height)
+    return EventSnapshot(out, absorbed_any, frame.height)

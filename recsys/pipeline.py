@@ -16,11 +16,13 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import redis
 from safetensors import safe_open
 
 from features.catalogue_log import changes_path, merged_item_table
 from features.config import FeatureConfig
-from features.event_log import EventSnapshot, events_dir, snapshot
+from features.event_log import Event, EventSnapshot, events_dir, snapshot
+from features.event_stream import START, STREAM_MARK, EventLogSettings
 from features.events import weights_differ
 from features.feature_set import FeatureSet
 from features.ingest import IngestReport, ingest
@@ -290,6 +292,20 @@ def _manifest(
     }
 
 
+def shared_events() -> tuple[str, list[Event], str] | None:
+    """Every event of the hosts' shared log (RECSYS_EVENT_LOG_URL), up to its newest entry
+    now, and that entry's ID; None without one."""
+    stream = EventLogSettings().open()
+    if stream is None:
+        return None
+    try:
+        events, position = stream.read_after(START, upto=stream.last_id())
+    except redis.RedisError as exc:
+        raise RecsysError(f"cannot read the shared event log ({exc})") from exc
+    log.info("read %d events from the shared log %s", len(events), stream.key)
+    return STREAM_MARK, events, position
+
+
 def stage(name: str, started: float) -> None:
     """One plain line per finished stage, for operators who read a build's log, not a
     terminal (cron, a scheduler)."""
@@ -340,7 +356,9 @@ def _build_locked(
     try:
         posted = EventSnapshot(None, {}, 0)
         if inputs.posted_events:
-            posted = snapshot(events_dir(store.root), layout.posted_events, source.columns)
+            posted = snapshot(
+                events_dir(store.root), layout.posted_events, source.columns, shared_events()
+            )
         if posted.path is not None:
             source = replace(source, interactions=(*source.interactions, posted.path))
             log.info("read %d posted events from %s", posted.rows, events_dir(store.root))

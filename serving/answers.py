@@ -23,6 +23,7 @@ import numpy as np
 
 from features.catalogue_log import MAX_VALUES, ItemChange, append_change, changes_path
 from features.event_log import EventStoreError, SegmentWriter
+from features.event_stream import EventStream
 from recsys.core.ids import IdError, checked_id, checked_text
 from serving.cache import CACHE_EVENTS, Cache, pack_results, unpack_results
 from serving.catalogue import FilterError, Filters
@@ -232,7 +233,7 @@ def _recommendations(
 @dataclass
 class Answers:
     live: LiveVersion
-    events: SegmentWriter  # this worker's own event segment
+    events: SegmentWriter | EventStream  # this worker's segment, or the hosts' shared log
     artifacts: Path  # where the catalogue changes are kept
     cache: Cache
     ttl_seconds: int
@@ -419,11 +420,14 @@ class Answers:
         )
         if accepted:
             try:
-                segment = self.events.append(accepted)
+                stored = self.events.append(accepted)
             except EventStoreError as exc:
                 EVENTS.labels("unstored").inc(len(accepted))
                 raise Unstored(f"no event of this request was stored: {exc}") from exc
-            state.fresh.read(segment)
+            if isinstance(stored, Path):
+                state.fresh.read(stored)  # this worker's segment
+            else:
+                state.fresh.read_stream()  # the shared log, up to this entry and past it
         EVENTS.labels("accepted").inc(len(accepted))
         EVENTS.labels("rejected").inc(len(rejected))
         return {"accepted": len(accepted), "rejected": rejected}

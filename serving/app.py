@@ -19,6 +19,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from features.event_log import SegmentWriter, events_dir
+from features.event_stream import EventLogSettings
 from recsys.core.versions import VersionStore
 from serving.answers import AnswerError, Answers
 from serving.cache import make_cache
@@ -33,7 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def _open(settings: ServiceSettings) -> Resources:
-    live = LiveVersion(VersionStore(settings.artifacts), settings.fresh_events_per_user)
+    stream = EventLogSettings().open()  # None: this host's own segments
+    if stream is not None:
+        stream.check_durable()
+    live = LiveVersion(VersionStore(settings.artifacts), settings.fresh_events_per_user, stream)
     live.load_now()
     cache = make_cache(
         settings.redis_url,
@@ -44,7 +48,7 @@ def _open(settings: ServiceSettings) -> Resources:
     threads = ThreadPoolExecutor(settings.search_thread_count(), thread_name_prefix="search")
     answers = Answers(
         live,
-        SegmentWriter(events_dir(settings.artifacts)),
+        stream or SegmentWriter(events_dir(settings.artifacts)),
         settings.artifacts,
         cache,
         settings.cache_ttl_seconds,

@@ -14,11 +14,17 @@ so older ones are dropped from memory as new ones come; the sequence number stil
 every event. 100,000 events posted for one user cost that user's answers as much as 1,000.
 """
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from features.event_log import Event, read_new, segments
+from features.event_stream import START, STREAM_MARK, EventStream
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PER_USER = 1000
 
@@ -31,19 +37,25 @@ class UserEvents:
 
 
 class FreshEvents:
-    """The events of `directory` after the offsets in `absorbed` (segment name -> bytes)."""
+    """The events of `directory` after the offsets in `absorbed` (segment name -> bytes),
+    and of the shared stream, when there is one, after the entry the version absorbed."""
 
     def __init__(
         self,
         directory: Path,
-        absorbed: dict[str, int] | None = None,
+        absorbed: dict[str, int | str] | None = None,
         event_weights: dict[str, float] | None = None,
         per_user: int = DEFAULT_PER_USER,
+        stream: EventStream | None = None,
     ) -> None:
         self.directory = directory
         self.per_user = per_user
         self.event_weights = dict(event_weights or {})  # the version's --event-weights
-        self.offsets: dict[str, int] = dict(absorbed or {})
+        absorbed = dict(absorbed or {})
+        self.stream = stream
+        self.position = str(absorbed.pop(STREAM_MARK, START))  # the stream's last entry taken
+        self.stream_down = False
+        self.offsets: dict[str, int] = {k: int(v) for k, v in absorbed.items()}
         self.users: dict[str, UserEvents] = {}
         self.count = 0
         self._lock = threading.Lock()
@@ -72,9 +84,28 @@ class FreshEvents:
             self._take(events)
             return len(events)
 
+    def read_stream(self) -> int:
+        """Take the stream's entries after the last one taken; how many events they held.
+        An unreachable stream is logged once per outage and read again on the next poll."""
+        if self.stream is None:
+            return 0
+        with self._lock:
+            try:
+                events, self.position = self.stream.read_after(self.position)
+            except redis.RedisError as exc:
+                if not self.stream_down:
+                    log.error("cannot read the shared event log (%s); retrying", exc)
+                self.stream_down = True
+                return 0
+            if self.stream_down:
+                log.warning("the shared event log answers again")
+            self.stream_down = False
+            self._take(events)
+            return len(events)
+
     def poll(self) -> int:
-        """Take what every segment gained since the last poll."""
-        return sum(self.read(path) for path in segments(self.directory))
+        """Take what every segment, and the shared stream, gained since the last poll."""
+        return sum(self.read(path) for path in segments(self.directory)) + self.read_stream()
 
     def of_user(self, user: str) -> UserEvents | None:
         """A copy of the user's events (None, without taking the lock, for a user who has

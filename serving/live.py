@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter
 
+from features.event_stream import EventStream
 from recsys.core.errors import RecsysError
 from recsys.core.versions import VersionStore
 from serving.fresh import DEFAULT_PER_USER
@@ -60,9 +61,15 @@ def _background_loader() -> None:
 
 
 class LiveVersion:
-    def __init__(self, store: VersionStore, fresh_per_user: int = DEFAULT_PER_USER) -> None:
+    def __init__(
+        self,
+        store: VersionStore,
+        fresh_per_user: int = DEFAULT_PER_USER,
+        stream: EventStream | None = None,
+    ) -> None:
         self.store = store
         self.fresh_per_user = fresh_per_user
+        self.stream = stream  # the shared event log, when the hosts have one
         self.state: VersionState | None = None
         self.failed: str | None = None  # last version that could not be loaded
         self._lock = asyncio.Lock()
@@ -70,7 +77,7 @@ class LiveVersion:
 
     def load_now(self) -> VersionState:
         """The first load, at start-up: without a version there is nothing to serve."""
-        self.state = VersionState.load(self.store.current(), self.fresh_per_user)
+        self.state = VersionState.load(self.store.current(), self.fresh_per_user, self.stream)
         settle_heap()
         MODEL_VERSION.labels(self.state.version).set(1)
         return self.state
@@ -90,6 +97,7 @@ class LiveVersion:
                     VersionState.load,
                     self.store.versions / name,
                     self.fresh_per_user,
+                    self.stream,
                 )
             except Exception as exc:  # any failure keeps the old version; retried on change
                 RELOADS.labels("failed").inc()

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from features.event_log import events_dir
+from features.event_stream import EventStream
 from features.ordering import Ordering
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
@@ -30,7 +31,12 @@ class VersionState:
     catalogue: Catalogue  # hidden and new items, categories for filters
 
     @classmethod
-    def load(cls, path: Path, fresh_per_user: int = DEFAULT_PER_USER) -> "VersionState":
+    def load(
+        cls,
+        path: Path,
+        fresh_per_user: int = DEFAULT_PER_USER,
+        stream: EventStream | None = None,
+    ) -> "VersionState":
         """Load a committed version (ARTIFACTS/versions/NAME) and what was posted after it
         (ARTIFACTS/events/, ARTIFACTS/catalogue/)."""
         recommender = Recommender.load(path)  # verifies the manifest and every checksum
@@ -39,7 +45,7 @@ class VersionState:
         event_weights = data_manifest.get("feature_config", {}).get("event_weights", {})
         absorbed = read_manifest(path, verify=False).get("events_absorbed", {})
         artifacts = path.parent.parent
-        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights, fresh_per_user)
+        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights, fresh_per_user, stream)
         fresh.poll()
         items = IdLookup(recommender.item_ids)
         return cls(

@@ -1,5 +1,6 @@
 """Helpers shared by test modules (pytest puts this directory on sys.path)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,9 @@ if TYPE_CHECKING:
     from training.config import TrainConfig
 
 
-def recsys(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def recsys(
+    *args: object, timeout: float = 600, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The `recsys` command as a user runs it: a subprocess, its output and exit code."""
     return subprocess.run(
         [sys.executable, "-m", "recsys", *map(str, args)],
@@ -22,6 +25,7 @@ def recsys(*args: object, timeout: float = 600) -> subprocess.CompletedProcess[s
         text=True,
         check=False,
         timeout=timeout,
+        env={**os.environ, **(env_extra or {})},
     )
 
 

@@ -11,6 +11,7 @@ from bench import (
     build,
     freshness,
     genre_share,
+    hosts,
     index,
     ingest,
     nightly,
@@ -42,7 +43,7 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak, swap, freshness, worker-memory; and, run only when named, "
+        "nightly, soak, swap, hosts, freshness, worker-memory; and, run only when named, "
         "ablations, genre-share",
     )
     args = parser.parse_args()
@@ -64,6 +65,7 @@ def main() -> None:
         ("nightly", nightly),
         ("soak", soak),
         ("swap", swap),
+        ("hosts", hosts),
         ("freshness", freshness),
         ("worker-memory", worker_memory),
         ("ablations", ablations),  # opt-in: outside the full run's hour
