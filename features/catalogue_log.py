@@ -40,13 +40,18 @@ def changes_path(artifacts: Path) -> Path:
     return artifacts / CATALOGUE_DIR / CHANGES_FILE
 
 
+def encode_change(change: ItemChange) -> bytes:
+    """One change as a JSON line; ValueError if a reader could not read it back."""
+    checked_change(asdict(change))
+    return (json.dumps(asdict(change), separators=(",", ":")) + "\n").encode()
+
+
 def append_change(path: Path, change: ItemChange) -> None:
     """Append one change durably; concurrent writers (workers) take turns on a lock. A
     change that a reader could not read back is refused (ValueError) before a byte is
     written; the whole line is written or the file is cut back to where it was."""
-    checked_change(asdict(change))
+    line = encode_change(change)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(asdict(change), separators=(",", ":")) + "\n").encode()
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
@@ -106,10 +111,25 @@ def checked_change(record: Any) -> ItemChange:
     return ItemChange(item, record["available"], features, float(at))
 
 
+def parse_changes(data: bytes, source: str, start: int = 0) -> list[ItemChange]:
+    """The changes of whole JSON lines. A line no reader could use (not JSON, a lone
+    surrogate, a field of the wrong type) is quarantined: skipped and logged with its byte
+    offset, never a failed restart or build."""
+    changes = []
+    offset = start
+    for line in data.split(b"\n")[:-1]:
+        at, offset = offset, offset + len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            changes.append(checked_change(json.loads(line)))
+        except (ValueError, TypeError) as exc:
+            log.warning("%s, byte %d: change quarantined (%s)", source, at, str(exc)[:80])
+    return changes
+
+
 def read_changes(path: Path, start: int = 0) -> tuple[list[ItemChange], int]:
-    """Changes after byte `start` (whole lines only) and the offset to continue from. A
-    line no reader could use (not JSON, a lone surrogate, a field of the wrong type) is
-    quarantined: skipped and logged with its byte offset, never a failed restart or build."""
+    """Changes after byte `start` (whole lines only) and the offset to continue from."""
     try:
         with path.open("rb") as handle:
             handle.seek(start)
@@ -117,24 +137,14 @@ def read_changes(path: Path, start: int = 0) -> tuple[list[ItemChange], int]:
     except FileNotFoundError:
         return [], start
     end = chunk.rfind(b"\n") + 1
-    changes = []
-    offset = start
-    for line in chunk[:end].split(b"\n")[:-1]:
-        at, offset = offset, offset + len(line) + 1
-        if not line.strip():
-            continue
-        try:
-            changes.append(checked_change(json.loads(line)))
-        except (ValueError, TypeError) as exc:
-            log.warning("%s, byte %d: change quarantined (%s)", path, at, str(exc)[:80])
-    return changes, start + end
+    return parse_changes(chunk[:end], str(path), start), start + end
 
 
-def latest_changes(path: Path) -> dict[str, ItemChange]:
-    """Each item's state after every change (item ID as text -> its last change, with the
-    last features given to it)."""
+def latest_changes(path: Path, shared: list[ItemChange] | None = None) -> dict[str, ItemChange]:
+    """Each item's state after every change of the file, then of the shared log (item ID
+    as text -> its last change, with the last features given to it)."""
     state: dict[str, ItemChange] = {}
-    for change in read_changes(path)[0]:
+    for change in read_changes(path)[0] + (shared or []):
         key = str(change.item_id)
         before = state.get(key)
         features = change.features
@@ -159,12 +169,13 @@ def merged_item_table(
     out: Path,
     columns: dict[str, str] | None = None,
     separator: str = "|",
+    shared: list[ItemChange] | None = None,
 ) -> Path | None:
     """The item table with the features given through the service (`PUT /admin/items`),
     written to `out` (None: no item was given features): a known item's given columns
     replace its cells, new items are added as rows. The key keeps the table's own name
     (`columns` maps ours -> theirs)."""
-    given = {k: c for k, c in latest_changes(changes).items() if c.features is not None}
+    given = {k: c for k, c in latest_changes(changes, shared).items() if c.features is not None}
     if not given:
         return None
     key = (columns or {}).get(s.ITEM_ID, s.ITEM_ID)

@@ -15,12 +15,14 @@ only later entries as new, so no event is counted twice.
 """
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from features.catalogue_log import ItemChange, encode_change, parse_changes
 from features.event_log import Event, EventStoreError, encode_lines, parse_lines
 
 log = logging.getLogger(__name__)
@@ -30,37 +32,38 @@ START = "0-0"
 READ_BATCH = 1000  # entries per XRANGE
 
 
-def _key(entry_id: bytes | str) -> tuple[int, int]:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def later(a: str, b: str) -> bool:
-    """Whether stream ID `a` comes after `b`."""
-    return _key(a) > _key(b)
+def _text(entry_id: Any) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 class EventLogSettings(BaseSettings):
-    """`RECSYS_EVENT_LOG_*`: the shared event log, read by the service and by builds
-    alike (unset URL: each host keeps its own segments)."""
+    """`RECSYS_EVENT_LOG_*`: the shared log of posted events and catalogue changes, read by
+    the service and by builds alike (unset URL: each host keeps its own files)."""
 
     model_config = SettingsConfigDict(env_prefix="RECSYS_EVENT_LOG_", frozen=True)
 
     url: str | None = Field(default=None, repr=False)  # redis://[:password@]host:port/db
     stream: str = Field(default="recsys:events", min_length=1)
+    catalogue_stream: str = Field(default="recsys:catalogue", min_length=1)
     replicas: int = Field(default=0, ge=0, le=16)  # 0: the server persists every write
     wait_ms: int = Field(default=1000, ge=1, le=60_000)  # how long an append waits for them
 
-    def open(self) -> "EventStream | None":
-        return None if not self.url else EventStream(self)
+    def open(self) -> "SharedLog | None":
+        """The two streams (None: no shared log is set)."""
+        if not self.url:
+            return None
+        return SharedLog(
+            EventStream(self, self.stream), CatalogueStream(self, self.catalogue_stream)
+        )
 
 
-class EventStream:
-    def __init__(self, config: EventLogSettings) -> None:
+class LineStream:
+    """Entries of whole lines in one stream; appends acknowledged once durable."""
+
+    def __init__(self, config: EventLogSettings, key: str) -> None:
         assert config.url
         self.config = config
-        self.key = config.stream
+        self.key = key
         self.client = redis.Redis.from_url(config.url, socket_timeout=5, socket_connect_timeout=5)
 
     def check_durable(self) -> str:
@@ -74,7 +77,7 @@ class EventStream:
             }
         except redis.ResponseError:  # a managed Redis may refuse CONFIG: say so, go on
             log.warning(
-                "%s: cannot read the server's persistence settings (CONFIG refused); events "
+                "%s: cannot read the server's persistence settings (CONFIG refused); writes "
                 "are acknowledged as durable only if it persists every write",
                 self.key,
             )
@@ -84,44 +87,77 @@ class EventStream:
         if settings.get("appendonly") == "yes" and settings.get("appendfsync") == "always":
             return "the server appends and fsyncs every write (appendfsync always)"
         raise EventStoreError(
-            "the event log's Redis would lose acknowledged events on a restart: set "
+            "the event log's Redis would lose acknowledged writes on a restart: set "
             "`appendonly yes` and `appendfsync always` on it, or RECSYS_EVENT_LOG_REPLICAS=N "
             "to wait for N replicas"
         )
 
-    def append(self, events: list[Event]) -> str:
-        """Store `events` as one entry; returns its ID once it is durable."""
+    def append_lines(self, lines: bytes) -> str:
+        """Store `lines` as one entry; returns its ID once it is durable."""
         try:
-            entry = self.client.xadd(self.key, {"lines": encode_lines(events)})
+            entry = self.client.xadd(self.key, {"lines": lines})
             if self.config.replicas > 0:
                 copies = int(self.client.wait(self.config.replicas, self.config.wait_ms))
                 if copies < self.config.replicas:
                     raise EventStoreError(
-                        f"only {copies} of {self.config.replicas} replica(s) took the events "
+                        f"only {copies} of {self.config.replicas} replica(s) took the write "
                         f"within {self.config.wait_ms} ms"
                     )
         except redis.RedisError as exc:
             raise EventStoreError(f"the event log's Redis failed ({type(exc).__name__})") from exc
-        return entry.decode() if isinstance(entry, bytes) else str(entry)
+        return _text(entry)
 
-    def read_after(self, position: str, upto: str = "+") -> tuple[list[Event], str]:
-        """Events of the entries after `position` (up to `upto`), and the new position."""
-        events: list[Event] = []
+    def lines_after(self, position: str, upto: str = "+") -> tuple[list[bytes], str]:
+        """The entries after `position` (up to `upto`), and the position after them."""
+        found: list[bytes] = []
         while True:
             entries: list[Any] = list(
                 self.client.xrange(self.key, min=f"({position}", max=upto, count=READ_BATCH) or []
             )
             for entry_id, fields in entries:
-                position = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                lines = (fields or {}).get(b"lines", b"")
-                events += parse_lines(bytes(lines), skip_header=False, source=self.key)
+                position = _text(entry_id)
+                found.append(bytes((fields or {}).get(b"lines", b"")))
             if len(entries) < READ_BATCH:
-                return events, position
+                return found, position
 
     def last_id(self) -> str:
         """The ID of the newest entry (START when the stream is empty or missing)."""
         entries = self.client.xrevrange(self.key, count=1)
-        if not entries:
-            return START
-        entry_id = entries[0][0]
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return _text(entries[0][0]) if entries else START
+
+
+class EventStream(LineStream):
+    """Posted events, one entry per request."""
+
+    def append(self, events: list[Event]) -> str:
+        return self.append_lines(encode_lines(events))
+
+    def read_after(self, position: str, upto: str = "+") -> tuple[list[Event], str]:
+        """Events of the entries after `position` (up to `upto`), and the new position."""
+        entries, position = self.lines_after(position, upto)
+        events: list[Event] = []
+        for lines in entries:
+            events += parse_lines(lines, skip_header=False, source=self.key)
+        return events, position
+
+
+@dataclass(frozen=True)
+class SharedLog:
+    events: "EventStream"
+    catalogue: "CatalogueStream"
+
+    def check_durable(self) -> str:
+        self.catalogue.check_durable()
+        return self.events.check_durable()
+
+
+class CatalogueStream(LineStream):
+    """Catalogue changes (`PUT /admin/items`), one entry per change, replayed whole by
+    every reader as the changes file is (the last change of an item wins)."""
+
+    def append(self, change: ItemChange) -> str:
+        return self.append_lines(encode_change(change))
+
+    def read_after(self, position: str) -> tuple[list[ItemChange], str]:
+        entries, position = self.lines_after(position)
+        return parse_changes(b"".join(entries), self.key), position

@@ -560,13 +560,14 @@ def recommend(
     from recsys.core import schema as s
     from recsys.core.artifacts import write_parquet
     from recsys.core.versions import VersionStore
+    from recsys.pipeline import shared_changes
     from recsys.remote_artifacts import readable_root
     from serving.recommender import Recommender
 
     root = readable_root(artifacts, cache_dir, say=_say)
     version = VersionStore(root).current()
     rec = Recommender.load(version)
-    changes = latest_changes(changes_path(root))
+    changes = latest_changes(changes_path(root), shared_changes())
     hidden = rec.hide([key for key, change in changes.items() if not change.available])
     if users == "all":
         wanted = rec.user_ids

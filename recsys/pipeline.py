@@ -19,7 +19,7 @@ import polars as pl
 import redis
 from safetensors import safe_open
 
-from features.catalogue_log import changes_path, merged_item_table
+from features.catalogue_log import ItemChange, changes_path, merged_item_table
 from features.config import FeatureConfig
 from features.event_log import Event, EventSnapshot, events_dir, snapshot
 from features.event_stream import START, STREAM_MARK, EventLogSettings
@@ -295,15 +295,27 @@ def _manifest(
 def shared_events() -> tuple[str, list[Event], str] | None:
     """Every event of the hosts' shared log (RECSYS_EVENT_LOG_URL), up to its newest entry
     now, and that entry's ID; None without one."""
-    stream = EventLogSettings().open()
-    if stream is None:
+    shared = EventLogSettings().open()
+    if shared is None:
         return None
+    stream = shared.events
     try:
         events, position = stream.read_after(START, upto=stream.last_id())
     except redis.RedisError as exc:
         raise RecsysError(f"cannot read the shared event log ({exc})") from exc
     log.info("read %d events from the shared log %s", len(events), stream.key)
     return STREAM_MARK, events, position
+
+
+def shared_changes() -> list[ItemChange]:
+    """Every catalogue change of the hosts' shared log (empty without one)."""
+    shared = EventLogSettings().open()
+    if shared is None:
+        return []
+    try:
+        return shared.catalogue.read_after(START)[0]
+    except redis.RedisError as exc:
+        raise RecsysError(f"cannot read the shared catalogue changes ({exc})") from exc
 
 
 def stage(name: str, started: float) -> None:
@@ -363,7 +375,11 @@ def _build_locked(
             source = replace(source, interactions=(*source.interactions, posted.path))
             log.info("read %d posted events from %s", posted.rows, events_dir(store.root))
         items = merged_item_table(
-            changes_path(store.root), source.items, layout.catalogue_items, source.columns
+            changes_path(store.root),
+            source.items,
+            layout.catalogue_items,
+            source.columns,
+            shared=shared_changes(),
         )
         if items is not None:  # items given features through the service join the table
             source = replace(source, items=items)

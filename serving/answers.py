@@ -457,7 +457,10 @@ class Answers:
             )
         change = ItemChange(key, available, text, time.time())
         try:
-            append_change(changes_path(self.artifacts), change)
+            if shelf.stream is not None:
+                shelf.stream.append(change)
+            else:
+                append_change(changes_path(self.artifacts), change)
         except OSError as exc:
             raise Unstored(f"the change was not stored: {exc}") from exc
         CATALOGUE_CHANGES.labels(

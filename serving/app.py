@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 
 
 def _open(settings: ServiceSettings) -> Resources:
-    stream = EventLogSettings().open()  # None: this host's own segments
-    if stream is not None:
-        stream.check_durable()
-    live = LiveVersion(VersionStore(settings.artifacts), settings.fresh_events_per_user, stream)
+    shared = EventLogSettings().open()  # None: this host's own files
+    if shared is not None:
+        shared.check_durable()
+    live = LiveVersion(VersionStore(settings.artifacts), settings.fresh_events_per_user, shared)
     live.load_now()
     cache = make_cache(
         settings.redis_url,
@@ -48,7 +48,7 @@ def _open(settings: ServiceSettings) -> Resources:
     threads = ThreadPoolExecutor(settings.search_thread_count(), thread_name_prefix="search")
     answers = Answers(
         live,
-        stream or SegmentWriter(events_dir(settings.artifacts)),
+        shared.events if shared else SegmentWriter(events_dir(settings.artifacts)),
         settings.artifacts,
         cache,
         settings.cache_ttl_seconds,

@@ -7,6 +7,7 @@ mask checked on every result; new items sit in a small exact index searched besi
 until a build includes them. Each applied change bumps `generation`, which goes into the
 cache keys, so no answer cached before a change is served after it."""
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,11 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import redis
 
 from features.catalogue_log import ItemChange, changes_path, read_changes
 from features.config import FeatureConfig
+from features.event_stream import START, CatalogueStream
 from features.side_tables import feature_values, is_bucket_label
 from features.vocab import ID
 from recsys.core.artifacts import read_manifest
@@ -25,6 +28,8 @@ from serving.ids import IdLookup
 from serving.item_tower import ItemTower
 
 Filters = dict[str, list[str]]  # column -> accepted values (text)
+
+log = logging.getLogger(__name__)
 
 
 class FilterError(ValueError):
@@ -113,6 +118,9 @@ class Catalogue:
     generation: int = 0
     any_hidden: bool = False
     offset: int = 0
+    stream: CatalogueStream | None = None  # the hosts' shared changes, read after the file's
+    position: str = START  # the stream's last entry applied
+    stream_down: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _block: tuple[np.ndarray, np.ndarray] | None = None  # new items' (N, D) and available
 
@@ -120,7 +128,9 @@ class Catalogue:
         self.hidden = np.zeros(len(self.items), dtype=bool)
 
     @classmethod
-    def load(cls, version: Path, items: IdLookup) -> "Catalogue":
+    def load(
+        cls, version: Path, items: IdLookup, stream: CatalogueStream | None = None
+    ) -> "Catalogue":
         layout = VersionLayout(version)
         summary = read_manifest(layout.data, verify=False)
         separator = summary.get("feature_config", {}).get(
@@ -141,6 +151,7 @@ class Catalogue:
             ItemTower.load(version),
             separator,
             changes_path(version.parent.parent),
+            stream=stream,
         )
         catalogue.poll()
         return catalogue
@@ -151,6 +162,7 @@ class Catalogue:
         """Apply the changes written since the last poll; how many."""
         with self._lock:
             changes, self.offset = read_changes(self.changes, self.offset)
+            changes += self._shared()
             for change in changes:
                 self._apply(change)
             if changes:
@@ -158,6 +170,21 @@ class Catalogue:
             self.generation += len(changes)
             self.any_hidden = bool(self.hidden.any())
             return len(changes)
+
+    def _shared(self) -> list[ItemChange]:
+        """The shared log's changes after the last one applied; an unreachable log is
+        logged once per outage and read again on the next poll."""
+        if self.stream is None:
+            return []
+        try:
+            changes, self.position = self.stream.read_after(self.position)
+        except redis.RedisError as exc:
+            if not self.stream_down:
+                log.error("cannot read the shared catalogue changes (%s); retrying", exc)
+            self.stream_down = True
+            return []
+        self.stream_down = False
+        return changes
 
     def _apply(self, change: ItemChange) -> None:
         raw = str(change.item_id)

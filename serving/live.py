@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from prometheus_client import Counter
 
-from features.event_stream import EventStream
+from features.event_stream import SharedLog
 from recsys.core.errors import RecsysError
 from recsys.core.versions import VersionStore
 from serving.fresh import DEFAULT_PER_USER
@@ -65,11 +65,11 @@ class LiveVersion:
         self,
         store: VersionStore,
         fresh_per_user: int = DEFAULT_PER_USER,
-        stream: EventStream | None = None,
+        shared: SharedLog | None = None,
     ) -> None:
         self.store = store
         self.fresh_per_user = fresh_per_user
-        self.stream = stream  # the shared event log, when the hosts have one
+        self.shared = shared  # the hosts' shared log of events and catalogue changes
         self.state: VersionState | None = None
         self.failed: str | None = None  # last version that could not be loaded
         self._lock = asyncio.Lock()
@@ -77,7 +77,7 @@ class LiveVersion:
 
     def load_now(self) -> VersionState:
         """The first load, at start-up: without a version there is nothing to serve."""
-        self.state = VersionState.load(self.store.current(), self.fresh_per_user, self.stream)
+        self.state = VersionState.load(self.store.current(), self.fresh_per_user, self.shared)
         settle_heap()
         MODEL_VERSION.labels(self.state.version).set(1)
         return self.state
@@ -97,7 +97,7 @@ class LiveVersion:
                     VersionState.load,
                     self.store.versions / name,
                     self.fresh_per_user,
-                    self.stream,
+                    self.shared,
                 )
             except Exception as exc:  # any failure keeps the old version; retried on change
                 RELOADS.labels("failed").inc()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from features.event_log import events_dir
-from features.event_stream import EventStream
+from features.event_stream import SharedLog
 from features.ordering import Ordering
 from recsys.core.artifacts import read_manifest
 from recsys.core.layout import VersionLayout
@@ -35,7 +35,7 @@ class VersionState:
         cls,
         path: Path,
         fresh_per_user: int = DEFAULT_PER_USER,
-        stream: EventStream | None = None,
+        shared: SharedLog | None = None,
     ) -> "VersionState":
         """Load a committed version (ARTIFACTS/versions/NAME) and what was posted after it
         (ARTIFACTS/events/, ARTIFACTS/catalogue/)."""
@@ -45,7 +45,8 @@ class VersionState:
         event_weights = data_manifest.get("feature_config", {}).get("event_weights", {})
         absorbed = read_manifest(path, verify=False).get("events_absorbed", {})
         artifacts = path.parent.parent
-        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights, fresh_per_user, stream)
+        events = shared.events if shared else None
+        fresh = FreshEvents(events_dir(artifacts), absorbed, event_weights, fresh_per_user, events)
         fresh.poll()
         items = IdLookup(recommender.item_ids)
         return cls(
@@ -56,7 +57,7 @@ class VersionState:
             items=items,
             users=IdLookup(recommender.user_ids),
             fresh=fresh,
-            catalogue=Catalogue.load(path, items),
+            catalogue=Catalogue.load(path, items, shared.catalogue if shared else None),
         )
 
     @property

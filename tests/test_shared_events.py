@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import polars as pl
 import pytest
 import redis
 from helpers import private_copy, recsys, small_version, start_redis
@@ -35,7 +36,7 @@ def durable_redis(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 
 
 def stream_at(url: str, key: str, **extra: object) -> EventStream:
-    stream = EventStream(EventLogSettings(url=url, stream=key, **extra))
+    stream = EventStream(EventLogSettings(url=url, **extra), key)  # type: ignore[arg-type]
     stream.client.delete(key)
     return stream
 
@@ -107,7 +108,13 @@ def test_an_event_posted_to_one_host_reaches_another_and_outlives_its_host(
         TrainConfig(max_epochs=1),
     )
     stream = stream_at(durable_redis, "t:hosts")
-    env = {"RECSYS_EVENT_LOG_URL": durable_redis, "RECSYS_EVENT_LOG_STREAM": "t:hosts"}
+    stream_at(durable_redis, "t:hosts:catalogue")
+    env = {
+        "RECSYS_EVENT_LOG_URL": durable_redis,
+        "RECSYS_EVENT_LOG_STREAM": "t:hosts",
+        "RECSYS_EVENT_LOG_CATALOGUE_STREAM": "t:hosts:catalogue",
+        "RECSYS_ADMIN_API_KEY": "admin-key",
+    }
     copies = [private_copy(built, tmp_path / f"host-{n}") for n in range(2)]
     (process_a, host_a), (process_b, host_b) = (
         host(copy, env, tmp_path / f"host-{n}.log") for n, copy in enumerate(copies)
@@ -120,11 +127,22 @@ def test_an_event_posted_to_one_host_reaches_another_and_outlives_its_host(
         sent = time.monotonic()
         answer = httpx.post(f"{host_a}/v1/events", json={"events": rows}, timeout=30)
         assert answer.status_code == 202 and answer.json()["accepted"] == 3
-        process_a.kill()  # the host that took the events dies at once
+        hidden = top(host_b, 5)[0]  # a catalogue change travels the same way
+        change = httpx.put(
+            f"{host_a}/admin/items/{hidden}",
+            json={"available": False},
+            headers={"X-API-Key": "admin-key"},
+            timeout=30,
+        )
+        assert change.status_code == 200, change.text
+        process_a.kill()  # the host that took the writes dies at once
         process_a.wait()
         deadline = sent + 60
         while set(posted) & set(top(host_b, user)):  # seen items leave the answer
             assert time.monotonic() < deadline, "host B never saw host A's events"
+            time.sleep(0.05)
+        while hidden in top(host_b, 5):
+            assert time.monotonic() < deadline, "host B never hid the item host A hid"
             time.sleep(0.05)
     finally:
         for process in (process_a, process_b):
@@ -137,3 +155,27 @@ def test_an_event_posted_to_one_host_reaches_another_and_outlives_its_host(
     manifest = read_manifest(VersionStore(copies[1]).current(), verify=False)
     assert manifest["posted_events"] == 3
     assert manifest["events_absorbed"][STREAM_MARK] == stream.last_id()
+
+
+def test_a_build_takes_catalogue_changes_from_the_shared_log_after_the_file(
+    durable_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from features.catalogue_log import ItemChange, append_change, merged_item_table
+    from recsys.pipeline import shared_changes
+
+    table = tmp_path / "items.csv"
+    table.write_text("item_id,category\n1,shoes\n2,hats\n")
+    append_change(tmp_path / "changes.jsonl", ItemChange(3, True, {"category": ["bags"]}))
+    monkeypatch.setenv("RECSYS_EVENT_LOG_URL", durable_redis)
+    monkeypatch.setenv("RECSYS_EVENT_LOG_CATALOGUE_STREAM", "t:build-catalogue")
+    shared = EventLogSettings().open()
+    assert shared is not None
+    shared.catalogue.client.delete("t:build-catalogue")
+    shared.catalogue.append(ItemChange(3, True, {"category": ["coats"]}))  # later: wins
+    shared.catalogue.append(ItemChange(4, True, {"category": ["socks"]}))
+    out = merged_item_table(
+        tmp_path / "changes.jsonl", table, tmp_path / "merged.parquet", shared=shared_changes()
+    )
+    assert out is not None
+    merged = pl.read_parquet(out).sort("item_id")
+    assert merged["category"].to_list() == ["shoes", "hats", "coats", "socks"]
