@@ -19,6 +19,7 @@ from bench import (
     quality_sets,
     ranks,
     serving,
+    shared_log,
     soak,
     speed,
     swap,
@@ -43,8 +44,8 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak, swap, hosts, freshness, worker-memory; and, run only when named, "
-        "ablations, genre-share",
+        "nightly, soak, swap, hosts, shared-log, freshness, worker-memory; and, run only "
+        "when named, ablations, genre-share",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -66,6 +67,7 @@ def main() -> None:
         ("soak", soak),
         ("swap", swap),
         ("hosts", hosts),
+        ("shared-log", shared_log),
         ("freshness", freshness),
         ("worker-memory", worker_memory),
         ("ablations", ablations),  # opt-in: outside the full run's hour
