@@ -5,6 +5,7 @@ drains first."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,47 @@ def test_sigterm_turns_readyz_to_503_and_answers_through_the_drain(
         answer = httpx.get(f"{base}/v1/users/3/recommendations?k=5", timeout=10)
         assert answer.status_code == 200  # still answering during the drain
         assert process.wait(timeout=60) is not None
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.slow  # builds a model and runs the service
+def test_a_host_started_while_the_bucket_is_unreachable_waits_and_then_serves(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    from helpers import small_version
+
+    from recsys.core.versions import VersionStore
+    from training.config import TrainConfig
+
+    built = small_version(
+        tmp_path / "v",
+        SyntheticConfig(rows=3_000, users=80, items=60, seed=4),
+        TrainConfig(max_epochs=1),
+    )
+    remote = RemoteVersions(bucket)
+    remote.upload(VersionStore(built).current())
+    remote.promote(VersionStore(built).current_name() or "", remote.pointer())
+    s3_server.faults[("GET", "/")] = 503  # the store answers nothing but errors
+    port = free_port()
+    command = [sys.executable, "-m", "recsys", "serve", "--artifacts", bucket]
+    command += ["--cache-dir", str(tmp_path / "host"), "--port", str(port)]
+    log = tmp_path / "host.log"
+    process = subprocess.Popen(
+        command, env={**os.environ, **POLL}, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for(lambda: log.read_text().count("sync with") >= 3, "three failed tries")
+        assert process.poll() is None  # waiting, not crashing (no restart loop)
+        text = log.read_text()
+        assert "keeping version none, next try in" in text
+        assert "Traceback" not in text
+        waits = [float(w) for w in re.findall(r"next try in (\d+) s", text)]
+        assert waits == sorted(waits) and waits[-1] > waits[0]  # backing off
+        s3_server.faults.clear()
+        wait_ready(f"http://127.0.0.1:{port}/readyz", process=process)
+        assert version_of(f"http://127.0.0.1:{port}") == remote.pointer().version
     finally:
         process.kill()
         process.wait()

@@ -9,6 +9,7 @@ from pathlib import Path
 from bench import (
     ablations,
     build,
+    cluster,
     freshness,
     genre_share,
     hosts,
@@ -44,7 +45,7 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak, swap, hosts, shared-log, freshness, worker-memory; and, run only "
+        "nightly, soak, swap, hosts, shared-log, cluster, freshness, worker-memory; and, run only "
         "when named, ablations, genre-share",
     )
     args = parser.parse_args()
@@ -68,6 +69,7 @@ def main() -> None:
         ("swap", swap),
         ("hosts", hosts),
         ("shared-log", shared_log),
+        ("cluster", cluster),
         ("freshness", freshness),
         ("worker-memory", worker_memory),
         ("ablations", ablations),  # opt-in: outside the full run's hour
