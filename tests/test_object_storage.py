@@ -201,3 +201,18 @@ def test_a_half_uploaded_version_is_never_loaded_by_a_host(url: str, tmp_path: P
     sync.attempt()
     assert VersionStore(host).current_name() is None
     assert sync.failures == 1
+
+
+def test_doctor_checks_object_storage_by_reading_and_writing_it(
+    s3_server: S3Server, bucket: str
+) -> None:
+    from recsys.doctor import check_object_storage
+
+    ok, detail = check_object_storage(bucket)()
+    assert ok, detail
+    assert "current is none yet" in detail
+    s3_server.faults[("PUT", "/")] = 500
+    ok, detail = check_object_storage(bucket)()
+    assert not ok and "cannot write" in detail
+    ok, detail = check_object_storage("ftp://host/path")()
+    assert not ok and "s3://bucket/prefix or file:///path" in detail
