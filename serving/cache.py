@@ -14,6 +14,8 @@ import numpy as np
 import redis
 from prometheus_client import Counter
 from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,9 @@ CACHE_EVENTS = Counter("recsys_cache_events_total", "Cache lookups and failures"
 # (rediss+cluster:// for TLS). Each request reads or writes one key, so no command spans
 # slots; flushing SCANs every primary and UNLINKs slot by slot (redis-py splits it).
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+# What a failed cache call may raise: a cluster client that cannot reach any node (or is
+# refused by all of them) raises RedisClusterException, which is no RedisError.
+REDIS_FAILURES = (redis.RedisError, RedisClusterException)
 
 
 def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
@@ -116,6 +121,7 @@ class RedisCache:
             )
         )
         self._client: redis.Redis | RedisCluster | None = None
+        self._nodes: dict[str, redis.Redis] = {}  # cluster: a connection to each primary
         self.retry_seconds = retry_seconds
         self._down_until = 0.0
 
@@ -144,6 +150,32 @@ class RedisCache:
                 )
         return self._client
 
+    def _for_key(self, key: str) -> redis.Redis | RedisCluster:
+        """The client that holds `key`. On a cluster: a single connection to the primary
+        that the slot map names for its slot, so a hit costs one round trip and no pool
+        checkout (RedisCluster's own command path took twice as long per GET here); a
+        MOVED answer or a failed node is a failure like any other, and the slot map is
+        read again after the back-off."""
+        cluster = self.client
+        if not isinstance(cluster, RedisCluster):
+            return cluster
+        node = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        client = self._nodes.get(node.name)
+        if client is None:
+            _, user, password = cluster_nodes(self.url)
+            client = redis.Redis(
+                host=node.host,
+                port=node.port,
+                username=user,
+                password=password,
+                ssl=self.url.startswith("rediss+"),
+                socket_timeout=self.timeout,
+                socket_connect_timeout=self.timeout,
+                single_connection_client=True,
+            )
+            self._nodes[node.name] = client
+        return client
+
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
 
@@ -151,6 +183,9 @@ class RedisCache:
         CACHE_EVENTS.labels("error").inc()
         if self.cluster:  # a node failed over or left: ask for the slot map again
             self._client = None
+            for client in self._nodes.values():
+                client.close()
+            self._nodes = {}
         self._down_until = time.monotonic() + self.retry_seconds
         log.warning("redis unavailable (%s); serving uncached for %.1fs", exc, self.retry_seconds)
 
@@ -159,8 +194,8 @@ class RedisCache:
             CACHE_EVENTS.labels("skipped").inc()
             return None
         try:
-            value = self.client.get(key)
-        except redis.RedisError as exc:
+            value = self._for_key(key).get(key)
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             return None
         return value if isinstance(value, bytes) else None
@@ -169,19 +204,25 @@ class RedisCache:
         if not self._available():
             return
         try:
-            self.client.set(key, value, ex=ttl_seconds)
-        except redis.RedisError as exc:
+            self._for_key(key).set(key, value, ex=ttl_seconds)
+        except REDIS_FAILURES as exc:
             self._failed(exc)
 
     def healthy(self) -> bool:
         try:
             return bool(self.client.ping())
-        except redis.RedisError:
+        except REDIS_FAILURES:
             return False
 
     def flush(self, prefix: str) -> int:
         """SCAN + UNLINK in batches (never KEYS, which blocks the server); raises
         redis.RedisError when Redis is unavailable."""
+        try:
+            return self._flush(prefix)
+        except RedisClusterException as exc:
+            raise redis.ConnectionError(f"no node of the cluster answers ({exc})") from exc
+
+    def _flush(self, prefix: str) -> int:
         deleted, batch = 0, []
         for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
             batch.append(key)

@@ -50,7 +50,8 @@ def start_redis(port: int, workdir: str, *extra: str) -> subprocess.Popen[bytes]
         ],
         stdout=subprocess.DEVNULL,
     )
-    client = redis.Redis(port=port, socket_timeout=0.2)
+    password = extra[extra.index("--requirepass") + 1] if "--requirepass" in extra else None
+    client = redis.Redis(port=port, socket_timeout=0.2, password=password)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -83,25 +84,30 @@ def cluster_ports(count: int) -> list[int]:
     return ports
 
 
-def start_redis_cluster(ports: list[int], workdir: str) -> list[subprocess.Popen[bytes]]:
+def start_redis_cluster(
+    ports: list[int], workdir: str, password: str | None = None
+) -> list[subprocess.Popen[bytes]]:
     """A real Redis Cluster of len(ports) masters (no replicas) on loopback, keeping
     nothing on disk; returns once every node reports the cluster ok. Ports from
-    `cluster_ports`."""
-    flags = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+    `cluster_ports`; `password`: every node requires it."""
+    flags: tuple[str, ...] = ("--cluster-enabled", "yes", "--cluster-node-timeout", "2000")
+    if password:
+        flags += ("--requirepass", password, "--masterauth", password)
     processes = [
         start_redis(port, workdir, *flags, "--cluster-config-file", f"nodes-{port}.conf")
         for port in ports
     ]
     binary = shutil.which("redis-cli")
     assert binary, "redis-cli is not installed (make redis)"
+    auth = ("-a", password, "--no-auth-warning") if password else ()
     subprocess.run(
-        [binary, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+        [binary, *auth, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
          "--cluster-replicas", "0", "--cluster-yes"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     for port in ports:
-        client = redis.Redis(port=port, socket_timeout=1)
+        client = redis.Redis(port=port, socket_timeout=1, password=password)
         while client.cluster("info").get("cluster_state") != "ok":
             assert time.monotonic() < deadline, f"the cluster node on {port} never got ok"
             time.sleep(0.05)

@@ -7,6 +7,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import redis
 from helpers import cluster_ports, private_copy, small_version, start_redis_cluster
 
 from data.synthetic import SyntheticConfig
@@ -88,3 +89,28 @@ def test_a_killed_master_costs_no_failed_request(cluster, tmp_path):
             if line.startswith('recsys_cache_events_total{event="error"')
         ]
         assert np.sum(errors) >= 1  # counted, not hidden
+
+
+def test_a_cluster_with_a_password_is_reached_and_each_key_sits_on_its_slots_primary(
+    tmp_path,
+):
+    ports = cluster_ports(3)
+    processes = start_redis_cluster(ports, str(tmp_path), password="s3cret")
+    try:
+        url = "redis+cluster://:s3cret@" + ",".join(f"127.0.0.1:{p}" for p in ports[:1])
+        cache = make_cache(url, 500, 1.0, 0)
+        keys = [f"recsys:v1:user:{i}" for i in range(60)]
+        for key in keys:
+            cache.set(key, key.encode(), 60)
+        assert all(cache.get(key) == key.encode() for key in keys)
+        per_node = [
+            redis.Redis(port=port, password="s3cret").dbsize() for port in ports
+        ]  # written where the cluster keeps them: no MOVED, on every primary
+        assert sum(per_node) == len(keys) and all(per_node)
+        assert not any(cache.get(f"absent:{i}") for i in range(10))
+        wrong = make_cache(url.replace("s3cret", "wrong"), 500, 1.0, 0)
+        assert wrong.get(keys[0]) is None and not wrong.healthy()  # a counted miss
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
