@@ -77,6 +77,8 @@ def test_hosts_follow_promotions_and_rollbacks_on_s3(
             wait_for(lambda b=base: version_of(b) == v2, f"{base} switching to {v2}")
         metrics = httpx.get(f"{host_b}/metrics", timeout=10).text
         assert f'recsys_model_version_info{{version="{v2}"}} 1.0' in metrics
+        synced = re.search(r"^recsys_sync_versions_total (\S+)$", metrics, re.M)
+        assert synced and float(synced.group(1)) >= 2  # the parent's sync counts there too
         assert (tmp_path / "host-a" / "versions" / v1).is_dir()  # kept for a rollback
         back = recsys("rollback", "--artifacts", bucket)
         assert back.returncode == 0, back.stderr
