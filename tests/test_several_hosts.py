@@ -59,6 +59,14 @@ def test_hosts_follow_promotions_and_rollbacks_on_s3(
     remote = RemoteVersions(bucket)
     v1 = remote.pointer().version
     assert v1 is not None and remote.visible() == [v1]
+    # The read-only commands work on a local copy of the current version.
+    reader = ("--artifacts", bucket, "--cache-dir", tmp_path / "reader")
+    batch = recsys("recommend", *reader, "--out", tmp_path / "recs.parquet", "--k", "5")
+    assert batch.returncode == 0, batch.stderr
+    assert f"from version {v1}" in batch.stdout
+    scored = recsys("evaluate", *reader)
+    assert scored.returncode == 0, scored.stderr
+    assert "recall@20" in scored.stdout
     with (
         served(bucket, env=POLL, cache_dir=tmp_path / "host-a") as host_a,
         served(bucket, env=POLL, cache_dir=tmp_path / "host-b", workers=2) as host_b,
