@@ -217,16 +217,21 @@ CacheDirOption = Annotated[
 
 
 def _local_events(artifacts: str) -> Path:
-    """The artifacts directory of an `events` command: posted events live beside a host's
-    versions, not on object storage."""
+    """The artifacts directory of an `events` command. Events for artifacts on object
+    storage go to the hosts' shared log, so one must be set; the current version (its ID
+    types) is read from a local copy."""
+    from features.event_stream import EventLogSettings
     from recsys.core.object_store import is_remote
+    from recsys.remote_artifacts import readable_root
 
-    if is_remote(artifacts):
+    if not is_remote(artifacts):
+        return Path(artifacts)
+    if EventLogSettings().open() is None:
         raise RecsysError(
-            f"{artifacts}: posted events are stored per serving host; give that host's "
-            "--cache-dir as --artifacts"
+            f"{artifacts}: events for artifacts on object storage go to the hosts' shared "
+            "log; set RECSYS_EVENT_LOG_URL (docs/operations.md#several-hosts)"
         )
-    return Path(artifacts)
+    return readable_root(artifacts, say=_say)
 
 
 @app.command()
@@ -1014,10 +1019,11 @@ def events_prune(
         ),
     ],
 ) -> None:
-    """Delete event segments that the current version absorbed whole. Every build reads
-    every segment: prune when your own log (--data) records these events too, or when they
-    fall out of the window you train on."""
+    """Delete event segments (and entries of the hosts' shared log, when one is set) that
+    the current version absorbed whole. Every build reads every segment and the whole
+    log: prune when your own log (--data) records these events too, or when they fall out
+    of the window you train on."""
     from recsys.event_sources import prune_segments
 
     pruned = prune_segments(_local_events(artifacts), older_than)
-    out.print(f"pruned {len(pruned)} segment(s)" + "".join(f"\n  {n}" for n in pruned))
+    out.print(f"pruned {len(pruned)}" + "".join(f"\n  {n}" for n in pruned))

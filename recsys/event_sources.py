@@ -25,6 +25,7 @@ import polars as pl
 import redis
 
 from features.event_log import COLUMNS, Event, SegmentWriter, events_dir, segments
+from features.event_stream import STREAM_MARK, EventLogSettings, EventStream
 from features.sources import CSV_SUFFIXES, scan_table
 from recsys.core import schema as s
 from recsys.core.layout import VersionLayout
@@ -67,6 +68,16 @@ def _validated(
     return accepted, rejected
 
 
+def event_writer(artifacts: Path) -> SegmentWriter | EventStream:
+    """Where stored events go: the hosts' shared log when RECSYS_EVENT_LOG_URL names one
+    (every host reads it), else a segment of `artifacts`, as the service stores them."""
+    shared = EventLogSettings().open()
+    if shared is None:
+        return SegmentWriter(events_dir(artifacts))
+    shared.events.check_durable()
+    return shared.events
+
+
 def push_file(
     path: Path, artifacts: Path, columns: dict[str, str] | None = None, chunk: int = 100_000
 ) -> Pushed:
@@ -77,7 +88,7 @@ def push_file(
     present = [c for c in COLUMNS if c in frame.collect_schema().names()]
     table = frame.select(present).collect()
     integers = integer_ids(artifacts)
-    writer = SegmentWriter(events_dir(artifacts))
+    writer = event_writer(artifacts)
     result = Pushed()
     for start in range(0, table.height, chunk):
         accepted, rejected = _validated(table.slice(start, chunk).to_dicts(), integers, first=start)
@@ -145,7 +156,7 @@ class StreamConsumer:
         self.dead_letters = f"{stream}:dead"
         self.claim_idle_ms = claim_idle_ms
         self.artifacts = artifacts
-        self.writer = SegmentWriter(events_dir(artifacts))
+        self.writer = event_writer(artifacts)
         self.integers = integer_ids(artifacts)
         try:
             client.xgroup_create(stream, group, id="0", mkstream=True)
@@ -305,4 +316,20 @@ def prune_segments(artifacts: Path, older_than_days: float) -> list[str]:
             if absorbed.get(path.name) == stat.st_size and stat.st_mtime <= cutoff:
                 path.unlink()
                 pruned.append(path.name)
+        shared = EventLogSettings().open()
+        mark = absorbed.get(STREAM_MARK)
+        if shared is not None and isinstance(mark, str):
+            trimmed = trim_absorbed(shared.events, mark, cutoff)
+            if trimmed:
+                pruned.append(f"{shared.events.key}: {trimmed} entries")
         return pruned
+
+
+def trim_absorbed(stream: EventStream, mark: str, cutoff: float) -> int:
+    """Delete the shared log's entries up to `mark` (what the current version absorbed)
+    that are older than `cutoff` (seconds since the epoch; entry IDs carry their time)."""
+    millis, sequence = _ordered(mark)
+    oldest_kept = f"{millis}-{sequence + 1}"
+    if millis > cutoff * 1000:
+        oldest_kept = f"{int(cutoff * 1000)}-0"
+    return int(stream.client.xtrim(stream.key, minid=oldest_kept, approximate=False))

@@ -179,3 +179,24 @@ def test_a_build_takes_catalogue_changes_from_the_shared_log_after_the_file(
     assert out is not None
     merged = pl.read_parquet(out).sort("item_id")
     assert merged["category"].to_list() == ["shoes", "hats", "coats", "socks"]
+
+
+def test_pushed_events_go_to_the_shared_log_and_prune_trims_what_a_version_absorbed(
+    durable_redis: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from recsys.event_sources import push_file, trim_absorbed
+
+    monkeypatch.setenv("RECSYS_EVENT_LOG_URL", durable_redis)
+    monkeypatch.setenv("RECSYS_EVENT_LOG_STREAM", "t:push")
+    stream = stream_at(durable_redis, "t:push")
+    log = tmp_path / "new.csv"
+    log.write_text("user_id,item_id,timestamp\n1,10,100\n2,20,200\n,30,300\n")
+    pushed = push_file(log, tmp_path / "artifacts")
+    assert pushed.accepted == 2 and len(pushed.rejected) == 1
+    assert not (tmp_path / "artifacts" / "events").exists()  # nothing went to local files
+    mark = stream.last_id()
+    later = stream.append([Event(3, 30, 300)])
+    assert trim_absorbed(stream, mark, cutoff=0.0) == 0  # nothing is that old
+    assert trim_absorbed(stream, mark, cutoff=time.time() + 60) == 1
+    events, _ = stream.read_after(START)
+    assert [e.user_id for e in events] == ["3"] and stream.last_id() == later
