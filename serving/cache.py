@@ -28,6 +28,7 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 # What a failed cache call may raise: a cluster client that cannot reach any node (or is
 # refused by all of them) raises RedisClusterException, which is no RedisError.
 REDIS_FAILURES = (redis.RedisError, RedisClusterException)
+SLOTS = 16384
 
 
 def cluster_nodes(url: str) -> tuple[list[tuple[str, int]], str | None, str | None]:
@@ -122,6 +123,7 @@ class RedisCache:
         )
         self._client: redis.Redis | RedisCluster | None = None
         self._nodes: dict[str, redis.Redis] = {}  # cluster: a connection to each primary
+        self._slots: list[redis.Redis | None] = [None] * SLOTS  # cluster: slot -> its primary
         self.retry_seconds = retry_seconds
         self._down_until = 0.0
 
@@ -152,14 +154,22 @@ class RedisCache:
 
     def _for_key(self, key: str) -> redis.Redis | RedisCluster:
         """The client that holds `key`. On a cluster: a single connection to the primary
-        that the slot map names for its slot, so a hit costs one round trip and no pool
-        checkout (RedisCluster's own command path took twice as long per GET here); a
-        MOVED answer or a failed node is a failure like any other, and the slot map is
-        read again after the back-off."""
+        that the slot map names for its slot, found once per slot, so a hit costs one
+        round trip and no pool checkout (RedisCluster's own command path took 50 us per
+        GET here, against 26 us on one node); a MOVED answer or a failed node is a
+        failure like any other, and the slot map is read again after the back-off."""
+        if not self.cluster:
+            return self.client
+        slot = key_slot(key.encode())
+        client = self._slots[slot]
+        if client is None:
+            client = self._slots[slot] = self._primary_of(slot)
+        return client
+
+    def _primary_of(self, slot: int) -> redis.Redis:
         cluster = self.client
-        if not isinstance(cluster, RedisCluster):
-            return cluster
-        node = cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        assert isinstance(cluster, RedisCluster)
+        node = cluster.nodes_manager.get_node_from_slot(slot)
         client = self._nodes.get(node.name)
         if client is None:
             _, user, password = cluster_nodes(self.url)
@@ -186,6 +196,7 @@ class RedisCache:
             for client in self._nodes.values():
                 client.close()
             self._nodes = {}
+            self._slots = [None] * SLOTS
         self._down_until = time.monotonic() + self.retry_seconds
         log.warning("redis unavailable (%s); serving uncached for %.1fs", exc, self.retry_seconds)
 

@@ -19,7 +19,7 @@ from recsys.core.versions import VersionStore
 from recsys.processes import free_port, served
 
 USERS = 500
-ROUNDS = 2
+ROUNDS = 3
 
 _LUA_HITS = """
 math.randomseed(os.time())
