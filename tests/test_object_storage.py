@@ -216,3 +216,22 @@ def test_doctor_checks_object_storage_by_reading_and_writing_it(
     assert not ok and "cannot write" in detail
     ok, detail = check_object_storage("ftp://host/path")()
     assert not ok and "s3://bucket/prefix or file:///path" in detail
+
+
+def test_no_credentials_or_no_endpoint_is_one_clear_storage_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from recsys.core.object_store import StorageError
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    with pytest.raises(StorageError, match="cannot read 'current'.*credentials"):
+        RemoteVersions("s3://some-bucket/prefix").pointer()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens
+    with pytest.raises(StorageError, match="Could not connect"):
+        RemoteVersions("s3://some-bucket/prefix").pointer()
+    with pytest.raises(StorageError):
+        ObjectStore("s3://some-bucket/prefix").put("current", b"x", expected=CREATE)

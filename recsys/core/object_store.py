@@ -77,8 +77,14 @@ class ObjectStore:
                 },
             )
         self.fs = fsspec.filesystem(self.protocol, **options)
+        # What a call may raise when the store is unreachable or refuses it: OSError from
+        # fsspec and s3fs, and botocore's own errors (no credentials, no endpoint).
+        self.failures: tuple[type[Exception], ...] = (OSError,)
         if self.protocol == "s3":
+            from botocore.exceptions import BotoCoreError, ClientError
+
             self.fs.retries = 2  # s3fs's own retries, around botocore's
+            self.failures = (OSError, BotoCoreError, ClientError)
         self.root = self.url.split("://", 1)[1]
         if self.protocol == "file":
             Path(self.root).mkdir(parents=True, exist_ok=True)
@@ -91,7 +97,7 @@ class ObjectStore:
             return action()
         except (FileNotFoundError, PreconditionFailed):
             raise
-        except OSError as exc:
+        except self.failures as exc:
             raise StorageError(f"{self.url}: cannot {what} '{key}' ({exc})") from exc
 
     def get(self, key: str) -> Stored | None:
@@ -103,16 +109,15 @@ class ObjectStore:
             except FileNotFoundError:
                 return None
             return Stored(data, hashlib.sha256(data).hexdigest())
+        def fetch() -> Stored:
+            reply = self.fs.call_s3("get_object", **self._s3_key(key))
+            return Stored(_read_body(self.fs, reply["Body"]), str(reply["ETag"]))
+
         try:
-            reply = self._call(
-                "read",
-                key,
-                lambda: self.fs.call_s3("get_object", **self._s3_key(key)),
-            )
+            stored: Stored = self._call("read", key, fetch)
         except FileNotFoundError:
             return None
-        body = reply["Body"]
-        return Stored(_read_body(self.fs, body), str(reply["ETag"]))
+        return stored
 
     def put(self, key: str, data: bytes, expected: str | None = None) -> str:
         """Write `data`; with `expected`, only if the object still has that ETag (CREATE:
@@ -126,7 +131,7 @@ class ObjectStore:
             extra["IfMatch"] = expected
         try:
             reply = self.fs.call_s3("put_object", Body=data, **self._s3_key(key), **extra)
-        except (FileExistsError, OSError) as exc:
+        except self.failures as exc:
             if _precondition_failed(exc):
                 raise PreconditionFailed(f"{self.url}/{key} changed since it was read") from exc
             raise StorageError(f"{self.url}: cannot write '{key}' ({exc})") from exc
@@ -216,8 +221,7 @@ def _read_body(fs: Any, body: Any) -> bytes:
 
 def _precondition_failed(exc: BaseException) -> bool:
     """Whether S3 answered 412 (or 409, a conditional write racing another one)."""
-    cause = exc.__cause__
-    response = getattr(cause, "response", None)
+    response = getattr(exc, "response", None) or getattr(exc.__cause__, "response", None)
     if isinstance(response, dict):
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = response.get("Error", {}).get("Code")
