@@ -226,7 +226,7 @@ def test_no_credentials_or_no_endpoint_is_one_clear_storage_error(
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws either
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
-    with pytest.raises(StorageError, match="cannot read 'current'.*credentials"):
+    with pytest.raises(StorageError, match=r"cannot read 'current'.*credentials"):
         RemoteVersions("s3://some-bucket/prefix").pointer()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
