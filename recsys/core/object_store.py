@@ -109,6 +109,7 @@ class ObjectStore:
             except FileNotFoundError:
                 return None
             return Stored(data, hashlib.sha256(data).hexdigest())
+
         def fetch() -> Stored:
             reply = self.fs.call_s3("get_object", **self._s3_key(key))
             return Stored(_read_body(self.fs, reply["Body"]), str(reply["ETag"]))
