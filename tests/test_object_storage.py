@@ -235,3 +235,23 @@ def test_no_credentials_or_no_endpoint_is_one_clear_storage_error(
         RemoteVersions("s3://some-bucket/prefix").pointer()
     with pytest.raises(StorageError):
         ObjectStore("s3://some-bucket/prefix").put("current", b"x", expected=CREATE)
+
+
+def test_a_store_that_hangs_fails_the_sync_within_the_timeout_and_the_host_keeps_its_version(
+    s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    remote = RemoteVersions(bucket)
+    first = local_version(tmp_path / "a", b"1")
+    remote.upload(tmp_path / "a" / "versions" / first)
+    remote.promote(first, remote.pointer())
+    host = tmp_path / "host"
+    monkeypatch.setenv("RECSYS_STORAGE_TIMEOUT_SECONDS", "0.5")
+    sync = HostSync(RemoteVersions(bucket), host, poll_seconds=0.1, host_id="h1")
+    sync.once()
+    path = "/" + bucket.removeprefix("s3://") + "/current"
+    s3_server.faults[("GET", path)] = 3.0  # every read of the pointer hangs for 3 s
+    started = time.monotonic()
+    wait = sync.attempt()
+    assert sync.failures == 1 and wait >= 1.0
+    assert time.monotonic() - started < 30  # bounded by the timeout and the few retries
+    assert VersionStore(host).current_name() == first

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from recsys.core.errors import RecsysError
+from recsys.core.settings import Settings
 
 CREATE = "*"  # `expected` of a write that must create the object
 SUPPORTED = ("s3://", "file://")
@@ -73,7 +74,7 @@ class ObjectStore:
                 config_kwargs={
                     "retries": {"max_attempts": 2, "mode": "standard"},
                     "connect_timeout": 5,
-                    "read_timeout": 60,
+                    "read_timeout": Settings().storage_timeout_seconds,
                 },
             )
         self.fs = fsspec.filesystem(self.protocol, **options)

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RECSYS_", frozen=True)
 
     cache_dir: Path = Field(default_factory=_default_cache_dir)
+    # How long one request to object storage may wait for an answer before it fails (and
+    # the caller's back-off takes over): a store that hangs must not hang a host's sync.
+    storage_timeout_seconds: float = Field(default=60.0, gt=0.0, le=3600.0)
 
     @property
     def datasets_dir(self) -> Path:
