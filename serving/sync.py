@@ -67,7 +67,7 @@ class HostSync:
     def once(self) -> None:
         """Follow the remote pointer once; raises what went wrong."""
         before = self.store.current_name()
-        pointer = mirror_current(self.remote, self.store.root, self.say)
+        pointer = mirror_current(self.remote, self.store.root, self.say, forget_missing=False)
         now = pointer.version
         if now is not None and now != before:
             SYNCED.inc()

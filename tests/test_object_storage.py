@@ -255,3 +255,17 @@ def test_a_store_that_hangs_fails_the_sync_within_the_timeout_and_the_host_keeps
     assert sync.failures == 1 and wait >= 1.0
     assert time.monotonic() - started < 30  # bounded by the timeout and the few retries
     assert VersionStore(host).current_name() == first
+
+
+def test_a_host_keeps_its_version_when_the_pointer_disappears(url: str, tmp_path: Path) -> None:
+    remote = RemoteVersions(url)
+    first = local_version(tmp_path / "a", b"1")
+    remote.upload(tmp_path / "a" / "versions" / first)
+    remote.promote(first, remote.pointer())
+    host = tmp_path / "host"
+    sync = HostSync(remote, host, poll_seconds=0.1, host_id="h1")
+    sync.once()
+    remote.objects.delete("current")  # deleted by hand, or a bucket being rebuilt
+    sync.once()
+    assert VersionStore(host).current_name() == first
+    assert (host / "versions" / first).is_dir()

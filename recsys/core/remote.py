@@ -296,15 +296,24 @@ def clear_downloads(versions: Path) -> builtins.list[str]:
 
 
 def mirror_current(
-    remote: RemoteVersions, local: Path, say: Callable[[str], None] = log.info
+    remote: RemoteVersions,
+    local: Path,
+    say: Callable[[str], None] = log.info,
+    forget_missing: bool = True,
 ) -> Pointer:
     """Make `local` an artifacts root whose `current` is the remote one (downloaded and
-    verified if new); returns the pointer as read, for a later conditional promotion."""
+    verified if new); returns the pointer as read, for a later conditional promotion.
+    When the store names no current version, `local` forgets its own (a build must not
+    start from a stale copy) unless `forget_missing` is off (a serving host keeps
+    answering with what it has)."""
     pointer = remote.pointer()
     store = VersionStore(local)
     clear_downloads(store.versions)
     if pointer.version is None:
-        (local / "current").unlink(missing_ok=True)
+        if forget_missing:
+            (local / "current").unlink(missing_ok=True)
+        elif store.current_name() is not None:
+            log.warning("%s names no current version; keeping %s", remote.url, store.current_name())
         return pointer
     remote.download(pointer.version, store.versions, say)
     if store.current_name() != pointer.version:
