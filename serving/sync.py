@@ -62,7 +62,11 @@ class HostSync:
         self.host_id = host_id
         self.say = say
         self.failures = 0
-        self.previous: str | None = None  # the version before the current one, kept
+        # The version before the current one, kept for a rollback (after a restart: the
+        # newest other version in the cache directory).
+        held = self.store.current_name()
+        others = [name for name in self.store.list() if name != held]
+        self.previous: str | None = others[-1] if others else None
 
     def once(self) -> None:
         """Follow the remote pointer once; raises what went wrong."""
@@ -74,7 +78,7 @@ class HostSync:
             self.previous = before
             self.say(f"current is now version {now} (was {before or 'nothing'})")
         self._drop_old()
-        kept = [v for v in (now, self.previous) if v]
+        kept = [v for v in (self.store.current_name(), self.previous) if v]
         with contextlib.suppress(RecsysError):  # a report is advice; the next poll says it again
             self.remote.report_host(self.host_id, kept, self.poll_seconds)
 

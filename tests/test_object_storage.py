@@ -269,3 +269,19 @@ def test_a_host_keeps_its_version_when_the_pointer_disappears(url: str, tmp_path
     sync.once()
     assert VersionStore(host).current_name() == first
     assert (host / "versions" / first).is_dir()
+
+
+def test_a_restarted_host_keeps_the_previous_version_for_a_rollback(
+    url: str, tmp_path: Path
+) -> None:
+    remote = RemoteVersions(url)
+    names = [local_version(tmp_path / "a", bytes([49 + n])) for n in range(2)]
+    host = tmp_path / "host"
+    for name in names:
+        remote.upload(tmp_path / "a" / "versions" / name)
+        remote.promote(name, remote.pointer())
+        HostSync(remote, host, poll_seconds=0.1, host_id="h1").once()
+    restarted = HostSync(remote, host, poll_seconds=0.1, host_id="h1")
+    restarted.once()
+    assert set(VersionStore(host).list()) == set(names)
+    assert remote.held_by_hosts() == set(names)
