@@ -29,8 +29,6 @@ from training.evaluate import KS, EvalTask, Scorer, eval_task, evaluate
 from training.export import load_model, save_model
 from training.trainer import train
 
-MAX_ITEMS_FOR_EASE = Ease.MAX_ITEMS
-
 
 def _tune(
     name: str,
@@ -74,7 +72,7 @@ def peers(
             test,
         )
     ]
-    if items <= MAX_ITEMS_FOR_EASE:
+    if Ease.fits(items) is None:  # the items x items matrix fits in memory
         grid = [
             {"l2": v} for v in ((100.0, 500.0) if quick else (50.0, 100.0, 200.0, 500.0, 1000.0))
         ]
