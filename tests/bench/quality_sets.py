@@ -360,6 +360,9 @@ def main() -> None:
         f"NDCG@20 {metrics['ndcg@20']:.4f} {result['params']} {result['seconds']:.0f}s"
     )
     for peer in peers(features, test, quick=False) if args.peers else []:
+        if "skipped" in peer:
+            print(f"{peer['model']}: not run ({peer['skipped']})")
+            continue
         print(
             f"{peer['model']}: Recall@20 {peer['recall@20']:.4f} NDCG@20 {peer['ndcg@20']:.4f}"
             f" {peer['params']} {peer['seconds']:.0f}s"
