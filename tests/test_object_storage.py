@@ -285,3 +285,17 @@ def test_a_restarted_host_keeps_the_previous_version_for_a_rollback(
     restarted.once()
     assert set(VersionStore(host).list()) == set(names)
     assert remote.held_by_hosts() == set(names)
+
+
+def test_rollback_of_a_local_directory_skips_rejected_versions(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    served = local_version(root, b"1")
+    rejected = local_version(root, b"2", gate={"promoted": False})
+    latest = local_version(root, b"3", gate={"promoted": True})
+    VersionStore(root).promote(latest)
+    assert rollback(str(root), None) == (latest, served)
+    assert VersionStore(root).current_name() == served
+    with pytest.raises(Exception, match="never served"):
+        rollback(str(root), rejected)
+    with pytest.raises(Exception, match="nothing to roll back to"):
+        rollback(str(root), None)
