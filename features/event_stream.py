@@ -15,8 +15,9 @@ only later entries as new, so no event is counted twice.
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from pydantic import Field
@@ -26,6 +27,8 @@ from features.catalogue_log import ItemChange, encode_change, parse_changes
 from features.event_log import Event, EventStoreError, encode_lines, parse_lines
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STREAM_MARK = "redis-stream"  # the key of a stream's position among `events_absorbed`
 START = "0-0"
@@ -65,6 +68,22 @@ class LineStream:
         self.config = config
         self.key = key
         self.client = redis.Redis.from_url(config.url, socket_timeout=5, socket_connect_timeout=5)
+        self.down = False  # its Redis did not answer the last poll
+
+    def polled(self, read: Callable[[], T]) -> T | None:
+        """`read()` for a poller: None while this stream's Redis does not answer, logged
+        once per outage (and again when it answers), never raised; the next poll retries."""
+        try:
+            value = read()
+        except redis.RedisError as exc:
+            if not self.down:
+                log.error("cannot read the shared log %s (%s); retrying", self.key, exc)
+            self.down = True
+            return None
+        if self.down:
+            log.warning("the shared log %s answers again", self.key)
+        self.down = False
+        return value
 
     def check_durable(self) -> str:
         """How this stream's writes are made durable; EventStoreError if they are not."""

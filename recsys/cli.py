@@ -661,7 +661,10 @@ def serve(
         except KeyboardInterrupt:
             return
         _, stop_sync = sync.start()
-    version = verify_version(VersionStore(root).current())["version"]
+    current = VersionStore(root).current()
+    # A copy the sync just downloaded was verified file by file before its rename (and
+    # each worker verifies what it loads); a local directory is checked here, once.
+    version = current.name if remote else verify_version(current)["version"]
 
     def announce(bound_host: str, bound_port: int) -> None:
         err.print(

@@ -7,7 +7,6 @@ mask checked on every result; new items sit in a small exact index searched besi
 until a build includes them. Each applied change bumps `generation`, which goes into the
 cache keys, so no answer cached before a change is served after it."""
 
-import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import redis
 
 from features.catalogue_log import ItemChange, changes_path, read_changes
 from features.config import FeatureConfig
@@ -28,8 +26,6 @@ from serving.ids import IdLookup
 from serving.item_tower import ItemTower
 
 Filters = dict[str, list[str]]  # column -> accepted values (text)
-
-log = logging.getLogger(__name__)
 
 
 class FilterError(ValueError):
@@ -120,7 +116,6 @@ class Catalogue:
     offset: int = 0
     stream: CatalogueStream | None = None  # the hosts' shared changes, read after the file's
     position: str = START  # the stream's last entry applied
-    stream_down: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _block: tuple[np.ndarray, np.ndarray] | None = None  # new items' (N, D) and available
 
@@ -174,16 +169,13 @@ class Catalogue:
     def _shared(self) -> list[ItemChange]:
         """The shared log's changes after the last one applied; an unreachable log is
         logged once per outage and read again on the next poll."""
-        if self.stream is None:
+        stream = self.stream
+        if stream is None:
             return []
-        try:
-            changes, self.position = self.stream.read_after(self.position)
-        except redis.RedisError as exc:
-            if not self.stream_down:
-                log.error("cannot read the shared catalogue changes (%s); retrying", exc)
-            self.stream_down = True
+        read = stream.polled(lambda: stream.read_after(self.position))
+        if read is None:
             return []
-        self.stream_down = False
+        changes, self.position = read
         return changes
 
     def _apply(self, change: ItemChange) -> None:

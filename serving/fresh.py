@@ -14,17 +14,12 @@ so older ones are dropped from memory as new ones come; the sequence number stil
 every event. 100,000 events posted for one user cost that user's answers as much as 1,000.
 """
 
-import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import redis
-
 from features.event_log import Event, read_new, segments
 from features.event_stream import START, STREAM_MARK, EventStream
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PER_USER = 1000
 
@@ -54,7 +49,6 @@ class FreshEvents:
         absorbed = dict(absorbed or {})
         self.stream = stream
         self.position = str(absorbed.pop(STREAM_MARK, START))  # the stream's last entry taken
-        self.stream_down = False
         self.offsets: dict[str, int] = {k: int(v) for k, v in absorbed.items()}
         self.users: dict[str, UserEvents] = {}
         self.count = 0
@@ -89,17 +83,12 @@ class FreshEvents:
         An unreachable stream is logged once per outage and read again on the next poll."""
         if self.stream is None:
             return 0
+        stream = self.stream
         with self._lock:
-            try:
-                events, self.position = self.stream.read_after(self.position)
-            except redis.RedisError as exc:
-                if not self.stream_down:
-                    log.error("cannot read the shared event log (%s); retrying", exc)
-                self.stream_down = True
+            read = stream.polled(lambda: stream.read_after(self.position))
+            if read is None:
                 return 0
-            if self.stream_down:
-                log.warning("the shared event log answers again")
-            self.stream_down = False
+            events, self.position = read
             self._take(events)
             return len(events)
 

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,7 @@ SYNC_BACKOFF = Gauge(
     "recsys_sync_backoff_seconds", "Wait before the next sync (0: healthy)", multiprocess_mode="max"
 )
 MAX_BACKOFF_SECONDS = 60.0
+REPORT_SECONDS = 60.0
 
 
 def _reason(exc: Exception) -> str:
@@ -67,6 +69,7 @@ class HostSync:
         held = self.store.current_name()
         others = [name for name in self.store.list() if name != held]
         self.previous: str | None = others[-1] if others else None
+        self._reported: tuple[list[str], float] = ([], float("-inf"))  # held, when
 
     def once(self) -> None:
         """Follow the remote pointer once; raises what went wrong."""
@@ -78,9 +81,18 @@ class HostSync:
             self.previous = before
             self.say(f"current is now version {now} (was {before or 'nothing'})")
         self._drop_old()
-        kept = [v for v in (self.store.current_name(), self.previous) if v]
-        with contextlib.suppress(RecsysError):  # a report is advice; the next poll says it again
-            self.remote.report_host(self.host_id, kept, self.poll_seconds)
+        self._report([v for v in (self.store.current_name(), self.previous) if v])
+
+    def _report(self, held: list[str]) -> None:
+        """Tell the store what this host holds: when it changes, and at least every
+        REPORT_SECONDS (a write per poll would be tens of thousands of PUTs a day)."""
+        now = time.monotonic()
+        if held == self._reported[0] and now - self._reported[1] < REPORT_SECONDS:
+            return
+        interval = max(self.poll_seconds, REPORT_SECONDS)  # pruning trusts it this long
+        with contextlib.suppress(RecsysError):  # a report is advice; the next one says it again
+            self.remote.report_host(self.host_id, held, interval)
+            self._reported = (held, now)
 
     def _drop_old(self) -> None:
         keep = {self.store.current_name(), self.previous}

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import redis
-from helpers import S3Server, start_redis
+from helpers import S3Server, environment, start_redis
 from hypothesis import settings
 
 from recsys.processes import free_port
@@ -95,16 +95,10 @@ def s3_server() -> Iterator[S3Server]:
     tests make their own buckets. The AWS variables point this process at it."""
 
     server = S3Server()
-    saved = {k: os.environ.get(k) for k in server.env}
-    os.environ.update(server.env)
-    yield server
+    with environment(server.env):
+        yield server
     server.faults.clear()
     server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
 
 
 @pytest.fixture

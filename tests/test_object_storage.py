@@ -35,6 +35,14 @@ def local_version(root: Path, payload: bytes = b"weights", gate: dict | None = N
     return name
 
 
+def published(remote: RemoteVersions, tmp_path: Path, payload: bytes) -> str:
+    """A local version uploaded and made current; its name."""
+    name = local_version(tmp_path / "a", payload)
+    remote.upload(tmp_path / "a" / "versions" / name)
+    remote.promote(name, remote.pointer())
+    return name
+
+
 @pytest.fixture(params=["s3", "file"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
@@ -161,17 +169,13 @@ def test_a_host_keeps_its_version_through_storage_faults_and_then_follows(
     s3_server: S3Server, bucket: str, tmp_path: Path
 ) -> None:
     remote = RemoteVersions(bucket)
-    first = local_version(tmp_path / "a", b"1")
-    remote.upload(tmp_path / "a" / "versions" / first)
-    remote.promote(first, remote.pointer())
+    first = published(remote, tmp_path, b"1")
     host = tmp_path / "host"
     sync = HostSync(RemoteVersions(bucket), host, poll_seconds=0.1, host_id="h1")
     sync.once()
     assert VersionStore(host).current_name() == first
 
-    second = local_version(tmp_path / "a", b"2")
-    remote.upload(tmp_path / "a" / "versions" / second)
-    remote.promote(second, remote.pointer())
+    second = published(remote, tmp_path, b"2")
     s3_server.faults[("GET", "/")] = 500  # the store answers nothing but errors
     before = SYNC_FAILURES.labels("storage")._value.get()
     waits = [sync.attempt() for _ in range(3)]
@@ -187,9 +191,7 @@ def test_a_host_keeps_its_version_through_storage_faults_and_then_follows(
 
 def test_a_half_uploaded_version_is_never_loaded_by_a_host(url: str, tmp_path: Path) -> None:
     remote = RemoteVersions(url)
-    first = local_version(tmp_path / "a", b"1")
-    remote.upload(tmp_path / "a" / "versions" / first)
-    remote.promote(first, remote.pointer())
+    published(remote, tmp_path, b"1")
     # A pointer naming a version without a manifest (written by hand or an old tool).
     half = local_version(tmp_path / "a", b"2")
     remote.objects.upload(tmp_path / "a" / "versions" / half / "index.ann", f"versions/{half}/x")
@@ -241,9 +243,7 @@ def test_a_store_that_hangs_fails_the_sync_within_the_timeout_and_the_host_keeps
     s3_server: S3Server, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     remote = RemoteVersions(bucket)
-    first = local_version(tmp_path / "a", b"1")
-    remote.upload(tmp_path / "a" / "versions" / first)
-    remote.promote(first, remote.pointer())
+    first = published(remote, tmp_path, b"1")
     host = tmp_path / "host"
     monkeypatch.setenv("RECSYS_STORAGE_TIMEOUT_SECONDS", "0.5")
     sync = HostSync(RemoteVersions(bucket), host, poll_seconds=0.1, host_id="h1")
@@ -259,9 +259,7 @@ def test_a_store_that_hangs_fails_the_sync_within_the_timeout_and_the_host_keeps
 
 def test_a_host_keeps_its_version_when_the_pointer_disappears(url: str, tmp_path: Path) -> None:
     remote = RemoteVersions(url)
-    first = local_version(tmp_path / "a", b"1")
-    remote.upload(tmp_path / "a" / "versions" / first)
-    remote.promote(first, remote.pointer())
+    first = published(remote, tmp_path, b"1")
     host = tmp_path / "host"
     sync = HostSync(remote, host, poll_seconds=0.1, host_id="h1")
     sync.once()
@@ -299,3 +297,23 @@ def test_rollback_of_a_local_directory_skips_rejected_versions(tmp_path: Path) -
         rollback(str(root), rejected)
     with pytest.raises(Exception, match="nothing to roll back to"):
         rollback(str(root), None)
+
+
+def test_a_host_reports_what_it_holds_when_it_changes_not_on_every_poll(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    remote = RemoteVersions(bucket)
+    first = published(remote, tmp_path, b"1")
+    sync = HostSync(RemoteVersions(bucket), tmp_path / "host", poll_seconds=0.1, host_id="h1")
+    path = "/" + bucket.removeprefix("s3://") + "/hosts/"
+
+    def reports() -> int:
+        return sum(1 for method, seen in s3_server.seen if method == "PUT" and path in seen)
+
+    for _ in range(5):
+        sync.once()
+    assert reports() == 1
+    second = published(remote, tmp_path, b"2")
+    sync.once()
+    assert reports() == 2
+    assert remote.held_by_hosts() == {first, second}

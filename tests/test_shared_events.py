@@ -200,3 +200,13 @@ def test_pushed_events_go_to_the_shared_log_and_prune_trims_what_a_version_absor
     assert trim_absorbed(stream, mark, cutoff=time.time() + 60) == 1
     events, _ = stream.read_after(START)
     assert [e.user_id for e in events] == ["3"] and stream.last_id() == later
+
+
+def test_a_poller_of_an_unreachable_log_gets_nothing_and_one_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stream = EventStream(EventLogSettings(url=f"redis://127.0.0.1:{free_port()}/0"), "t:down")
+    fresh = FreshEvents(tmp_path, {}, stream=stream)
+    assert fresh.poll() == 0 and fresh.poll() == 0  # no exception, the next poll retries
+    assert stream.down
+    assert sum("cannot read the shared log t:down" in r.message for r in caplog.records) == 1

@@ -80,7 +80,7 @@ class RemoteVersions:
 
     def promote(self, name: str, read: Pointer) -> None:
         """Point `current` at `name` if it still holds what `read` saw."""
-        if name not in self.visible():
+        if not self.objects.exists(f"{VERSIONS}/{name}/{MANIFEST}"):
             raise ArtifactError(f"{self.url}: version {name} has no manifest; not promoted")
         body = json.dumps({"version": name, "promoted_at": _now(), "by": socket.gethostname()})
         try:

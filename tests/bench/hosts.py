@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from helpers import environment
 
 from bench.report import markdown_table, save
 from bench.swap import _copy_as_new_version
@@ -117,47 +118,41 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     artifacts = movielens_version(work) if quick else huge_version(work)
     moto, env = _moto(work)
     hosts: list[Host] = []
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        import boto3
+    with environment(env):
+        try:
+            import boto3
 
-        boto3.client("s3").create_bucket(Bucket="bench")
-        url = "s3://bench/recsys"
-        remote = RemoteVersions(url)
-        store = VersionStore(artifacts)
-        first = store.current_name()
-        assert first is not None
-        began = time.perf_counter()
-        remote.upload(store.current())
-        upload_s = time.perf_counter() - began
-        remote.promote(first, remote.pointer())
-        caches = work / "hosts"
-        shutil.rmtree(caches, ignore_errors=True)
-        caches.mkdir(parents=True)
-        hosts = [Host(url, caches / f"h{n}", caches / f"h{n}.log", env) for n in range(HOSTS)]
-        for host in hosts:
-            wait_ready(f"{host.base}/readyz", timeout=1800, process=host.process)
-        name = _copy_as_new_version(store)
-        remote.upload(store.versions / name)
-        promoted = time.perf_counter()
-        remote.promote(name, remote.pointer())
-        timings = _follow(hosts, name, promoted)
-        fresh = Host(url, caches / "fresh", caches / "fresh.log", env)
-        hosts.append(fresh)
-        wait_ready(f"{fresh.base}/readyz", timeout=1800, process=fresh.process)
-        fresh_s = time.perf_counter() - fresh.started
-        fresh_match = [m for m in DOWNLOADED.finditer(fresh.lines()) if m.group(1) == name][-1]
-    finally:
-        for host in hosts:
-            host.stop()
-        moto.terminate()
-        moto.wait()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+            boto3.client("s3").create_bucket(Bucket="bench")
+            url = "s3://bench/recsys"
+            remote = RemoteVersions(url)
+            store = VersionStore(artifacts)
+            first = store.current_name()
+            assert first is not None
+            began = time.perf_counter()
+            remote.upload(store.current())
+            upload_s = time.perf_counter() - began
+            remote.promote(first, remote.pointer())
+            caches = work / "hosts"
+            shutil.rmtree(caches, ignore_errors=True)
+            caches.mkdir(parents=True)
+            hosts = [Host(url, caches / f"h{n}", caches / f"h{n}.log", env) for n in range(HOSTS)]
+            for host in hosts:
+                wait_ready(f"{host.base}/readyz", timeout=1800, process=host.process)
+            name = _copy_as_new_version(store)
+            remote.upload(store.versions / name)
+            promoted = time.perf_counter()
+            remote.promote(name, remote.pointer())
+            timings = _follow(hosts, name, promoted)
+            fresh = Host(url, caches / "fresh", caches / "fresh.log", env)
+            hosts.append(fresh)
+            wait_ready(f"{fresh.base}/readyz", timeout=1800, process=fresh.process)
+            fresh_s = time.perf_counter() - fresh.started
+            fresh_match = [m for m in DOWNLOADED.finditer(fresh.lines()) if m.group(1) == name][-1]
+        finally:
+            for host in hosts:
+                host.stop()
+            moto.terminate()
+            moto.wait()
     shutil.rmtree(store.versions / name, ignore_errors=True)
     rows = []
     for n, t in enumerate(timings):
