@@ -203,7 +203,7 @@ ArtifactsOption = Annotated[
     typer.Option(
         "--artifacts",
         help="Artifacts root: a directory, or object storage (s3://bucket/prefix, "
-        "file:///path) read through a local copy (--cache-dir).",
+        "gs://bucket/prefix, file:///path) read through a local copy (--cache-dir).",
     ),
 ]
 CacheDirOption = Annotated[

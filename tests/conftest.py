@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import redis
-from helpers import S3Server, environment, start_redis
+from helpers import GcsServer, S3Server, environment, start_redis
 from hypothesis import settings
 
 from recsys.processes import free_port
@@ -99,6 +99,28 @@ def s3_server() -> Iterator[S3Server]:
         yield server
     server.faults.clear()
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[GcsServer]:
+    """One GCS API for the session; its address is in STORAGE_EMULATOR_HOST while it runs,
+    as gcsfs expects."""
+    server = GcsServer()
+    with environment(server.env):
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: GcsServer, request: pytest.FixtureRequest) -> str:
+    """A fresh GCS bucket's URL with a prefix."""
+    import hashlib
+
+    from recsys.core.gcs import gcs_filesystem
+
+    name = "t-" + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:20]
+    gcs_filesystem(timeout_seconds=10).mkdir(name)
+    return f"gs://{name}/recsys"
 
 
 @pytest.fixture

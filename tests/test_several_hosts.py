@@ -1,4 +1,5 @@
-"""Several serving hosts on one S3 bucket (a real S3 API, moto's server mode), each with its
+"""Several serving hosts on one bucket (a real S3 API, moto's server mode; GCS through
+fake-gcs-server for the round trip), each with its
 own cache directory: builds publish through the `recsys` command, every host follows the
 pointer (a promotion and a rollback), answers carry their version, and a host told to stop
 drains first."""
@@ -50,10 +51,17 @@ def logs(tmp_path: Path) -> Path:
     return tmp_path / "log"
 
 
+@pytest.fixture(params=["s3", "gs"])
+def store(request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on S3 (moto) or GCS (fake-gcs-server)."""
+    return str(request.getfixturevalue("gcs_bucket" if request.param == "gs" else "bucket"))
+
+
 @pytest.mark.slow  # builds models and runs two services
-def test_hosts_follow_promotions_and_rollbacks_on_s3(
-    s3_server: S3Server, bucket: str, logs: Path, tmp_path: Path
+def test_hosts_follow_promotions_and_rollbacks_on_object_storage(
+    store: str, logs: Path, tmp_path: Path
 ) -> None:
+    bucket = store
     first = build(bucket, tmp_path, "--data", logs)
     assert first.returncode == 0, first.stderr
     remote = RemoteVersions(bucket)

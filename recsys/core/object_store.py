@@ -1,11 +1,14 @@
-"""Objects under a URL prefix (`s3://bucket/prefix`, `file:///srv/recsys`) through fsspec,
-with the one operation a plain filesystem interface lacks: a conditional write.
+"""Objects under a URL prefix (`s3://bucket/prefix`, `gs://bucket/prefix`,
+`file:///srv/recsys`) through fsspec, with the one operation a plain filesystem interface
+lacks: a conditional write.
 
 A write with `expected=<etag>` replaces the object only if it still has that ETag; with
 `expected=CREATE` it creates the object only if there is none. On S3 these are the
 `If-Match` / `If-None-Match: *` headers of PutObject, checked by the store itself, so two
-writers on different hosts cannot both win. On `file://` the same promise comes from an
-advisory lock on a file beside the object, and the ETag is the content's SHA-256.
+writers on different hosts cannot both win. On GCS the ETag is the object's generation and
+the write carries `ifGenerationMatch` (`recsys.core.gcs`). On `file://` the same promise
+comes from an advisory lock on a file beside the object, and the ETag is the content's
+SHA-256.
 
 The endpoint and credentials of S3 come from the standard AWS environment variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`),
@@ -23,11 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from recsys.core import gcs
 from recsys.core.errors import RecsysError
 from recsys.core.settings import Settings
 
 CREATE = "*"  # `expected` of a write that must create the object
-SUPPORTED = ("s3://", "file://")
+SUPPORTED = ("s3://", "gs://", "file://")
 
 
 class PreconditionFailed(RecsysError):
@@ -39,7 +43,8 @@ class StorageError(RecsysError):
 
 
 def is_remote(location: str | Path) -> bool:
-    """True for a URL (`s3://...`, `file://...`); a plain path is a local artifacts root."""
+    """True for a URL (`s3://...`, `gs://...`, `file://...`); a plain path is a local
+    artifacts root."""
     return "://" in str(location)
 
 
@@ -57,8 +62,9 @@ class ObjectStore:
     def __init__(self, url: str) -> None:
         if not url.startswith(SUPPORTED):
             raise RecsysError(
-                f"{url}: artifacts on object storage must be s3://bucket/prefix or "
-                "file:///path (the schemes whose writes can be conditional)"
+                f"{url}: artifacts on object storage must be s3://bucket/prefix, "
+                "gs://bucket/prefix or file:///path (the schemes whose writes can be "
+                "conditional)"
             )
         import fsspec
 
@@ -77,10 +83,15 @@ class ObjectStore:
                     "read_timeout": Settings().storage_timeout_seconds,
                 },
             )
-        self.fs = fsspec.filesystem(self.protocol, **options)
+        if self.protocol == "gs":
+            self.fs = gcs.gcs_filesystem(Settings().storage_timeout_seconds)
+        else:
+            self.fs = fsspec.filesystem(self.protocol, **options)
         # What a call may raise when the store is unreachable or refuses it: OSError from
         # fsspec and s3fs, and botocore's own errors (no credentials, no endpoint).
         self.failures: tuple[type[Exception], ...] = (OSError,)
+        if self.protocol == "gs":
+            self.failures = gcs.gcs_failures()
         if self.protocol == "s3":
             from botocore.exceptions import BotoCoreError, ClientError
 
@@ -99,7 +110,7 @@ class ObjectStore:
         except (FileNotFoundError, PreconditionFailed):
             raise
         except self.failures as exc:
-            raise StorageError(f"{self.url}: cannot {what} '{key}' ({exc})") from exc
+            raise StorageError(f"{self.url}: cannot {what} '{key}' ({_reason(exc)})") from exc
 
     def get(self, key: str) -> Stored | None:
         """The object and its ETag, or None when there is none."""
@@ -112,6 +123,8 @@ class ObjectStore:
             return Stored(data, hashlib.sha256(data).hexdigest())
 
         def fetch() -> Stored:
+            if self.protocol == "gs":
+                return Stored(*gcs.get_with_generation(self.fs, *self._bucket_key(key)))
             reply = self.fs.call_s3("get_object", **self._s3_key(key))
             return Stored(_read_body(self.fs, reply["Body"]), str(reply["ETag"]))
 
@@ -126,6 +139,8 @@ class ObjectStore:
         only if there is none). Returns the new ETag; PreconditionFailed when it lost."""
         if self.protocol == "file":
             return self._put_file(key, data, expected)
+        if self.protocol == "gs":
+            return self._put_gcs(key, data, expected)
         extra: dict[str, str] = {}
         if expected == CREATE:
             extra["IfNoneMatch"] = "*"
@@ -156,8 +171,24 @@ class ObjectStore:
             _replace(target, lambda handle: handle.write(data))
         return hashlib.sha256(data).hexdigest()
 
-    def _s3_key(self, key: str) -> dict[str, str]:
+    def _put_gcs(self, key: str, data: bytes, expected: str | None) -> str:
+        generation = "0" if expected == CREATE else expected
+        try:
+            written: str = self._call(
+                "write",
+                key,
+                lambda: gcs.put_if_generation(self.fs, *self._bucket_key(key), data, generation),
+            )
+        except gcs.GenerationMismatch as exc:
+            raise PreconditionFailed(str(exc)) from exc
+        return written
+
+    def _bucket_key(self, key: str) -> tuple[str, str]:
         bucket, _, prefix = self.path(key).partition("/")
+        return bucket, prefix
+
+    def _s3_key(self, key: str) -> dict[str, str]:
+        bucket, prefix = self._bucket_key(key)
         return {"Bucket": bucket, "Key": prefix}
 
     def upload(self, local: Path, key: str) -> None:
@@ -208,6 +239,13 @@ def _replace(target: Path, fill: Callable[[BinaryIO], object]) -> None:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in words even for a timeout, whose message is empty."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within {Settings().storage_timeout_seconds:g} s"
+    return str(exc)
 
 
 def _read_body(fs: Any, body: Any) -> bytes:
