@@ -43,6 +43,8 @@ from training.embed import TowerScorer, item_embeddings, user_embeddings_now
 from training.export import SPEC, load_model, version_towers
 from training.fit import TRAIN_CONFIG, fit_model
 from training.model import ModelSpec, TwoTower, model_spec
+from training.spectral import Spectral, interaction_matrix
+from training.spectral_choice import choose as choose_spectral
 from training.trainer import TrainResult, build_split
 from training.warm_start import warm_start_problem
 
@@ -191,16 +193,26 @@ class Embeddings:
 
 
 def embed_version(
-    layout: VersionLayout, features: FeatureSet, result: TrainResult, split: Split
+    layout: VersionLayout,
+    features: FeatureSet,
+    result: TrainResult,
+    split: Split,
+    branch: Spectral | None = None,
 ) -> Embeddings:
-    """Every user's and item's embedding from the saved model, written beside it. IDs the
-    model never trained (a split's validation-only users, before a refit) are marked
-    unknown, so that serving falls back for them."""
+    """Every user's and item's embedding from the saved model, written beside it, with the
+    spectral branch's part appended where the version has one (stored beside the model).
+    IDs the model never trained (a split's validation-only users, before a refit) are
+    marked unknown, so that serving falls back for them."""
     model = load_model(layout.model)
     builder = BatchBuilder(features, model.spec.tower)
     builder.mark_known(features.interactions if result.refitted else split.train)
     items = item_embeddings(model, builder, features.num_items)
     users = user_embeddings_now(model, builder, np.arange(features.num_users))
+    if branch is not None:
+        branch.save(layout.spectral)
+        matrix = interaction_matrix(features.interactions, features.num_users, features.num_items)
+        items = np.hstack([items, branch.item_rows])
+        users = np.hstack([users, branch.users(matrix)])
     layout.embeddings.mkdir()
     for side, column, index, known, emb in (
         ("items", s.ITEM_ID, s.ITEM_IDX, builder.known_items, items),
@@ -243,12 +255,16 @@ def index_version(
     tower: TowerConfig,
     targets: IndexTargets,
     seed: int,
+    branched: bool = False,
 ) -> IndexParams:
-    """The Annoy index over the item embeddings, tuned on a sample of user queries."""
+    """The Annoy index over the item embeddings, tuned on a sample of user queries. The
+    spectral branch's item rows differ in length, so a version with it is searched by
+    inner product whatever the towers' similarity."""
     users = embeddings.users
     rng = np.random.default_rng(seed)
     sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
-    metric = "angular" if tower.similarity is Similarity.COSINE else "dot"
+    cosine = tower.similarity is Similarity.COSINE and not branched
+    metric = "angular" if cosine else "dot"
     return build_annoy(embeddings.items, sample, layout.index, metric, targets)
 
 
@@ -415,10 +431,21 @@ def _build_locked(
         stage("fit", started)
         layout.build_config.write_text(settings.to_toml())
         _save_curve(result.history, layout.model / "training_curve.png", result.config.eval_k)
-        embeddings = embed_version(layout, features, result, split)
+        branch = choose_spectral(
+            features, split, load_model(layout.model, validated=True), result.config
+        )
+        stage("spectral", started)
+        embeddings = embed_version(layout, features, result, split, branch.branch)
         refuse_non_finite(layout, embeddings, result.best_metrics or {})
         stage("embed", started)
-        index = index_version(layout, embeddings, tower, index_targets, result.config.seed)
+        index = index_version(
+            layout,
+            embeddings,
+            tower,
+            index_targets,
+            result.config.seed,
+            branched=branch.branch is not None,
+        )
         stage("index", started)
         gate = None
         if previous is not None and policy.gate:
@@ -427,6 +454,7 @@ def _build_locked(
             log.warning("quality gate: %s", gate.reason)
             stage("gate", started)
         manifest = _manifest(settings, ingest_report, result, index, plan, gate, previous)
+        manifest["spectral"] = branch.to_dict()
         manifest["posted_events"] = posted.rows
         manifest["events_absorbed"] = posted.absorbed
         store.commit(name, staging, manifest)

@@ -14,6 +14,7 @@ from recsys.core.layout import VersionLayout
 from serving.user_tower import TABLE, Layer, load_mlps, run_members
 from serving.weights import mapped_tensors
 from training.config import Similarity, TowerConfig, legacy_keys
+from training.spectral import stored_rank
 
 
 @dataclass
@@ -23,6 +24,7 @@ class ItemTower:
     id_width: int  # of the item ID table's rows (all members)
     side_tables: dict[str, np.ndarray]  # item feature column -> (categories, dim x members)
     mlps: list[list[Layer]]
+    branch_rank: int = 0  # the spectral branch's width: a new item has no row there (zeros)
 
     @classmethod
     def load(cls, version: Path) -> "ItemTower":
@@ -37,6 +39,7 @@ class ItemTower:
             id_width=weights[TABLE.format("item")].shape[1],
             side_tables={c: weights[TABLE.format(f"item:{c}")] for c in columns},
             mlps=load_mlps(weights, "item", tower.members or 1),
+            branch_rank=stored_rank(layout.spectral),
         )
 
     def embed(self, categories: dict[str, list[int]]) -> np.ndarray:
@@ -48,4 +51,5 @@ class ItemTower:
             bags.append(
                 table[rows].mean(axis=0) if len(rows) else np.zeros(table.shape[1], np.float32)
             )
-        return run_members(bags, self.mlps, self.similarity, skip=len(bags) if self.skip else 0)
+        vector = run_members(bags, self.mlps, self.similarity, skip=len(bags) if self.skip else 0)
+        return np.concatenate([vector, np.zeros(self.branch_rank, np.float32)])

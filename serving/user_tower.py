@@ -7,7 +7,8 @@ Per member m of the towers: each user-side bag (the user's ID, the history, the 
 items, each user feature) is the mean of its rows' m-th slices (an empty bag is zeros),
 the bags side by side go through the member's MLP (Linear, exact GELU, Linear; or one
 Linear), towers with a skip path add the ID and history bags, cosine towers normalise,
-and the members' vectors are joined side by side and divided by sqrt(members)."""
+and the members' vectors are joined side by side and divided by sqrt(members). A version
+with the spectral branch (`training.spectral`) appends the history's part of it."""
 
 import json
 import math
@@ -24,6 +25,7 @@ from recsys.core import schema as s
 from recsys.core.layout import VersionLayout
 from serving.weights import mapped_tensors
 from training.config import USER_SUMMED, Similarity, TowerConfig, legacy_keys
+from training.spectral import Spectral
 
 TABLE = "ebc.embedding_bags.{}_table.weight"
 
@@ -90,6 +92,7 @@ class UserTower:
     side_bags: dict[str, CsrBags]  # user feature column -> categories of each user
     known_users: np.ndarray  # (users,) bool: trained with an ID row
     mlps: list[list[Layer]]  # per member: the layers between activations
+    branch: Spectral | None = None  # the spectral branch, where the version has one
 
     @classmethod
     def load(cls, version: Path, ordering: Ordering) -> "UserTower":
@@ -114,6 +117,7 @@ class UserTower:
             side_bags=bags,
             known_users=known.to_numpy().astype(bool),
             mlps=load_mlps(weights, "user", members),
+            branch=Spectral.load(layout.spectral),
         )
 
     def _mean(
@@ -163,4 +167,7 @@ class UserTower:
                 rows, _ = column_bags.gather(np.array([user]))
             bags.append(self._mean(table, rows))
         summed = USER_SUMMED if cfg.skip else 0
-        return run_members(bags, self.mlps, cfg.similarity, skip=summed)
+        vector = run_members(bags, self.mlps, cfg.similarity, skip=summed)
+        if self.branch is None:
+            return vector
+        return np.concatenate([vector, self.branch.user(items)])

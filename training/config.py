@@ -224,6 +224,9 @@ class TrainConfig:
         gt=0.0,
         lt=1.0,
     )
+    spectral: bool = switch(
+        True, "add the spectral branch (the graph's low-pass filter) where validation gains"
+    )  # training.spectral: chosen on the validation split, kept only past a 1% gain
     example_budget: int = whole(
         6_000_000, 1, 10**12, "default epochs: about this many training examples"
     )  # a refit included: a sparse 1M-event log's 256-d tower runs ~110 s an epoch on 2 cores

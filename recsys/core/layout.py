@@ -25,6 +25,7 @@ INTERACTIONS = "interactions.parquet"
 VOCAB = "vocab"
 MODEL_SPEC = "model.json"  # inside model/: the towers' shape
 MODEL_WEIGHTS = "weights.safetensors"  # inside model/: the served weights
+SPECTRAL = "spectral.safetensors"  # inside model/: the spectral branch, where chosen
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class VersionLayout:
     @property
     def model_weights(self) -> Path:
         return self.model / MODEL_WEIGHTS
+
+    @property
+    def spectral(self) -> Path:
+        return self.model / SPECTRAL
 
     def side_embeddings(self, side: str) -> Path:
         """`side` is "users" or "items"."""

@@ -1,0 +1,127 @@
+"""The spectral branch (`training.spectral`): what a request computes is what the build
+stored, a build on a sparse log keeps it where validation gains and says so, every path
+that makes a vector (known users, fresh histories, new items, the index) gives the joined
+width, and `train.spectral = false` leaves a version as it was."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+
+from data import checkins
+from features.ordering import Ordering
+from features.sources import resolve_source
+from recsys.core.layout import VersionLayout
+from recsys.pipeline import build
+from serving.index import PARAMS_FILE, IndexParams
+from serving.item_tower import ItemTower
+from serving.user_tower import UserTower
+from training import spectral
+from training.config import TrainConfig
+
+QUICK = TrainConfig(max_epochs=1)
+
+
+def _planted(users: int = 300, items: int = 120, groups: int = 4, seed: int = 0) -> sp.csr_matrix:
+    """Users who mostly pick items of their own group: structure a low rank finds."""
+    rng = np.random.default_rng(seed)
+    rows, cols = [], []
+    for user in range(users):
+        group = user % groups
+        own = np.arange(group, items, groups)
+        picks = rng.choice(own, 6, replace=False).tolist() + [int(rng.integers(items))]
+        rows += [user] * len(picks)
+        cols += picks
+    return spectral.interaction_matrix(
+        pl.DataFrame({"user_idx": rows, "item_idx": cols}), users, items
+    )
+
+
+def test_a_request_history_gets_the_part_the_build_stored_for_that_user() -> None:
+    matrix = _planted()
+    branch = spectral.weighted(spectral.fit(matrix, 8), 1.7)
+    stored = branch.users(matrix)
+    for user in (0, 5, 299):
+        history = matrix[user].indices.tolist()
+        repeated = history + history[:2] + [10_000]  # repeats once, an unknown item never
+        assert np.allclose(branch.user(repeated), stored[user], atol=1e-6)
+    assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
+    assert np.allclose(branch.user([]), 0.0)
+
+
+def test_the_filter_ranks_a_users_own_group_first() -> None:
+    matrix = _planted()
+    branch = spectral.fit(matrix, 4)
+    scores = branch.users(matrix) @ branch.item_rows.T  # (users, items)
+    top = np.argsort(-scores, axis=1)[:, :10]
+    assert np.mean(top % 4 == (np.arange(matrix.shape[0]) % 4)[:, None]) > 0.9
+
+
+def test_a_branch_round_trips_through_its_file(tmp_path: Path) -> None:
+    branch = spectral.fit(_planted(), 8)
+    branch.save(tmp_path / "spectral.safetensors")
+    loaded = spectral.Spectral.load(tmp_path / "spectral.safetensors")
+    assert loaded is not None and loaded.rank == 8
+    assert np.array_equal(loaded.item_rows, branch.item_rows)
+    assert spectral.stored_rank(tmp_path / "spectral.safetensors") == 8
+    assert spectral.Spectral.load(tmp_path / "none") is None
+    assert spectral.stored_rank(tmp_path / "none") == 0
+
+
+@pytest.fixture(scope="module")
+def sparse_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("sparse")
+    return checkins.generate(root / "log", checkins.CheckinConfig(rows=40_000, seed=3))
+
+
+def _version(artifacts: Path) -> Path:
+    return (artifacts / "current").resolve()
+
+
+@pytest.mark.slow  # two builds
+def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
+    sparse_log: Path, tmp_path: Path
+) -> None:
+    build(resolve_source(sparse_log), tmp_path / "on", config=QUICK, progress=False)
+    version = _version(tmp_path / "on")
+    layout = VersionLayout(version)
+    chosen = json.loads((version / "manifest.json").read_text())["spectral"]
+    assert chosen["used"], chosen["reason"]
+    assert max(v for k, v in chosen["valid"].items() if k.startswith("towers +")) >= 1.01 * (
+        chosen["valid"]["towers"]
+    )
+    rank = chosen["rank"]
+    assert spectral.stored_rank(layout.spectral) == rank
+    users = pl.read_parquet(layout.side_embeddings("users"))
+    items = pl.read_parquet(layout.side_embeddings("items"))
+    user_emb = np.asarray(users["embedding"].to_list(), np.float32)
+    item_emb = np.asarray(items["embedding"].to_list(), np.float32)
+    assert user_emb.shape[1] == item_emb.shape[1]
+    params = json.loads((layout.index / PARAMS_FILE).read_text())
+    assert IndexParams(**params).metric == "dot"  # the branch's rows differ in length
+    # The service's tower gives a known user, from their history, the stored vector.
+    tower = UserTower.load(version, Ordering.SET)
+    histories = pl.read_parquet(layout.interactions).group_by("user_idx").agg("item_idx")
+    for user, history in histories.sort("user_idx").head(5).iter_rows():
+        served = tower.embed(user, sorted(history))
+        assert served.shape == (user_emb.shape[1],)
+        assert np.allclose(served[-rank:], user_emb[user, -rank:], atol=1e-5)
+    # An item added from its features: the towers' vector, and zeros in the branch.
+    new_item = ItemTower.load(version).embed({})
+    assert new_item.shape == (item_emb.shape[1],)
+    assert np.all(new_item[-rank:] == 0)
+
+
+@pytest.mark.slow  # one build
+def test_switched_off_a_build_is_the_towers_alone(sparse_log: Path, tmp_path: Path) -> None:
+    config = TrainConfig(max_epochs=1, spectral=False)
+    build(resolve_source(sparse_log), tmp_path / "off", config=config, progress=False)
+    version = _version(tmp_path / "off")
+    chosen = json.loads((version / "manifest.json").read_text())["spectral"]
+    assert chosen == {**chosen, "used": False, "reason": "off: train.spectral = false"}
+    assert not VersionLayout(version).spectral.exists()
+    width = UserTower.load(version, Ordering.SET).embed(None, [0, 1]).shape[0]
+    assert ItemTower.load(version).embed({}).shape[0] == width

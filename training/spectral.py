@@ -1,0 +1,128 @@
+"""A spectral branch beside the towers, for sparse logs: the ideal low-pass filter of the
+normalised user-item graph (GF-CF; LightGCN's propagation taken to its limit), folded into
+the vectors the index serves.
+
+With R the binary user x item matrix and D_u, D_i its degrees, the top `rank` right
+singular vectors V of D_u^-1/2 R D_i^-1/2 give a user the row r_u D_i^-1/2 V and an item
+the row D_i^1/2 V; their dot product is the filtered score. A user's part is normalised
+(so a long history does not outweigh the towers) and the item rows are scaled by the
+branch's weight, so the served score is tower score + weight x filtered score, one dot
+product of the joined vectors, searched by the index like any other. A user's part is a
+sum over their items, so a history given at request time (fresh events, an anonymous
+session) gets it exactly as a build does. A new item added from its features has no
+row (zeros): the towers alone place it.
+
+Why: on sparse logs (a few events per item) item-item structure is what the towers learn
+least; on the 100k-event check-in log the filter alone scored Recall@20 0.2354 against
+the towers' 0.2181 and EASE's 0.2206. Rank and weight are chosen on the build's
+validation split (weight 0 switches the branch off: MovieLens-100K keeps its towers)."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recsys.core import schema as s
+
+log = logging.getLogger(__name__)
+
+RANKS = (8, 16, 32, 64, 128, 256)
+WEIGHTS = (0.0, 0.5, 1.0, 2.0)  # x the ratio of the towers' score spread to the filter's
+MAX_ITEMS = 200_000  # past this the truncated SVD's time and the rows' size are not worth it
+SPREAD_SAMPLE = 256  # users whose scores set the ratio
+
+
+@dataclass
+class Spectral:
+    """The branch of one version: `history_rows` sum to a user's part, `item_rows` (already
+    scaled by the weight) are the items' part."""
+
+    history_rows: np.ndarray  # (items, rank)
+    item_rows: np.ndarray  # (items, rank)
+
+    @property
+    def rank(self) -> int:
+        return int(self.item_rows.shape[1])
+
+    def users(self, matrix: sp.csr_matrix) -> np.ndarray:
+        """(users, rank) parts of every row of a binary user x item matrix."""
+        return _unit(np.asarray(matrix @ self.history_rows, dtype=np.float32))
+
+    def user(self, history: np.ndarray | list[int]) -> np.ndarray:
+        """(rank,) the part of a user with these items (repeats count once, unknown
+        items not at all)."""
+        items = np.unique(np.asarray(history, dtype=np.int64))
+        items = items[(items >= 0) & (items < len(self.history_rows))]
+        return _unit(self.history_rows[items].sum(axis=0, keepdims=True))[0]
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        # safetensors writes an array's buffer as it lies: a transposed view would be stored
+        # in the wrong order.
+        rows = {"history_rows": self.history_rows, "item_rows": self.item_rows}
+        save_file({k: np.ascontiguousarray(v) for k, v in rows.items()}, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> "Spectral | None":
+        """The branch stored at `path`, or None for a version without one."""
+        if not path.is_file():
+            return None
+        from safetensors.numpy import load_file
+
+        rows = load_file(str(path))
+        return cls(rows["history_rows"], rows["item_rows"])
+
+
+def stored_rank(path: Path) -> int:
+    """The rank of the branch stored at `path` (0 for none), without reading its rows."""
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as stored:
+        return int(stored.get_slice("item_rows").get_shape()[1])
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return (rows / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def interaction_matrix(events: pl.DataFrame, num_users: int, num_items: int) -> sp.csr_matrix:
+    """The binary user x item matrix of a table of events (repeats count once)."""
+    users = events[s.USER_IDX].to_numpy().astype(np.int64)
+    items = events[s.ITEM_IDX].to_numpy().astype(np.int64)
+    matrix = sp.csr_matrix(
+        (np.ones(len(users), np.float32), (users, items)), shape=(num_users, num_items)
+    )
+    matrix.data[:] = 1.0
+    return matrix
+
+
+def fit(matrix: sp.csr_matrix, rank: int, seed: int = 0) -> Spectral:
+    """The unweighted branch of `rank` (clipped below the matrix's smaller side)."""
+    from scipy.sparse.linalg import svds
+
+    rank = max(1, min(rank, min(matrix.shape) - 1))
+    user_degree = np.maximum(np.asarray(matrix.sum(axis=1)).ravel(), 1.0)
+    item_degree = np.maximum(np.asarray(matrix.sum(axis=0)).ravel(), 1.0)
+    normalised = sp.diags(1 / np.sqrt(user_degree)) @ matrix @ sp.diags(1 / np.sqrt(item_degree))
+    start = np.random.default_rng(seed).standard_normal(min(matrix.shape))
+    _, _, vt = svds(normalised.astype(np.float64), k=rank, v0=start)
+    vectors = np.ascontiguousarray(vt.T, dtype=np.float32)  # (items, rank)
+    root = np.sqrt(item_degree).astype(np.float32)[:, None]
+    return Spectral(history_rows=vectors / root, item_rows=vectors * root)
+
+
+def weighted(branch: Spectral, weight: float) -> Spectral:
+    return Spectral(branch.history_rows, (branch.item_rows * weight).astype(np.float32))
+
+
+def score_ratio(tower_scores: np.ndarray, branch_scores: np.ndarray) -> float:
+    """How much wider the towers' scores spread than the filter's, on the same users."""
+    spread = float(np.std(branch_scores))
+    return float(np.std(tower_scores)) / spread if spread > 0 else 0.0

@@ -1,0 +1,134 @@
+"""Whether a version gets the spectral branch (`training.spectral`), of which rank and
+weight: measured on the build's validation split with the towers as validated (the weights
+from before the refit) and the filter fitted on the training rows alone, then refitted on
+every event. The branch is kept only where it beats the towers alone by MARGIN."""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from features.feature_set import FeatureSet
+from features.splits import Split
+from training import spectral
+from training.batches import BatchBuilder
+from training.config import TrainConfig
+from training.embed import PrecomputedScorer, item_embeddings, user_embeddings_now
+from training.evaluate import EvalTask, eval_task, evaluate, sample_task
+from training.model import TwoTower
+
+log = logging.getLogger(__name__)
+
+MARGIN = 1.01  # validation recall the branch must add (x the towers'), against noise
+
+
+@dataclass
+class SpectralChoice:
+    branch: spectral.Spectral | None  # fitted on every event and weighted; None: off
+    rank: int = 0
+    weight: float = 0.0  # on the filtered score, beside the towers' 1
+    valid: dict[str, float] = field(default_factory=dict)  # option -> validation recall
+    reason: str = ""
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "used": self.branch is not None,
+            "rank": self.rank,
+            "weight": round(self.weight, 6),
+            "valid": {k: round(v, 6) for k, v in self.valid.items()},
+            "reason": self.reason,
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def choose(
+    features: FeatureSet, split: Split, validated: TwoTower, config: TrainConfig
+) -> SpectralChoice:
+    started = time.perf_counter()
+    choice = _choose(features, split, validated, config)
+    choice.seconds = time.perf_counter() - started
+    log.info("spectral branch: %s (%.1f s)", choice.reason, choice.seconds)
+    return choice
+
+
+def _choose(
+    features: FeatureSet, split: Split, validated: TwoTower, config: TrainConfig
+) -> SpectralChoice:
+    if not config.spectral:
+        return SpectralChoice(None, reason="off: train.spectral = false")
+    if features.num_items > spectral.MAX_ITEMS:
+        return SpectralChoice(
+            None,
+            reason=f"off: {features.num_items:,} items (considered up to {spectral.MAX_ITEMS:,})",
+        )
+    if split.valid.height == 0:
+        return SpectralChoice(None, reason="off: no validation events to choose it on")
+    metric = f"recall@{config.eval_k}"
+    seen = features.restricted_to(split.train)
+    task = sample_task(eval_task(split.valid, seen.histories), config.max_valid_users, config.seed)
+    if len(task) == 0:
+        return SpectralChoice(None, reason="off: no validation users to choose it on")
+    train = spectral.interaction_matrix(split.train, features.num_users, features.num_items)
+    branches = {
+        rank: spectral.fit(train, rank, config.seed)
+        for rank in spectral.RANKS
+        if rank < min(train.shape)
+    }
+    if not branches:
+        return SpectralChoice(None, reason="off: too few users or items for a rank")
+    valid: dict[str, float] = {}
+    parts = {}
+    for rank, branch in branches.items():
+        users = branch.users(train[task.users])
+        parts[rank] = users
+        valid[f"filter rank {rank}"] = _recall(task, users, branch.item_rows, metric)
+    rank = max(branches, key=lambda r: valid[f"filter rank {r}"])
+    branch, branch_users = branches[rank], parts[rank]
+    builder = BatchBuilder(seen, validated.spec.tower)
+    builder.mark_known(split.train)
+    tower_items = item_embeddings(validated, builder, features.num_items)
+    tower_users = user_embeddings_now(validated, builder, task.users)
+    ratio = spectral.score_ratio(
+        tower_users[: spectral.SPREAD_SAMPLE] @ tower_items.T,
+        branch_users[: spectral.SPREAD_SAMPLE] @ branch.item_rows.T,
+    )
+    blended = {}
+    for share in spectral.WEIGHTS:
+        blended[share] = _recall(
+            task,
+            np.hstack([tower_users, branch_users]),
+            np.hstack([tower_items, branch.item_rows * (share * ratio)]),
+            metric,
+        )
+        valid["towers" if share == 0 else f"towers + filter x{share}"] = blended[share]
+    best_share = max(spectral.WEIGHTS, key=lambda share: blended[share])  # ties: the lighter
+    best = blended[best_share]
+    towers = valid["towers"]
+    if best_share == 0 or best < towers * MARGIN:
+        return SpectralChoice(
+            None,
+            valid=valid,
+            reason=f"off: validation {metric} {towers:.4f} with the towers alone, "
+            f"{best:.4f} at best with the filter",
+        )
+    weight = best_share * ratio
+    everything = spectral.interaction_matrix(
+        features.interactions, features.num_users, features.num_items
+    )
+    final = spectral.weighted(spectral.fit(everything, rank, config.seed), weight)
+    return SpectralChoice(
+        final,
+        rank=rank,
+        weight=weight,
+        valid=valid,
+        reason=f"rank {rank}, weight {weight:.3g}: validation {metric} {best:.4f} against "
+        f"{towers:.4f} with the towers alone",
+    )
+
+
+def _recall(task: EvalTask, users: np.ndarray, items: np.ndarray, metric: str) -> float:
+    scorer = PrecomputedScorer(task.users, users.astype(np.float32), items.astype(np.float32))
+    return float(evaluate(scorer, task)[metric])
