@@ -32,7 +32,7 @@ def _planted(users: int = 300, items: int = 120, groups: int = 4, seed: int = 0)
     for user in range(users):
         group = user % groups
         own = np.arange(group, items, groups)
-        picks = rng.choice(own, 6, replace=False).tolist() + [int(rng.integers(items))]
+        picks = [*rng.choice(own, 6, replace=False).tolist(), int(rng.integers(items))]
         rows += [user] * len(picks)
         cols += picks
     return spectral.interaction_matrix(
