@@ -90,8 +90,9 @@ def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
     layout = VersionLayout(version)
     chosen = json.loads((version / "manifest.json").read_text())["spectral"]
     assert chosen["used"], chosen["reason"]
-    assert max(v for k, v in chosen["valid"].items() if k.startswith("towers +")) >= 1.01 * (
-        chosen["valid"]["towers"]
+    assert (
+        max(v for k, v in chosen["valid"].items() if k.startswith("towers +"))
+        >= 1.01 * (chosen["valid"]["towers"])
     )
     rank = chosen["rank"]
     assert spectral.stored_rank(layout.spectral) == rank
