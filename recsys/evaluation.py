@@ -29,10 +29,18 @@ from recsys.core.versions import verify_version
 from recsys.gate import Comparison, compare, last_timestamp
 from training.baselines import Popularity
 from training.config import TrainConfig
-from training.embed import TowerScorer
-from training.evaluate import EvalTask, eval_task, evaluate, evaluate_per_user, sample_task
+from training.embed import BranchedScorer, TowerScorer
+from training.evaluate import (
+    EvalTask,
+    Scorer,
+    eval_task,
+    evaluate,
+    evaluate_per_user,
+    sample_task,
+)
 from training.export import version_towers
 from training.fit import TRAIN_CONFIG
+from training.spectral import Spectral
 from training.trainer import build_split
 
 MAX_USERS = 10_000
@@ -174,12 +182,21 @@ def evaluate_versions(
     results = {}
     features = chosen.seen
     for version in versions:
-        model, builder = version_towers(version, features, validated=chosen.validated)
-        scorer = TowerScorer(model, builder, model.spec.num_items, catalogue=features.num_items)
-        results[version.name] = evaluate(scorer, chosen.task)
+        results[version.name] = evaluate(version_scorer(version, chosen), chosen.task)
     popularity = Popularity.fit(features.interactions, features.num_items)
     results["popularity"] = evaluate(popularity, chosen.task)
     return chosen, results
+
+
+def version_scorer(version: Path, chosen: Slice) -> Scorer:
+    """What a version serves, scored on the slice: its towers and, on events it never saw,
+    its spectral branch. On its own validation split the towers are scored as validated
+    (the weights from before the refit) and the branch, fitted on every event, is left
+    out: it has seen those events."""
+    model, builder = version_towers(version, chosen.seen, validated=chosen.validated)
+    towers = TowerScorer(model, builder, model.spec.num_items, catalogue=chosen.seen.num_items)
+    branch = None if chosen.validated else Spectral.load(VersionLayout(version).spectral)
+    return towers if branch is None else BranchedScorer(towers, branch, chosen.seen)
 
 
 def compare_versions(versions: list[Path], chosen: Slice, metric: str = "recall@20") -> Comparison:
@@ -187,11 +204,6 @@ def compare_versions(versions: list[Path], chosen: Slice, metric: str = "recall@
     difference of `metric` and its 95% bootstrap interval, as the quality gate computes
     them (an interval that excludes 0 is a difference beyond noise)."""
     first, second = (
-        evaluate_per_user(
-            TowerScorer(m, b, m.spec.num_items, catalogue=chosen.seen.num_items), chosen.task
-        )[metric]
-        for m, b in (
-            version_towers(v, chosen.seen, validated=chosen.validated) for v in versions[:2]
-        )
+        evaluate_per_user(version_scorer(v, chosen), chosen.task)[metric] for v in versions[:2]
     )
     return compare(versions[0].name, second, first, margin=0.0, seed=0)

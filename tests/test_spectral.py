@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from data import checkins
+from features.feature_set import FeatureSet
 from features.ordering import Ordering
 from features.sources import resolve_source
 from recsys.core.layout import VersionLayout
@@ -21,6 +22,8 @@ from serving.item_tower import ItemTower
 from serving.user_tower import UserTower
 from training import spectral
 from training.config import TrainConfig
+from training.embed import BranchedScorer, TowerScorer
+from training.export import version_towers
 
 QUICK = TrainConfig(max_epochs=1)
 
@@ -110,6 +113,14 @@ def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
         served = tower.embed(user, sorted(history))
         assert served.shape == (user_emb.shape[1],)
         assert np.allclose(served[-rank:], user_emb[user, -rank:], atol=1e-5)
+    # `recsys evaluate` on events the version never saw scores what the index serves.
+    features = FeatureSet.load(layout.data)
+    model, builder = version_towers(version, features)
+    branch = spectral.Spectral.load(layout.spectral)
+    assert branch is not None
+    scorer = BranchedScorer(TowerScorer(model, builder, features.num_items), branch, features)
+    some = np.arange(0, features.num_users, 37)
+    assert np.allclose(scorer.scores(some), user_emb[some] @ item_emb.T, atol=1e-4)
     # An item added from its features: the towers' vector, and zeros in the branch.
     new_item = ItemTower.load(version).embed({})
     assert new_item.shape == (item_emb.shape[1],)

@@ -7,7 +7,9 @@ import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
+from features.feature_set import FeatureSet
 from training.batches import BatchBuilder
+from training.spectral import Spectral, interaction_matrix
 
 Tower = Callable[[KeyedJaggedTensor], tuple[torch.Tensor, torch.Tensor]]  # TwoTower or its DMP
 
@@ -88,3 +90,20 @@ class TowerScorer:
         if self.missing:
             scores = np.pad(scores, ((0, 0), (0, self.missing)), constant_values=-np.inf)
         return scores
+
+
+class BranchedScorer:
+    """A tower scorer plus a version's spectral branch (`training.spectral`): the served
+    vectors' scores. Users' parts come from their events in `features` (which may be a
+    grown log: items the branch does not know add nothing, and keep the towers' -inf)."""
+
+    def __init__(self, towers: TowerScorer, branch: Spectral, features: FeatureSet) -> None:
+        known = len(branch.item_rows)
+        matrix = interaction_matrix(features.interactions, features.num_users, features.num_items)
+        self.towers, self.branch = towers, branch
+        self.matrix = matrix[:, :known]
+        self.item_rows = np.pad(branch.item_rows, ((0, max(0, features.num_items - known)), (0, 0)))
+
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        parts = self.branch.users(self.matrix[users])
+        return self.towers.scores(users) + parts @ self.item_rows.T
