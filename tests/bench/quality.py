@@ -24,9 +24,10 @@ from features.splits import ROW, leave_last_out
 from training.baselines import Ease, MatrixFactorization, Popularity
 from training.batches import BatchBuilder
 from training.config import LossKind, Similarity, TowerConfig, TrainConfig
-from training.embed import TowerScorer
+from training.embed import BranchedScorer, TowerScorer
 from training.evaluate import KS, EvalTask, Scorer, eval_task, evaluate
 from training.export import load_model, save_model
+from training.spectral_choice import choose as choose_spectral
 from training.trainer import train
 
 
@@ -151,7 +152,12 @@ def two_tower(
     seen = features.restricted_to(pl.concat([split.train, split.valid]).sort(ROW))
     builder = BatchBuilder(seen, result.spec.tower)
     builder.mark_known(split.train)  # IDs known from training alone
-    scorer = TowerScorer(load_model(out), builder, features.num_items)
+    scorer: Scorer = TowerScorer(load_model(out), builder, features.num_items)
+    # The spectral branch as a build chooses it: on the validation split, then refitted on
+    # what the test may see (training and validation events).
+    branch = choose_spectral(seen, split, load_model(out), result.config)
+    if branch.branch is not None:
+        scorer = BranchedScorer(scorer, branch.branch, seen)
     metrics = evaluate(scorer, test)
     default = loss is LossKind.SOFTMAX and members is None
     return {
@@ -163,6 +169,7 @@ def two_tower(
             "epochs": result.epochs_run,
             "best_epoch": result.best_epoch,
             "batch": result.config.batch_size,
+            "spectral": branch.reason,
         },
         "seconds": seconds,
         **metrics,
