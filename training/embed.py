@@ -9,6 +9,7 @@ from torchrec import KeyedJaggedTensor
 
 from features.feature_set import FeatureSet
 from training.batches import BatchBuilder
+from training.evaluate import Scorer
 from training.spectral import Spectral, interaction_matrix
 
 Tower = Callable[[KeyedJaggedTensor], tuple[torch.Tensor, torch.Tensor]]  # TwoTower or its DMP
@@ -97,7 +98,7 @@ class BranchedScorer:
     vectors' scores. Users' parts come from their events in `features` (which may be a
     grown log: items the branch does not know add nothing, and keep the towers' -inf)."""
 
-    def __init__(self, towers: TowerScorer, branch: Spectral, features: FeatureSet) -> None:
+    def __init__(self, towers: Scorer, branch: Spectral, features: FeatureSet) -> None:
         known = len(branch.item_rows)
         matrix = interaction_matrix(features.interactions, features.num_users, features.num_items)
         self.towers, self.branch = towers, branch
