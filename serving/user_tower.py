@@ -170,4 +170,4 @@ class UserTower:
         vector = run_members(bags, self.mlps, cfg.similarity, skip=summed)
         if self.branch is None:
             return vector
-        return np.concatenate([vector, self.branch.user(items)])
+        return np.concatenate([vector, self.branch.user(items, w)])

@@ -55,6 +55,25 @@ def test_a_request_history_gets_the_part_the_build_stored_for_that_user() -> Non
     assert np.allclose(branch.user([]), 0.0)
 
 
+def test_weights_count_as_the_build_counts_them_largest_per_item_and_zero_for_nothing() -> None:
+    rng = np.random.default_rng(1)
+    events = pl.DataFrame(
+        {
+            "user_idx": rng.integers(0, 60, 900),
+            "item_idx": rng.integers(0, 40, 900),
+            "weight": rng.choice([0.0, 0.1, 1.0], 900).astype(np.float32),
+        }
+    )
+    matrix = spectral.interaction_matrix(events, 60, 40)
+    assert matrix.max() == 1.0 and matrix.min() == 0.0 and np.all(matrix.data > 0)
+    branch = spectral.fit(matrix, 6)
+    stored = branch.users(matrix)
+    for user in (0, 7, 59):
+        mine = events.filter(pl.col("user_idx") == user)
+        served = branch.user(mine["item_idx"].to_list(), mine["weight"].to_list())
+        assert np.allclose(served, stored[user], atol=1e-5)
+
+
 def test_the_filter_ranks_a_users_own_group_first() -> None:
     matrix = _planted()
     branch = spectral.fit(matrix, 4)

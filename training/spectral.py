@@ -2,7 +2,8 @@
 normalised user-item graph (GF-CF; LightGCN's propagation taken to its limit), folded into
 the vectors the index serves.
 
-With R the binary user x item matrix and D_u, D_i its degrees, the top `rank` right
+With R the user x item matrix (each pair once, at its events' largest weight) and D_u,
+D_i its degrees, the top `rank` right
 singular vectors V of D_u^-1/2 R D_i^-1/2 give a user the row r_u D_i^-1/2 V and an item
 the row D_i^1/2 V; their dot product is the filtered score. A user's part is normalised
 (so a long history does not outweigh the towers) and the item rows are scaled by the
@@ -48,15 +49,25 @@ class Spectral:
         return int(self.item_rows.shape[1])
 
     def users(self, matrix: sp.csr_matrix) -> np.ndarray:
-        """(users, rank) parts of every row of a binary user x item matrix."""
+        """(users, rank) parts of every row of an `interaction_matrix`."""
         return _unit(np.asarray(matrix @ self.history_rows, dtype=np.float32))
 
-    def user(self, history: np.ndarray | list[int]) -> np.ndarray:
-        """(rank,) the part of a user with these items (repeats count once, unknown
-        items not at all)."""
-        items = np.unique(np.asarray(history, dtype=np.int64))
-        items = items[(items >= 0) & (items < len(self.history_rows))]
-        return _unit(self.history_rows[items].sum(axis=0, keepdims=True))[0]
+    def user(
+        self, history: np.ndarray | list[int], weights: np.ndarray | list[float] | None = None
+    ) -> np.ndarray:
+        """(rank,) the part of a user with these items, each counted once at its events'
+        largest weight (`weights`: one per history entry; None: all alike), as
+        `interaction_matrix` counts them; unknown items and weight 0 count nothing."""
+        items = np.asarray(history, dtype=np.int64)
+        w = np.ones(len(items), np.float32) if weights is None else np.asarray(weights, np.float32)
+        keep = (items >= 0) & (items < len(self.history_rows)) & (w > 0)
+        items, w = items[keep], w[keep]
+        if not len(items):
+            return np.zeros(self.rank, np.float32)
+        unique, slot = np.unique(items, return_inverse=True)
+        largest = np.zeros(len(unique), np.float32)
+        np.maximum.at(largest, slot, w)
+        return _unit((largest @ self.history_rows[unique])[None])[0]
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
@@ -93,13 +104,23 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 
 def interaction_matrix(events: pl.DataFrame, num_users: int, num_items: int) -> sp.csr_matrix:
-    """The binary user x item matrix of a table of events (repeats count once)."""
-    users = events[s.USER_IDX].to_numpy().astype(np.int64)
-    items = events[s.ITEM_IDX].to_numpy().astype(np.int64)
-    matrix = sp.csr_matrix(
-        (np.ones(len(users), np.float32), (users, items)), shape=(num_users, num_items)
+    """The user x item matrix of a table of events: each pair once, at its events' largest
+    weight (a purchase after a view counts as the purchase; weight 0 counts nothing)."""
+    if s.WEIGHT not in events.columns:
+        events = events.with_columns(pl.lit(1.0, pl.Float32).alias(s.WEIGHT))
+    pairs = (
+        events.group_by(s.USER_IDX, s.ITEM_IDX)
+        .agg(pl.col(s.WEIGHT).max())
+        .filter(pl.col(s.WEIGHT) > 0)
     )
-    matrix.data[:] = 1.0
+    matrix = sp.csr_matrix(
+        (
+            pairs[s.WEIGHT].to_numpy().astype(np.float32),
+            (pairs[s.USER_IDX].to_numpy().astype(np.int64), pairs[s.ITEM_IDX].to_numpy()),
+        ),
+        shape=(num_users, num_items),
+    )
+    matrix.sort_indices()
     return matrix
 
 
