@@ -82,6 +82,13 @@ def test_the_filter_ranks_a_users_own_group_first() -> None:
     assert np.mean(top % 4 == (np.arange(matrix.shape[0]) % 4)[:, None]) > 0.9
 
 
+def test_the_ranks_tried_stay_below_half_the_smaller_side_and_within_the_work_budget() -> None:
+    assert spectral.candidate_ranks(943, 1_682) == (8, 16, 32, 64, 128, 256)
+    assert spectral.candidate_ranks(30_000, 36_706)[-1] == 1_024
+    assert spectral.candidate_ranks(200_000, 150_000)[-1] == 256  # 350,000 x 512^2 > budget
+    assert spectral.candidate_ranks(10, 10) == ()
+
+
 def test_a_branch_round_trips_through_its_file(tmp_path: Path) -> None:
     branch = spectral.fit(_planted(), 8)
     branch.save(tmp_path / "spectral.safetensors")

@@ -34,6 +34,16 @@ RANKS = (8, 16, 32, 64, 128, 256, 512, 1024)
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0)  # x the ratio of the towers' score spread to the filter's
 MAX_ITEMS = 200_000  # past this the truncated SVD's time and the rows' size are not worth it
 SPREAD_SAMPLE = 256  # users whose scores set the ratio
+# (users + items) x rank^2 at most: the decomposition's dense work grows so (a 1M-event
+# log of 66,000 users and items took 133 s for the whole choice at rank 1,024).
+MAX_WORK = 8e10
+
+
+def candidate_ranks(users: int, items: int) -> tuple[int, ...]:
+    """The ranks a build tries: below half the matrix's smaller side, within MAX_WORK."""
+    return tuple(
+        r for r in RANKS if r < min(users, items) // 2 and (users + items) * r * r <= MAX_WORK
+    )
 
 
 @dataclass

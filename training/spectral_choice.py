@@ -72,7 +72,7 @@ def _choose(
     if len(task) == 0:
         return SpectralChoice(None, reason="off: no validation users to choose it on")
     train = spectral.interaction_matrix(split.train, features.num_users, features.num_items)
-    ranks = tuple(r for r in spectral.RANKS if r < min(train.shape) // 2)
+    ranks = spectral.candidate_ranks(*train.shape)
     branches = spectral.fit_ranks(train, ranks, config.seed) if ranks else {}
     if not branches:
         return SpectralChoice(None, reason="off: too few users or items for a rank")
