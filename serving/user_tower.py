@@ -117,7 +117,9 @@ class UserTower:
             side_bags=bags,
             known_users=known.to_numpy().astype(bool),
             mlps=load_mlps(weights, "user", members),
-            branch=Spectral.load(layout.spectral),
+            branch=Spectral(**mapped_tensors(layout.spectral))
+            if layout.spectral.is_file()
+            else None,
         )
 
     def _mean(
