@@ -26,7 +26,7 @@ class GenerationMismatch(RecsysError):
 
 
 def gcs_filesystem(timeout_seconds: float) -> Any:
-    """A gcsfs filesystem that fails within the storage timeout. The plain
+    """A gcsfs filesystem whose every request gives up after the storage timeout. The plain
     `gcsfs.core.GCSFileSystem`: the package's default class first probes the bucket over
     gRPC for zonal features, which an emulator (or a firewall) turns into a minute's wait."""
     from gcsfs.core import GCSFileSystem
@@ -74,8 +74,8 @@ def put_if_generation(fs: Any, bucket: str, key: str, data: bytes, generation: s
     """Upload `data`; with `generation` ("0": create only), only while the object still has
     it. Returns the new generation; GenerationMismatch when the store answered 412.
 
-    A multipart upload carries the precondition as a query parameter, which GCS (and the
-    emulators that honour preconditions) check on every upload type."""
+    Multipart, not the simpler media upload: GCS checks the precondition on both, but
+    fake-gcs-server (what the tests run against) only on multipart."""
     boundary = uuid.uuid4().hex
     metadata = json.dumps({"name": key}).encode()
     body = b"".join(
