@@ -179,14 +179,8 @@ def _print_column_plan(source: Any, train: Any) -> None:
 
 
 def _index_summary(index: Any) -> str:
-    """What serves, and what the Annoy index measured (it is built either way)."""
-    annoy = (
-        f"Annoy ({index.metric}, {index.n_trees} trees, search_k {index.search_k}): "
-        f"recall@100 {index.recall_at_100:.3f} at {index.query_ms:.2f} ms/query"
-    )
-    if index.backend == "exact":
-        return f"exact search serves, {index.exact_query_ms:.2f} ms/query; {annoy}"
-    return f"{annoy}; exact search {index.exact_query_ms:.2f} ms/query"
+    """What serves, and the figures that chose it."""
+    return str(index.reason)
 
 
 SetOption = Annotated[

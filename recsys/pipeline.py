@@ -36,7 +36,7 @@ from recsys.core.layout import VersionLayout
 from recsys.core.lock import build_lock
 from recsys.core.versions import VersionStore
 from recsys.gate import GateDecision, last_timestamp, not_comparable, quality_gate
-from serving.index import IndexParams, IndexTargets, build_annoy
+from serving.index import IndexParams, IndexTargets, build_index
 from training.batches import BatchBuilder
 from training.config import Similarity, TowerConfig, TrainConfig, warm_budget
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
@@ -257,7 +257,7 @@ def index_version(
     seed: int,
     branched: bool = False,
 ) -> IndexParams:
-    """The Annoy index over the item embeddings, tuned on a sample of user queries. The
+    """The index over the item embeddings, chosen and tuned on a sample of user queries. The
     spectral branch's item rows differ in length, so a version with it is searched by
     inner product whatever the towers' similarity."""
     users = embeddings.users
@@ -265,7 +265,7 @@ def index_version(
     sample = users[rng.choice(len(users), min(INDEX_QUERY_SAMPLE, len(users)), replace=False)]
     cosine = tower.similarity is Similarity.COSINE and not branched
     metric = "angular" if cosine else "dot"
-    return build_annoy(embeddings.items, sample, layout.index, metric, targets)
+    return build_index(embeddings.items, sample, layout.index, metric, targets, seed)
 
 
 def _manifest(

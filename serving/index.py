@@ -1,26 +1,32 @@
-"""Nearest-item retrieval behind one interface, with two backends: exact search (a matrix
-product, the oracle) and an Annoy index (mmap'd, shared by worker processes).
+"""Nearest-item retrieval behind one interface, with three backends: exact search (a
+matrix product, the oracle), an Annoy index and an HNSW graph (both mmap'd, shared by
+worker processes). The build measures them and records which serves and why.
 
 The index metric follows the training similarity: angular for L2-normalised towers, Annoy's
 inner-product metric for dot products. Scores returned are always the model's own score,
 `user_emb @ item_emb`, recomputed exactly for the retrieved items.
 """
 
-import json
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import psutil
 from annoy import AnnoyIndex
 
 from recsys.core.errors import ArtifactError
-from recsys.core.typed_settings import number, settings_section
+from recsys.core.typed_settings import described, number, settings_section
+from serving.hnsw import HNSW_FILE, HnswRetriever, build_graph
+from serving.index_params import PARAMS_FILE, HnswParams, IndexBackend, IndexParams
+from serving.page_cache import warm_page_cache
 
 INDEX_FILE = "items.ann"
-PARAMS_FILE = "index.json"
+# Above this many items, whether Annoy can reach the recall target is first tried on a
+# sample this large: for a given search effort its recall only falls as the catalogue
+# grows, so a miss there spares the full build (96 s of 370 at a million items).
+ANNOY_SAMPLE_ITEMS = 100_000
 
 
 class Retriever(Protocol):
@@ -44,19 +50,6 @@ class ExactRetriever:
         return top, scores[top]
 
 
-@dataclass(frozen=True)
-class IndexParams:
-    metric: str  # "angular" or "dot"
-    dim: int
-    n_trees: int
-    search_k: int
-    recall_at_100: float  # measured against exact search at build time
-    build_seconds: float
-    query_ms: float = 0.0  # mean time of one k = 100 query at these settings, at build time
-    exact_query_ms: float = 0.0  # the same for exact search over the same embeddings
-    backend: str = "annoy"  # what serves (`serving_backend`); "exact" has recall 1.0
-
-
 @settings_section
 class IndexTargets:
     """What the index tuning aims for (see `build_annoy`).
@@ -71,6 +64,9 @@ class IndexTargets:
     )
     max_query_ms: float = number(
         2.5, 0.0, 60_000.0, "CPU time one k = 100 query may take", gt=0.0, le=60_000.0
+    )
+    backend: IndexBackend = described(
+        IndexBackend.AUTO, "auto (chosen by measurement), annoy, hnsw or exact"
     )
 
 
@@ -88,18 +84,17 @@ class AnnoyRetriever:
         return ids[order], scores[order]
 
     @classmethod
-    def load(cls, directory: Path, item_emb: np.ndarray) -> "AnnoyRetriever":
-        try:
-            params = IndexParams(**json.loads((directory / PARAMS_FILE).read_text()))
-        except (OSError, ValueError, TypeError) as exc:
-            raise ArtifactError(f"{directory}: cannot read index parameters ({exc})") from exc
+    def load(
+        cls, directory: Path, item_emb: np.ndarray, params: IndexParams | None = None
+    ) -> "AnnoyRetriever":
+        params = params or IndexParams.read(directory)
         if params.dim != item_emb.shape[1]:
             raise ArtifactError(
                 f"{directory}: index has dim {params.dim}, embeddings {item_emb.shape[1]}"
             )
         index = AnnoyIndex(params.dim, params.metric)  # type: ignore[arg-type]
         path = directory / INDEX_FILE
-        _warm_page_cache(path)
+        warm_page_cache(path)
         if not index.load(str(path), prefault=False):  # mmap, shared
             raise ArtifactError(f"{directory}: cannot load {INDEX_FILE}")
         if index.get_n_items() != len(item_emb):
@@ -107,25 +102,6 @@ class AnnoyRetriever:
                 f"{directory}: index holds {index.get_n_items()} items, expected {len(item_emb)}"
             )
         return cls(index, item_emb, params)
-
-
-def _warm_page_cache(path: Path, chunk_bytes: int = 1 << 24) -> None:
-    """Read the whole index into the page cache before mapping it, when it fits in half the
-    available memory: otherwise the first queries after a start or a version switch fault
-    their pages in from disk one by one, which on a network disk costs each of them far
-    more than the search itself. Plain reads, not Annoy's `prefault` (MAP_POPULATE): Annoy
-    holds the GIL while it maps, so prefaulting a 1M-item index stalled every request of
-    the worker for 0.3-1.3 s; a read releases the GIL. An index larger than that is left
-    to page in on demand, as Annoy's on-disk design intends."""
-    try:
-        if path.stat().st_size >= psutil.virtual_memory().available / 2:
-            return
-        buffer = bytearray(chunk_bytes)
-        with path.open("rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
-    except OSError:
-        return
 
 
 def kth_best_scores(item_emb: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -158,6 +134,15 @@ def recall_against_exact(
     return recall_at_k(retriever, queries, kth_best_scores(exact.item_emb, queries, k), k)
 
 
+def _timed_recall(
+    retriever: Retriever, queries: np.ndarray, kth: np.ndarray
+) -> tuple[float, float]:
+    """(recall@100, mean ms of one k = 100 query) of a retriever on tuning queries."""
+    started = time.perf_counter()
+    recall = recall_at_k(retriever, queries, kth)
+    return round(recall, 4), round((time.perf_counter() - started) * 1000 / max(1, len(queries)), 3)
+
+
 def _measure(
     index: AnnoyIndex,
     item_emb: np.ndarray,
@@ -165,10 +150,8 @@ def _measure(
     kth: np.ndarray,
     params: IndexParams,
 ) -> IndexParams:
-    started = time.perf_counter()
-    recall = recall_at_k(AnnoyRetriever(index, item_emb, params), queries, kth)
-    query_ms = (time.perf_counter() - started) * 1000 / max(1, len(queries))
-    return replace(params, recall_at_100=round(recall, 4), query_ms=round(query_ms, 3))
+    recall, query_ms = _timed_recall(AnnoyRetriever(index, item_emb, params), queries, kth)
+    return replace(params, recall_at_100=recall, query_ms=query_ms)
 
 
 def _exact_query_ms(item_emb: np.ndarray, queries: np.ndarray) -> float:
@@ -180,12 +163,21 @@ def _exact_query_ms(item_emb: np.ndarray, queries: np.ndarray) -> float:
 
 
 def load_retriever(directory: Path, item_emb: np.ndarray) -> Retriever:
-    """The retriever a version serves with: its Annoy index (always loaded, so a damaged
-    index is refused either way), or exact search where the build measured it to be at
-    least as fast (small catalogues: a matrix product beats tree walks and is exact)."""
-    annoy = AnnoyRetriever.load(directory, item_emb)
-    if annoy.params.backend == "exact":
-        return ExactRetriever(item_emb, annoy.params)
+    """The retriever a version serves with, as its build measured and recorded: exact
+    search, its Annoy index or its HNSW graph. An Annoy index that was built is loaded
+    even where exact search serves, so a damaged one is refused either way."""
+    params = IndexParams.read(directory)
+    if params.backend == "hnsw":
+        if params.hnsw is None:
+            raise ArtifactError(f"{directory}: {PARAMS_FILE} names hnsw but holds no parameters")
+        if params.dim != item_emb.shape[1]:
+            raise ArtifactError(
+                f"{directory}: index has dim {params.dim}, embeddings {item_emb.shape[1]}"
+            )
+        return HnswRetriever.load(directory, item_emb, params)
+    annoy = AnnoyRetriever.load(directory, item_emb, params) if params.n_trees else None
+    if params.backend == "exact" or annoy is None:
+        return ExactRetriever(item_emb, params)
     return annoy
 
 
@@ -198,9 +190,34 @@ def build_annoy(
     n_trees: int | None = None,
     seed: int = 0,
 ) -> IndexParams:
+    """Build and tune the Annoy index (see `_tune_annoy`) and record whether it or exact
+    search serves (`serving_backend`)."""
+    targets = targets or IndexTargets()
+    directory.mkdir(parents=True, exist_ok=True)
+    kth = kth_best_scores(item_emb, queries, 100)  # ground truth computed once
+    exact_ms = _exact_query_ms(item_emb, queries[:200])
+    params = _tune_annoy(
+        item_emb, queries, kth, exact_ms, directory, metric, targets, n_trees, seed
+    )
+    params = replace(params, backend=serving_backend(params, targets))
+    params = replace(params, reason=_reason(params, targets))
+    params.write(directory)
+    return params
+
+
+def _tune_annoy(
+    item_emb: np.ndarray,
+    queries: np.ndarray,
+    kth: np.ndarray,
+    exact_ms: float,
+    directory: Path,
+    metric: str,
+    targets: IndexTargets,
+    n_trees: int | None = None,
+    seed: int = 0,
+) -> IndexParams:
     """Build the index, then choose `search_k` (and more trees if needed) by measuring
-    recall@100 against exact search on real user queries, and record which of the two
-    serves (`backend`, see `serving_backend`).
+    recall@100 against exact search on real user queries.
 
     Exact search is timed first, on the same queries: where it fits the query budget, no
     Annoy setting slower than it could serve, so the search stops there. Otherwise
@@ -209,11 +226,7 @@ def build_annoy(
     count while the target is missed. Embeddings where random-projection trees cannot
     reach the target within that budget (diffuse, weakly trained ones) get the best
     recall the budget allows, measured and recorded, rather than an unbounded search."""
-    targets = targets or IndexTargets()
-    directory.mkdir(parents=True, exist_ok=True)
     items, dim = item_emb.shape
-    kth = kth_best_scores(item_emb, queries, 100)  # ground truth computed once
-    exact_ms = _exact_query_ms(item_emb, queries[:200])
     budget_ms = min(targets.max_query_ms, exact_ms)
     trees = n_trees or int(min(100, max(10, 2 * np.log2(max(items, 2)))))
     max_trees = 4 * trees
@@ -240,15 +253,152 @@ def build_annoy(
             break
         index.unload()
         trees *= 2
-    params = replace(
-        best,
-        build_seconds=round(best.build_seconds, 3),
-        exact_query_ms=round(exact_ms, 3),
-    )
-    params = replace(params, backend=serving_backend(params, targets))
-    (directory / PARAMS_FILE).write_text(json.dumps(asdict(params), indent=2) + "\n")
     index.unload()
+    return replace(
+        best, build_seconds=round(best.build_seconds, 3), exact_query_ms=round(exact_ms, 3)
+    )
+
+
+def _tune_hnsw(
+    item_emb: np.ndarray,
+    queries: np.ndarray,
+    kth: np.ndarray,
+    directory: Path,
+    metric: str,
+    targets: IndexTargets,
+) -> HnswParams:
+    """Build the graph, then widen its search list (ef, from k = 100) by doubling while
+    the recall target is missed and a query stays within the budget; the graph is
+    written for serving."""
+    index, seconds = build_graph(item_emb, metric)
+    index.save(str(directory / HNSW_FILE))
+    expansion, limit = 100, 64 * 100
+    provisional = IndexParams(metric, item_emb.shape[1], 0, 0, 0.0, 0.0, backend="hnsw")
+    provisional = replace(provisional, hnsw=HnswParams(0, 0, expansion, 0.0, 0.0, 0.0))
+    graph = HnswRetriever(index, item_emb, provisional)
+    best = (expansion, *_timed_recall(graph, queries, kth))
+    while best[1] < targets.recall_at_100 and best[0] < limit:
+        wider = 2 * best[0]
+        measured = (wider, *_timed_recall(graph.with_expansion(wider), queries, kth))
+        if measured[2] > targets.max_query_ms:
+            break
+        best = measured
+    expansion, recall, query_ms = best
+    connectivity, expansion_add = int(index.connectivity), int(index.expansion_add)
+    return HnswParams(connectivity, expansion_add, expansion, recall, query_ms, round(seconds, 3))
+
+
+def _annoy_can_reach(
+    item_emb: np.ndarray, queries: np.ndarray, metric: str, targets: IndexTargets, seed: int
+) -> tuple[bool, str]:
+    """Whether Annoy reaches the recall target within the budget on a sample of a large
+    catalogue (for the same search effort its recall only falls as items are added), and
+    the figure that says so."""
+    if len(item_emb) <= ANNOY_SAMPLE_ITEMS:
+        return True, ""
+    rng = np.random.default_rng(seed)
+    sample = item_emb[np.sort(rng.choice(len(item_emb), ANNOY_SAMPLE_ITEMS, replace=False))]
+    kth = kth_best_scores(sample, queries, 100)
+    with tempfile.TemporaryDirectory() as tmp:
+        tried = _tune_annoy(sample, queries, kth, np.inf, Path(tmp), metric, targets, seed=seed)
+    reached = (
+        tried.recall_at_100 >= targets.recall_at_100 and tried.query_ms <= targets.max_query_ms
+    )
+    return reached, (
+        f"Annoy reached recall@100 {tried.recall_at_100:.3f} in {tried.query_ms:.2f} ms on a "
+        f"{ANNOY_SAMPLE_ITEMS:,}-item sample, and reaches less on more items"
+    )
+
+
+def build_index(
+    item_emb: np.ndarray,
+    queries: np.ndarray,
+    directory: Path,
+    metric: str,
+    targets: IndexTargets | None = None,
+    seed: int = 0,
+) -> IndexParams:
+    """Measure the backends on real user queries and record the one that serves, and why.
+
+    Annoy comes first and serves wherever it meets the recall target within the query
+    budget (or exact search, where that is at least as fast). Where it misses, an HNSW
+    graph is built and tuned, and the cheaper of it and exact search that meets the
+    target serves; where nothing does, the best recall within the budget. `backend` in
+    the targets names one instead (its figures are still measured and recorded)."""
+    targets = targets or IndexTargets()
+    directory.mkdir(parents=True, exist_ok=True)
+    chosen = targets.backend
+    kth = kth_best_scores(item_emb, queries, 100)  # ground truth computed once
+    exact_ms = round(_exact_query_ms(item_emb, queries[:200]), 3)
+    params = IndexParams(metric, item_emb.shape[1], 0, 0, 0.0, 0.0, exact_query_ms=exact_ms)
+    skipped = ""
+    if chosen is IndexBackend.ANNOY or chosen is IndexBackend.AUTO:
+        reachable, skipped = _annoy_can_reach(item_emb, queries, metric, targets, seed)
+        if reachable or chosen is IndexBackend.ANNOY:
+            args = (item_emb, queries, kth, exact_ms, directory, metric, targets)
+            params, skipped = _tune_annoy(*args, seed=seed), ""
+    if chosen is IndexBackend.ANNOY or (chosen is IndexBackend.AUTO and _meets(params, targets)):
+        backend = "annoy" if chosen is IndexBackend.ANNOY else serving_backend(params, targets)
+    elif chosen is IndexBackend.EXACT:
+        backend = "exact"
+    else:
+        hnsw = _tune_hnsw(item_emb, queries, kth, directory, metric, targets)
+        params = replace(params, hnsw=hnsw)
+        backend = "hnsw" if chosen is IndexBackend.HNSW else _after_annoy_missed(params, targets)
+    params = replace(params, backend=backend)
+    params = replace(params, reason=_reason(params, targets, skipped, chosen))
+    params.write(directory)
     return params
+
+
+def _meets(params: IndexParams, targets: IndexTargets) -> bool:
+    return (
+        params.n_trees > 0
+        and params.recall_at_100 >= targets.recall_at_100
+        and params.query_ms <= targets.max_query_ms
+    )
+
+
+def _after_annoy_missed(params: IndexParams, targets: IndexTargets) -> str:
+    """The cheaper of exact search (within the budget) and the graph (at the target);
+    where neither qualifies, the best recall within the budget."""
+    assert params.hnsw is not None
+    hnsw = params.hnsw
+    qualifying = []
+    if params.exact_query_ms <= targets.max_query_ms:
+        qualifying.append((params.exact_query_ms, "exact"))
+    if hnsw.recall_at_100 >= targets.recall_at_100 and hnsw.query_ms <= targets.max_query_ms:
+        qualifying.append((hnsw.query_ms, "hnsw"))
+    if qualifying:
+        return min(qualifying)[1]
+    annoy_recall = params.recall_at_100 if params.n_trees else -1.0
+    return "annoy" if annoy_recall > hnsw.recall_at_100 else "hnsw"
+
+
+def _reason(
+    params: IndexParams,
+    targets: IndexTargets,
+    skipped: str = "",
+    chosen: IndexBackend = IndexBackend.AUTO,
+) -> str:
+    """Why the backend serves, in the figures the build measured."""
+    parts = [f"target recall@100 {targets.recall_at_100:g} within {targets.max_query_ms:g} ms"]
+    if chosen is not IndexBackend.AUTO:
+        parts.append(f"index.backend = {chosen.value}")
+    parts.append(f"exact search {params.exact_query_ms:.2f} ms")
+    if params.n_trees:
+        parts.append(
+            f"Annoy ({params.n_trees} trees, search_k {params.search_k}) recall "
+            f"{params.recall_at_100:.3f} in {params.query_ms:.2f} ms"
+        )
+    if skipped:
+        parts.append(skipped)
+    if params.hnsw is not None:
+        parts.append(
+            f"HNSW (M {params.hnsw.connectivity}, ef {params.hnsw.expansion_search}) recall "
+            f"{params.hnsw.recall_at_100:.3f} in {params.hnsw.query_ms:.2f} ms"
+        )
+    return f"{params.backend} serves: " + "; ".join(parts)
 
 
 def serving_backend(params: IndexParams, targets: IndexTargets) -> str:

@@ -67,7 +67,7 @@ class VersionState:
         params = getattr(retriever, "params", None)
         if params is None:
             return 0.0
-        return params.exact_query_ms if params.backend == "exact" else params.query_ms
+        return float(params.serving_query_ms)
 
     def user_key(self, raw: int | str) -> int | str:
         """The user ID in the vocabulary's type ("7" in a URL is user 7), as answered."""

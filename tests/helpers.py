@@ -14,6 +14,7 @@ import redis
 
 if TYPE_CHECKING:
     from data.synthetic import SyntheticConfig
+    from serving.index import IndexTargets
     from training.config import TrainConfig
 
 
@@ -131,15 +132,21 @@ def start_redis_cluster(
     return processes
 
 
-def small_version(root: Path, synthetic: "SyntheticConfig", config: "TrainConfig") -> Path:
+def small_version(
+    root: Path,
+    synthetic: "SyntheticConfig",
+    config: "TrainConfig",
+    index: "IndexTargets | None" = None,
+) -> Path:
     """A synthetic log under `root/data`, built into `root/artifacts` (returned)."""
     from data.synthetic import generate
     from features.sources import resolve_source
     from recsys.pipeline import build
 
     generate(root / "data", synthetic)
-    build(resolve_source(root / "data"), root / "artifacts", config=config, progress=False)
-    return root / "artifacts"
+    source, artifacts = resolve_source(root / "data"), root / "artifacts"
+    build(source, artifacts, config=config, index_targets=index, progress=False)
+    return artifacts
 
 
 def private_copy(artifacts: Path, tmp_path: Path) -> Path:

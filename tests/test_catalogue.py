@@ -15,8 +15,11 @@ from fastapi.testclient import TestClient
 from helpers import private_copy, recsys, small_version
 
 from data.synthetic import SyntheticConfig, home_clusters
+from recsys.core.versions import VersionStore
 from recsys.processes import served
 from serving.app import create_app
+from serving.index import IndexBackend, IndexTargets
+from serving.index_params import IndexParams
 from serving.settings import ServiceSettings
 from training.config import TrainConfig
 
@@ -26,9 +29,17 @@ KEY = "admin-key-for-tests"
 SYNTHETIC = SyntheticConfig(rows=8_000, users=200, items=120, clusters=4, seed=5)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    return small_version(tmp_path_factory.mktemp("catalogue"), SYNTHETIC, TrainConfig(max_epochs=2))
+@pytest.fixture(
+    scope="module", params=[IndexBackend.AUTO, IndexBackend.HNSW], ids=lambda b: b.value
+)
+def built(tmp_path_factory, request) -> Path:
+    """A version served as measured (exact search at this size), and one served by an HNSW
+    graph: hidden items, new items and filters work the same through either."""
+    root, index = tmp_path_factory.mktemp("catalogue"), IndexTargets(backend=request.param)
+    artifacts = small_version(root, SYNTHETIC, TrainConfig(max_epochs=2), index)
+    params = IndexParams.read(VersionStore(artifacts).current() / "index")
+    assert params.backend == ("hnsw" if request.param is IndexBackend.HNSW else "exact")
+    return artifacts
 
 
 @pytest.fixture

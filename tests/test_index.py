@@ -1,24 +1,31 @@
-"""Index tuning: tie-aware recall against exact search, and the search budget."""
+"""Index tuning and choice: tie-aware recall against exact search, the search budget, and
+one behavioural suite for the exact, Annoy and HNSW backends."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from recsys.core.errors import ArtifactError
 from serving import index as index_module
+from serving.hnsw import HNSW_FILE, HnswRetriever
 from serving.index import (
     AnnoyRetriever,
     ExactRetriever,
+    IndexBackend,
     IndexParams,
     IndexTargets,
     build_annoy,
+    build_index,
     kth_best_scores,
     load_retriever,
     recall_against_exact,
     recall_at_k,
     serving_backend,
 )
+from serving.index_params import PARAMS_FILE
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -104,3 +111,117 @@ def test_a_catalogue_exact_search_scans_within_budget_stops_the_annoy_search_the
     assert params.search_k == 100 * params.n_trees or params.query_ms <= params.exact_query_ms
     served = load_retriever(tmp_path, items)
     assert recall_against_exact(served, ExactRetriever(items), queries) == 1.0
+
+
+def planted(seed: int, items: int = 4000, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Unit item vectors around 20 centres, and queries from the same centres."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(20, dim))
+    rows = unit(centres[rng.integers(0, 20, items)] + 0.3 * rng.normal(size=(items, dim)))
+    return rows, unit(centres[rng.integers(0, 20, 200)] + 0.3 * rng.normal(size=(200, dim)))
+
+
+@pytest.mark.parametrize("backend", list(IndexBackend), ids=lambda b: b.value)
+@pytest.mark.parametrize("metric", ["angular", "dot"])
+def test_every_backend_serves_the_model_scores_of_the_exact_top_items(
+    tmp_path: Path, backend: IndexBackend, metric: str
+):
+    """One behavioural suite for every backend, through `load_retriever` as the service
+    loads it: the exact search's top items (recall against the oracle), each scored with
+    the model's own `user_emb @ item_emb`, best first."""
+    items, queries = planted(11)
+    if metric == "dot":  # lengths differ, as with the spectral branch's rows
+        items = items * np.random.default_rng(0).uniform(0.5, 2.0, (len(items), 1))
+        items = items.astype(np.float32)
+    targets = IndexTargets(max_query_ms=1000.0, backend=backend)  # busy machines too
+    params = build_index(items, queries, tmp_path, metric, targets)
+    assert params.backend == (backend.value if backend is not IndexBackend.AUTO else params.backend)
+    assert params.reason.startswith(f"{params.backend} serves: ")
+    served = load_retriever(tmp_path, items)
+    assert recall_against_exact(served, ExactRetriever(items), queries) >= 0.95
+    ids, scores = served.search(queries[0], 10)
+    np.testing.assert_allclose(scores, items[ids] @ queries[0], rtol=1e-5)
+    assert np.all(np.diff(scores) <= 0)
+    assert IndexParams.read(tmp_path) == params
+
+
+def test_hnsw_serves_where_annoy_cannot_reach_the_target_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As at a million items: Annoy misses on its sample and exact search is over budget,
+    so the graph is built, tuned to the target and chosen, and the reason names all three."""
+    exact_search_over_budget(monkeypatch)
+    monkeypatch.setattr(
+        index_module, "_annoy_can_reach", lambda *args: (False, "Annoy reached 0.5 on a sample")
+    )
+    items, queries = planted(12)
+    params = build_index(items, queries, tmp_path, "angular")
+    assert params.backend == "hnsw" and params.n_trees == 0
+    assert params.hnsw is not None and params.hnsw.recall_at_100 >= 0.95
+    assert "Annoy reached 0.5 on a sample" in params.reason and "HNSW (M 16" in params.reason
+    assert not (tmp_path / "items.ann").exists()
+    served = load_retriever(tmp_path, items)
+    assert isinstance(served, HnswRetriever)
+    assert recall_against_exact(served, ExactRetriever(items), queries) >= 0.95
+
+
+def test_annoys_sample_says_whether_it_can_reach_the_target(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(index_module, "ANNOY_SAMPLE_ITEMS", 1000)
+    items, queries = planted(13, items=3000)
+    reached, _ = index_module._annoy_can_reach(
+        items, queries, "angular", IndexTargets(0.5, 1000.0), 0
+    )
+    missed, why = index_module._annoy_can_reach(
+        items, queries, "angular", IndexTargets(0.999, 1e-6), 0
+    )
+    assert reached and not missed
+    assert "on a 1,000-item sample" in why
+
+
+def test_the_hnsw_search_widens_while_the_target_is_missed_within_the_budget(tmp_path: Path):
+    items = unit(np.random.default_rng(14).normal(size=(3000, 32)))
+    queries = unit(np.random.default_rng(15).normal(size=(100, 32)))
+    tight = build_index(
+        items, queries, tmp_path, "angular", IndexTargets(0.999, 1e-6, IndexBackend.HNSW)
+    )
+    assert tight.hnsw is not None and tight.hnsw.expansion_search == 100  # nothing wider fits
+    wide = build_index(
+        items, queries, tmp_path, "angular", IndexTargets(0.99, 1000.0, IndexBackend.HNSW)
+    )
+    assert wide.hnsw is not None and wide.hnsw.expansion_search > 100
+    assert wide.hnsw.recall_at_100 >= 0.99
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"not an index" * 100],
+    ids=["truncated", "empty", "garbage"],
+)
+def test_a_damaged_graph_is_refused_in_one_line(tmp_path: Path, damage):
+    items, queries = planted(16, items=1000)
+    build_index(items, queries, tmp_path, "angular", IndexTargets(backend=IndexBackend.HNSW))
+    path = tmp_path / HNSW_FILE
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ArtifactError) as refused:
+        load_retriever(tmp_path, items)
+    assert HNSW_FILE in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_graph_of_other_items_is_refused(tmp_path: Path):
+    items, queries = planted(17, items=1000)
+    build_index(items, queries, tmp_path, "angular", IndexTargets(backend=IndexBackend.HNSW))
+    with pytest.raises(ArtifactError, match="holds 1000 items"):
+        load_retriever(tmp_path, items[:900])
+
+
+def test_parameters_written_before_the_graph_backend_still_load(tmp_path: Path):
+    """A version built before the HNSW backend (no `hnsw`, no `reason`) serves as before."""
+    items, queries = planted(18, items=1000)
+    params = build_annoy(items, queries, tmp_path, "angular")
+    payload = json.loads((tmp_path / PARAMS_FILE).read_text())
+    del payload["hnsw"], payload["reason"]
+    (tmp_path / PARAMS_FILE).write_text(json.dumps(payload))
+    assert IndexParams.read(tmp_path).backend == params.backend
+    assert (
+        recall_against_exact(load_retriever(tmp_path, items), ExactRetriever(items), queries) > 0.9
+    )

@@ -17,7 +17,7 @@ from features.ordering import Ordering
 from features.sources import resolve_source
 from recsys.core.layout import VersionLayout
 from recsys.pipeline import build
-from serving.index import PARAMS_FILE, IndexParams
+from serving.index_params import PARAMS_FILE, IndexParams
 from serving.item_tower import ItemTower
 from serving.user_tower import UserTower
 from training import spectral
