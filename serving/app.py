@@ -44,6 +44,8 @@ def _open(settings: ServiceSettings) -> Resources:
         settings.redis_timeout_ms,
         settings.redis_retry_seconds,
         settings.lru_entries,
+        settings.local_cache_entries,
+        settings.local_cache_seconds,
     )
     threads = ThreadPoolExecutor(settings.search_thread_count(), thread_name_prefix="search")
     answers = Answers(

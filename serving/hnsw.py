@@ -6,15 +6,23 @@ usearch over Voyager and faiss-cpu's HNSW (all three measured in `make bench ONL
 its file can be served memory-mapped (`Index.restore(view=True)`), so every worker
 process shares one copy in the page cache as with Annoy, while the other two copy the
 whole graph into each worker. The file stores its own dimension, metric and scalar type.
+
+usearch is imported on first use, never with this module. Its extension carries its own
+C++ runtime: loaded into a process before libtorch, it made torch's C++ exceptions unwind
+forever (importing `torch.distributed.optim`, which compiles TorchScript, spun at 100% CPU
+and never returned). Processes that train (the build, the tests) load torch first.
 """
 
 import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from usearch.index import Index
+
+if TYPE_CHECKING:
+    from usearch.index import Index
 
 from recsys.core.errors import ArtifactError
 from serving.index_params import IndexParams
@@ -26,7 +34,7 @@ EXPANSION_ADD = 128  # candidate list while inserting (efConstruction)
 
 
 class HnswRetriever:
-    def __init__(self, index: Index, item_emb: np.ndarray, params: IndexParams) -> None:
+    def __init__(self, index: "Index", item_emb: np.ndarray, params: IndexParams) -> None:
         assert params.hnsw is not None
         self.index, self.item_emb, self.params = index, item_emb, params
         self.expansion_search = params.hnsw.expansion_search
@@ -50,6 +58,8 @@ class HnswRetriever:
     def load(cls, directory: Path, item_emb: np.ndarray, params: IndexParams) -> "HnswRetriever":
         path = directory / HNSW_FILE
         warm_page_cache(path)
+        from usearch.index import Index
+
         try:
             index = Index.restore(str(path), view=True)  # mmap, shared by workers
         except (OSError, ValueError, RuntimeError) as exc:
@@ -67,12 +77,14 @@ class HnswRetriever:
 
 def build_graph(
     item_emb: np.ndarray, metric: str, connectivity: int = CONNECTIVITY
-) -> tuple[Index, float]:
+) -> tuple["Index", float]:
     """The graph over every item (keys are item positions) and the seconds it took, on
     every core. Cosine for the angular metric; for dot products the item rows get the
     inner-product-to-cosine augmentation (`augment_for_inner_product`): a graph built on
     raw inner products left items unreachable (recall@100 0.947 at ef 6,400 on 4,000
     items of varied lengths, where the augmented graph reaches it at ef 100)."""
+    from usearch.index import Index
+
     started = time.perf_counter()
     if metric == "dot":
         item_emb = augment_for_inner_product(item_emb)

@@ -44,6 +44,20 @@ class IndexParams:
             return self.hnsw.query_ms
         return self.query_ms
 
+    @property
+    def serving_recall_at_100(self) -> float:
+        """The serving backend's recall@100 against exact search, as measured."""
+        if self.backend == "exact":
+            return 1.0
+        if self.backend == "hnsw" and self.hnsw is not None:
+            return self.hnsw.recall_at_100
+        return self.recall_at_100
+
+    @property
+    def build_seconds_total(self) -> float:
+        """Seconds spent building the Annoy index and the graph (either may be absent)."""
+        return self.build_seconds + (self.hnsw.build_seconds if self.hnsw else 0.0)
+
     @classmethod
     def read(cls, directory: Path) -> "IndexParams":
         try:

@@ -23,6 +23,10 @@ class ServiceSettings(BaseSettings):
     redis_timeout_ms: int = Field(default=50, ge=1, le=10_000)
     redis_retry_seconds: float = Field(default=1.0, ge=0.0)  # back-off after a Redis failure
     lru_entries: int = Field(default=100_000, ge=0)
+    # Answers each worker keeps in front of Redis, and how long: an admin cache flush
+    # reaches every worker within the seconds (0 entries: every hit asks Redis)
+    local_cache_entries: int = Field(default=10_000, ge=0, le=10_000_000)
+    local_cache_seconds: float = Field(default=1.0, ge=0.0, le=3600.0)
     max_k: int = Field(default=1000, ge=1, le=10_000)  # the largest k of every route
     max_history: int = Field(default=1000, ge=1, le=1000)  # longest history in a request
     max_new_items: int = Field(  # items added through PUT /admin/items between builds

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import redis
+import torch  # noqa: F401  before usearch, in this process that also trains (serving/hnsw.py)
 from helpers import GcsServer, S3Server, environment, start_redis
 from hypothesis import settings
 

@@ -76,7 +76,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         "peak RSS MB",
         "train ex/s",
         "valid HR@10",
-        "index trees",
+        "index (trees)",
         "index recall@100",
         "index build s",
     ]
@@ -92,7 +92,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
             f"{r['peak_rss_mb']:,.0f}",
             f"{r['examples_per_s']:,.0f}",
             f"{r['valid_hit_rate@10']:.3f}",
-            r["index_trees"],
+            f"{r.get('index_backend', 'annoy')} ({r['index_trees']})",
             f"{r['index_recall@100']:.3f}",
             f"{r['index_build_s']:.1f}",
         ]

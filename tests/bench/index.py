@@ -1,6 +1,7 @@
-"""Annoy against exact search (NumPy brute force over the same embeddings): build time,
-size, recall@100 and queries/s, with n_trees and search_k chosen the way `recsys build`
-chooses them (by measured recall on sample queries)."""
+"""The index backends on the same embeddings: Annoy tuned as `recsys build` tunes it, the
+backend `recsys build` chooses (Annoy, HNSW or exact search, by measured recall on sample
+queries), exact search (NumPy brute force), and three HNSW libraries side by side
+(`bench.index_peers`)."""
 
 import tempfile
 import time
@@ -10,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from bench import index_peers
 from bench.report import RESULTS_DIR, markdown_table, save
+from serving.hnsw import HNSW_FILE
 from serving.index import (
     INDEX_FILE,
     AnnoyRetriever,
@@ -18,18 +21,32 @@ from serving.index import (
     IndexParams,
     IndexTargets,
     build_annoy,
+    build_index,
+    load_retriever,
     recall_against_exact,
 )
 
 DIM = 64
 
 
-def clustered_unit_vectors(n: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
-    """Unit vectors around `clusters` centres: the shape of trained item embeddings."""
+def clustered_unit_vectors(
+    sizes: tuple[int, ...], clusters: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Sets of unit vectors around the same `clusters` centres: items, and queries near
+    them, the shape of a trained model's item and user embeddings."""
     centres = rng.standard_normal((clusters, DIM)).astype(np.float32)
-    vectors = centres[rng.integers(0, clusters, n)] + 0.5 * rng.standard_normal((n, DIM)).astype(
-        np.float32
-    )
+    sets = []
+    for n in sizes:
+        noise = 0.5 * rng.standard_normal((n, DIM)).astype(np.float32)
+        vectors = centres[rng.integers(0, clusters, n)] + noise
+        sets.append(vectors / np.linalg.norm(vectors, axis=1, keepdims=True))
+    return sets
+
+
+def random_directions(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit queries unrelated to any item cluster: the hardest case for any index (until
+    2026-12-07 the clustered benchmark drew its queries this way, around other centres)."""
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -82,20 +99,13 @@ def _batch_qps(item_emb: np.ndarray, queries: np.ndarray) -> float:
 
 
 def _case(
-    label: str,
-    item_emb: np.ndarray,
-    tuning: np.ndarray,
-    held_out: np.ndarray,
-    work: Path,
-    built: Path | None = None,
+    label: str, item_emb: np.ndarray, tuning: np.ndarray, held_out: np.ndarray, work: Path
 ) -> dict[str, Any]:
-    """Build and tune an index on `tuning` queries, or take the one `recsys build` built
-    and tuned in the version directory `built` (minutes at a million items); measure it
-    on `held_out`."""
+    """Build and tune an Annoy index on `tuning` queries as `recsys build` did before it
+    chose between backends; measure it on `held_out`."""
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        directory = built or Path(tmp)
-        if built is None:
-            build_annoy(item_emb, tuning, directory, "angular")
+        directory = Path(tmp)
+        build_annoy(item_emb, tuning, directory, "angular")
         retriever = AnnoyRetriever.load(directory, item_emb)
         params = retriever.params
         exact = ExactRetriever(item_emb)
@@ -116,6 +126,53 @@ def _case(
     return result
 
 
+def _chosen(
+    label: str,
+    item_emb: np.ndarray,
+    tuning: np.ndarray,
+    held_out: np.ndarray,
+    work: Path,
+    built: Path | None = None,
+    unrelated: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """What `recsys build` chooses and serves (`build_index` on `tuning` queries, or the
+    index a version's build made in `built`), measured on `held_out` (and on `unrelated`
+    queries, if given, as tuned for the others)."""
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        directory = built or Path(tmp)
+        if built is None:
+            build_index(item_emb, tuning, directory, "angular")
+        served = load_retriever(directory, item_emb)
+        params = IndexParams.read(directory)
+        files = [directory / name for name in (INDEX_FILE, HNSW_FILE)]
+        result = {
+            "case": label,
+            "items": len(item_emb),
+            "backend": params.backend,
+            "settings": _settings(params),
+            "build_s": params.build_seconds_total,
+            "size_mb": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
+            "recall@100": recall_against_exact(served, ExactRetriever(item_emb), held_out),
+            "qps": _qps(served.search, held_out),
+            "reason": params.reason,
+            "unrelated_recall": (
+                None
+                if unrelated is None
+                else recall_against_exact(served, ExactRetriever(item_emb), unrelated)
+            ),
+        }
+    print(result, flush=True)
+    return result
+
+
+def _settings(params: IndexParams) -> str:
+    if params.backend == "hnsw" and params.hnsw is not None:
+        return f"M {params.hnsw.connectivity}, ef {params.hnsw.expansion_search}"
+    if params.backend == "annoy":
+        return f"{params.n_trees} trees, search_k {params.search_k}"
+    return "-"
+
+
 def _curve(
     retriever: AnnoyRetriever, exact: ExactRetriever, queries: np.ndarray, params: IndexParams
 ) -> list[tuple[int, float, float]]:
@@ -134,52 +191,101 @@ def _curve(
 
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     rng = np.random.default_rng(0)
-    results = []
-    # One synthetic catalogue; the million-item case is the trained version's (a clustered
-    # 1M-vector case measured the same trade-off until 2026-12-03, about 5 minutes).
-    item_emb, tuning, held_out = (clustered_unit_vectors(n, 200, rng) for n in (100_000, 1000, 300))
-    results.append(_case("clustered unit vectors", item_emb, tuning, held_out, work))
+    size = 100_000 if quick else 1_000_000
+    item_emb, tuning, held_out = clustered_unit_vectors((size, 1000, 300), 200, rng)
+    label = "clustered unit vectors"
+    results = [_case(label, item_emb, tuning, held_out, work)]
+    chosen = [
+        _chosen(label, item_emb, tuning, held_out, work, unrelated=random_directions(300, rng))
+    ]
+    peers = index_peers.compare(item_emb, held_out, work)
     if not quick:
         from bench.build import huge_version
         from recsys.core.versions import VersionStore
 
         version = VersionStore(huge_version(work)).current()
         item_emb, tuning, held_out = _trained(version, rng)
-        results.append(
-            _case("1M x 1M version, 1 epoch", item_emb, tuning, held_out, work, version / "index")
-        )
-    rows = [
+        label = "1M x 1M version, 1 epoch"
+        results.append(_case(label, item_emb, tuning, held_out, work))
+        chosen.append(_chosen(label, item_emb, tuning, held_out, work, version / "index"))
+    _plot_curves(results, peers)
+    save("index", "Index backends", _tables(results, chosen, peers, size), _notes())
+    return results + chosen + peers
+
+
+def _tables(
+    results: list[dict[str, Any]],
+    chosen: list[dict[str, Any]],
+    peers: list[dict[str, Any]],
+    size: int,
+) -> str:
+    budget = IndexTargets().max_query_ms
+    served = markdown_table(
         [
-            r["case"],
-            f"{r['items']:,}",
-            r["n_trees"],
-            r["search_k"],
-            f"{r['build_s']:.1f}",
-            f"{r['size_mb']:.0f}",
-            f"{r['recall@100']:.3f}",
-            f"{r['annoy_qps']:,.0f}",
-            f"{r['exact_qps']:,.0f}",
-            f"{r['annoy_qps'] / r['exact_qps']:.1f}x",
-            f"{r['batch_qps']:,.0f}",
-        ]
-        for r in results
-    ]
-    notes = (
-        f"Clustered: {DIM}-dim unit vectors around 200 centres. Trained: the item embeddings "
-        "of the build benchmark's 1M-user x 1M-item version and the index that build made, "
-        "queried with its user embeddings. Parameters chosen as `recsys build` chooses them "
-        "(recall@100 >= 0.95 "
-        f"on 1,000 tuning queries, search widened only while a query takes <= "
-        f"{IndexTargets().max_query_ms:g} ms), then "
-        "measured on 300 other queries, one at a time (k = 100, tie-aware recall). Build "
-        "uses Annoy's on-disk build with all cores; exact search is a NumPy matrix product "
-        "with argpartition over the same embeddings; exact batch: `recsys recommend`'s "
-        "scoring of 1,300 users in blocks (one matrix product each, k = 100). Second "
-        "table: the same trees at other search_k values (100 queries each), the "
-        "trade-off `--index-max-query-ms` moves along."
+            "embeddings",
+            "items",
+            "serves",
+            "settings",
+            "build s",
+            "size MB",
+            "recall@100",
+            "q/s",
+            "Annoy as tuned: recall@100",
+            "Annoy q/s",
+            "Annoy build s",
+            "exact q/s",
+        ],
+        [
+            [
+                c["case"],
+                f"{c['items']:,}",
+                c["backend"],
+                c["settings"],
+                f"{c['build_s']:.1f}",
+                f"{c['size_mb']:.0f}",
+                f"{c['recall@100']:.3f}",
+                f"{c['qps']:,.0f}",
+                "-" if c["unrelated_recall"] is None else f"{c['unrelated_recall']:.3f}",
+                f"{a['recall@100']:.3f}",
+                f"{a['annoy_qps']:,.0f}",
+                f"{a['build_s']:.1f}",
+                f"{a['exact_qps']:,.0f}",
+            ]
+            for c, a in zip(chosen, results, strict=True)
+        ],
     )
-    _plot_curves(results)
-    curve = markdown_table(
+    side_by_side = markdown_table(
+        [
+            "library",
+            "build s",
+            "size MB",
+            "load s",
+            "MB per extra worker",
+            f"best recall@100 within {budget:g} ms",
+            "at ef",
+            "ms/query",
+        ],
+        [
+            [
+                p["library"],
+                f"{p['build_s']:.1f}",
+                f"{p['size_mb']:.0f}",
+                f"{p['load_s']:.3f}",
+                f"{p['worker_mb']:.0f}",
+                *_best(p["curve"], budget),
+            ]
+            for p in peers
+        ],
+    )
+    curves = markdown_table(
+        ["library", "ef", "recall@100", "ms/query"],
+        [
+            [p["library"], ef, f"{recall:.3f}", f"{ms:.2f}"]
+            for p in peers
+            for ef, recall, ms in p["curve"]
+        ],
+    )
+    annoy = markdown_table(
         ["embeddings", "items", "search_k", "recall@100", "Annoy q/s"],
         [
             [r["case"], f"{r['items']:,}", k, f"{recall:.3f}", f"{qps:,.0f}"]
@@ -187,33 +293,36 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
             for k, recall, qps in r["curve"]
         ],
     )
-    save(
-        "index",
-        "Annoy against exact search",
-        markdown_table(
-            [
-                "embeddings",
-                "items",
-                "n_trees",
-                "search_k",
-                "build s",
-                "size MB",
-                "recall@100",
-                "Annoy q/s",
-                "exact q/s",
-                "speed-up",
-                "exact batch users/s",
-            ],
-            rows,
-        )
-        + "\n\n"
-        + curve,
-        notes,
+    return (
+        f"{served}\n\nHNSW libraries on the {size:,} clustered vectors\n\n{side_by_side}"
+        f"\n\n{curves}\n\nAnnoy's trade-off on its own trees\n\n{annoy}"
     )
-    return results
 
 
-def _plot_curves(results: list[dict[str, Any]]) -> None:
+def _best(curve: list[tuple[int, float, float]], budget: float) -> list[str]:
+    ef, recall, ms = index_peers.best_within(curve, budget)
+    return [f"{recall:.3f}", str(ef), f"{ms:.2f}"]
+
+
+def _notes() -> str:
+    return (
+        f"Clustered: {DIM}-dim unit vectors around 200 centres, queries around the same "
+        "centres (random-direction queries: unit vectors unrelated to the clusters, the "
+        "index as tuned for the others). Trained: the item embeddings "
+        "of the build benchmark's 1M-user x 1M-item version, queried with its user "
+        "embeddings; `serves` is the backend that version's build chose. Tuning as "
+        f"`recsys build` does it (recall@100 >= {IndexTargets().recall_at_100:g} on 1,000 "
+        f"tuning queries within {IndexTargets().max_query_ms:g} ms a query), then measured "
+        "on 300 other queries one at a time (k = 100, tie-aware recall). `Annoy as tuned`: "
+        "the Annoy index `recsys build` served before it chose between backends. Libraries: "
+        f"M {index_peers.CONNECTIVITY}, construction list {index_peers.EXPANSION_ADD}, all "
+        "cores, cosine; `MB per extra worker`: memory a fresh process could not share "
+        "after loading the file and answering 1,000 queries (usearch maps the file; "
+        "Voyager and faiss read the graph into each process)."
+    )
+
+
+def _plot_curves(results: list[dict[str, Any]], peers: list[dict[str, Any]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,11 +336,20 @@ def _plot_curves(results: list[dict[str, Any]]) -> None:
         axis.plot(recalls, qps, "o-", color=colour, label=f"Annoy, {label}")
         axis.plot([1.0], [r["exact_qps"]], "*", color=colour, markersize=12)
         axis.plot([r["recall@100"]], [r["annoy_qps"]], "s", color=colour, fillstyle="none")
+    for n, p in enumerate(peers, start=len(results)):
+        _, recalls, ms = zip(*p["curve"], strict=True)
+        axis.plot(
+            recalls,
+            [1000 / m for m in ms],
+            "^--",
+            color=f"C{n}",
+            label=f"{p['library']} HNSW, clustered",
+        )
     axis.set(
         xlabel="recall@100 against exact search",
         ylabel="queries/s (one at a time)",
         yscale="log",
-        title="Annoy: recall against speed (square: chosen, star: exact search)",
+        title="Recall against speed (square: Annoy as tuned, star: exact search)",
     )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
