@@ -109,8 +109,9 @@ class Recommender:
             qualifying = int(np.count_nonzero(allowed))
             if qualifying <= EXACT_SUBSET:
                 return self._exact(query, allowed, exclude, hidden, k)
-            # The index's cost is its search_k, not how many of the candidates it returns,
-            # so ask for plenty: neighbours share categories, which a plain share misjudges.
+            # Annoy's cost is its search_k, not how many candidates it returns (a graph's
+            # grows once they pass its ef), so ask for plenty: neighbours share categories,
+            # which a plain share misjudges.
             share = qualifying / n / FILTER_OVERFETCH
         wanted = int((k + len(exclude)) * OVERFETCH / share) + 1
         while True:
