@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
 
 from features.event_log import SegmentWriter, events_dir
 from features.event_stream import EventLogSettings
@@ -127,6 +128,7 @@ class VersionHeader:
 def create_app(settings: ServiceSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        blas = threadpool_limits(settings.blas_threads or None, user_api="blas")
         held = _open(settings)
         app.state.resources = held
         log.info("serving version %s", held.live.version)
@@ -138,6 +140,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             task.cancel()
         held.close()
         del app.state.resources
+        blas.restore_original_limits()
 
     # The docs pages load Swagger UI and ReDoc from files in the package, not from a CDN,
     # so /docs works on a machine without internet access.
