@@ -132,16 +132,16 @@ def _chosen(
     tuning: np.ndarray,
     held_out: np.ndarray,
     work: Path,
-    built: Path | None = None,
     unrelated: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """What `recsys build` chooses and serves (`build_index` on `tuning` queries, or the
-    index a version's build made in `built`), measured on `held_out` (and on `unrelated`
-    queries, if given, as tuned for the others)."""
+    """What `recsys build` chooses and serves (`build_index` on `tuning` queries, as the
+    build runs it), measured on `held_out` (and on `unrelated` queries, if given, with
+    the index as tuned for the others)."""
     with tempfile.TemporaryDirectory(dir=work) as tmp:
-        directory = built or Path(tmp)
-        if built is None:
-            build_index(item_emb, tuning, directory, "angular")
+        directory = Path(tmp)
+        started = time.perf_counter()
+        build_index(item_emb, tuning, directory, "angular")
+        choice_s = time.perf_counter() - started
         served = load_retriever(directory, item_emb)
         params = IndexParams.read(directory)
         files = [directory / name for name in (INDEX_FILE, HNSW_FILE)]
@@ -151,6 +151,7 @@ def _chosen(
             "backend": params.backend,
             "settings": _settings(params),
             "build_s": params.build_seconds_total,
+            "choice_s": choice_s,
             "size_mb": sum(f.stat().st_size for f in files if f.exists()) / 2**20,
             "recall@100": recall_against_exact(served, ExactRetriever(item_emb), held_out),
             "qps": _qps(served.search, held_out),
@@ -207,7 +208,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         item_emb, tuning, held_out = _trained(version, rng)
         label = "1M x 1M version, 1 epoch"
         results.append(_case(label, item_emb, tuning, held_out, work))
-        chosen.append(_chosen(label, item_emb, tuning, held_out, work, version / "index"))
+        chosen.append(_chosen(label, item_emb, tuning, held_out, work))
     _plot_curves(results, peers)
     save("index", "Index backends", _tables(results, chosen, peers, size), _notes())
     return results + chosen + peers
@@ -242,6 +243,7 @@ def _tables(
                 c["backend"],
                 c["settings"],
                 f"{c['build_s']:.1f}",
+                f"{c['choice_s']:.0f}",
                 f"{c['size_mb']:.0f}",
                 f"{c['recall@100']:.3f}",
                 f"{c['qps']:,.0f}",
@@ -313,7 +315,8 @@ def _notes() -> str:
         "embeddings; `serves` is the backend that version's build chose. Tuning as "
         f"`recsys build` does it (recall@100 >= {IndexTargets().recall_at_100:g} on 1,000 "
         f"tuning queries within {IndexTargets().max_query_ms:g} ms a query), then measured "
-        "on 300 other queries one at a time (k = 100, tie-aware recall). `Annoy as tuned`: "
+        "on 300 other queries one at a time (k = 100, tie-aware recall). `index stage s`: "
+        "the whole choice (samples, builds, tuning); `Annoy as tuned`: "
         "the Annoy index `recsys build` served before it chose between backends. Libraries: "
         f"M {index_peers.CONNECTIVITY}, construction list {index_peers.EXPANSION_ADD}, all "
         "cores, cosine; `MB per extra worker`: memory a fresh process could not share "
