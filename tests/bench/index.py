@@ -228,9 +228,11 @@ def _tables(
             "serves",
             "settings",
             "build s",
+            "index stage s",
             "size MB",
             "recall@100",
             "q/s",
+            "recall@100, random-direction queries",
             "Annoy as tuned: recall@100",
             "Annoy q/s",
             "Annoy build s",
@@ -312,7 +314,7 @@ def _notes() -> str:
         "centres (random-direction queries: unit vectors unrelated to the clusters, the "
         "index as tuned for the others). Trained: the item embeddings "
         "of the build benchmark's 1M-user x 1M-item version, queried with its user "
-        "embeddings; `serves` is the backend that version's build chose. Tuning as "
+        "embeddings. `serves`: what `build_index` (the build's index stage) chose. Tuning as "
         f"`recsys build` does it (recall@100 >= {IndexTargets().recall_at_100:g} on 1,000 "
         f"tuning queries within {IndexTargets().max_query_ms:g} ms a query), then measured "
         "on 300 other queries one at a time (k = 100, tie-aware recall). `index stage s`: "
