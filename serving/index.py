@@ -381,10 +381,11 @@ def _cheapest(params: IndexParams, targets: IndexTargets) -> str:
 def _reason(
     params: IndexParams,
     targets: IndexTargets,
-    skipped: str = "",
+    sampled: str = "",
     chosen: IndexBackend = IndexBackend.AUTO,
 ) -> str:
-    """Why the backend serves, in the figures the build measured."""
+    """Why the backend serves, in the figures the build measured (`sampled`: what the
+    sample of a large catalogue showed)."""
     parts = [f"target recall@100 {targets.recall_at_100:g} within {targets.max_query_ms:g} ms"]
     if chosen is not IndexBackend.AUTO:
         parts.append(f"index.backend = {chosen.value}")
@@ -394,8 +395,8 @@ def _reason(
             f"Annoy ({params.n_trees} trees, search_k {params.search_k}) recall "
             f"{params.recall_at_100:.3f} in {params.query_ms:.2f} ms"
         )
-    if skipped:
-        parts.append(skipped)
+    if sampled:
+        parts.append(sampled)
     if params.hnsw is not None:
         parts.append(
             f"HNSW (M {params.hnsw.connectivity}, ef {params.hnsw.expansion_search}) recall "
