@@ -137,7 +137,7 @@ def compare(item_emb: np.ndarray, queries: np.ndarray, work: Path) -> list[dict[
         )
         del loaded
         path.unlink()
-        print({k: v for k, v in results[-1].items()}, flush=True)
+        print(results[-1], flush=True)
     return results
 
 
