@@ -22,6 +22,7 @@ from rich.text import Text
 from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
 from recsys.core.settings import Settings
+from recsys.export import ExportFormat, Side
 
 app = typer.Typer(
     help="Embedding-based recommender: ingest logs, build models and indexes, serve them.",
@@ -593,6 +594,37 @@ def recommend(
         f"wrote {table.height} rows for {known} users (+{unknown} unknown users "
         f"given the most popular items) from version {rec.version} to {out_file}"
         + (f"; {hidden} hidden item(s) left out" if hidden else "")
+    )
+
+
+@app.command()
+@friendly_errors
+def export(
+    artifacts: ArtifactsOption,
+    what: Annotated[Side, typer.Option(help="Whose embeddings: users or items.")],
+    out_file: Annotated[Path, typer.Option("--out", help="File to write.")],
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option(
+            "--format",
+            help="parquet: the ID column and `embedding`; npy: the float32 matrix, its IDs "
+            "beside it in <name>.ids.npy (row i is ID i).",
+        ),
+    ] = ExportFormat.parquet,
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """The current version's user or item embeddings, for a vector store or analysis of
+    your own: IDs in the log's type, and the similarity to search them by."""
+    from recsys.core.versions import VersionStore
+    from recsys.export import export_embeddings
+    from recsys.remote_artifacts import readable_root
+
+    root = readable_root(artifacts, cache_dir, say=_say)
+    version = VersionStore(root).current()
+    done = export_embeddings(version, what, fmt, out_file)
+    out.print(
+        f"wrote {done.rows:,} {what.value} x {done.dim} dims of version {version.name} "
+        f"(search by {done.similarity}) to {', '.join(str(f) for f in done.files)}"
     )
 
 

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from serving.event_rows import parse_events
 from serving.fresh import UserEvents
 from serving.live import LiveVersion
 from serving.metrics import CATALOGUE_CHANGES, EVENTS, INDEX_SECONDS
+from serving.rendered import CACHE_HITS, RenderedAnswers, RequestKey, render_json
 from serving.schemas import ItemId, RecommendationRequest
 from serving.state import VersionState
 
@@ -202,6 +203,7 @@ def query_key(scope: str, query: np.ndarray, banned: np.ndarray, k: int, filters
     return f"recsys:{scope}:query:{digest}:{k}{filter_tag(filters)}"
 
 
+CACHE_MISSES = CACHE_EVENTS.labels("miss")
 CACHE_PREFIX = "recsys:"  # of every key above: what a flush deletes
 
 
@@ -243,6 +245,7 @@ class Answers:
     max_history: int  # longest history a request may give
     max_new_items: int = 10_000  # new items held between builds (RECSYS_MAX_NEW_ITEMS)
     fresh_half_events: float = 5.0  # RECSYS_FRESH_HALF_EVENTS: see _fresh_query
+    rendered: RenderedAnswers = field(default_factory=lambda: RenderedAnswers(0, 0.0))
 
     def current(self) -> VersionState:
         """The version a request uses from start to end (read once: see serving.live)."""
@@ -253,7 +256,7 @@ class Answers:
 
     def _lookup(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         hit = self.cache.get(key)
-        CACHE_EVENTS.labels("miss" if hit is None else "hit").inc()
+        (CACHE_MISSES if hit is None else CACHE_HITS).inc()
         return None if hit is None else unpack_results(hit)
 
     def _store(self, key: str, items: np.ndarray, scores: np.ndarray) -> None:
@@ -310,9 +313,13 @@ class Answers:
         if user is None:
             key = popular_key(state.scope, k, filters)
             return key, lambda: state.popular(nothing, k, filters), True
-        exclude = state.seen(user) if exclude_seen else nothing
         key = user_key(state.scope, user, k, exclude_seen, filters)
-        return key, lambda: state.search(rec.user_emb[user], exclude, k, filters), False
+
+        def search() -> tuple[np.ndarray, np.ndarray]:
+            exclude = state.seen(user) if exclude_seen else nothing
+            return state.search(rec.user_emb[user], exclude, k, filters)
+
+        return key, search, False
 
     def _fresh_search(
         self,
@@ -355,7 +362,37 @@ class Answers:
         self, raw_user: ItemId, k: int, exclude_seen: bool, filters: Filters | None = None
     ) -> Answer:
         """Top-k for a user ID (event loop)."""
+        return await self._for_user(self.current(), raw_user, k, exclude_seen, filters)
+
+    async def user_body(
+        self,
+        asked: RequestKey,
+        raw_user: ItemId,
+        k: int,
+        exclude_seen: bool,
+        filters: Filters | None = None,
+    ) -> bytes:
+        """`for_user`, rendered; the bytes of a cache hit are kept for the identical request
+        (`asked`) in this worker (serving.rendered). The scope and the user's event
+        sequence are read before the answer is made: a change meanwhile makes the entry
+        stale at once rather than a stale answer fresh."""
         state = self.current()
+        scope, user = state.scope, str(state.user_key(raw_user))
+        sequence = state.fresh.sequence_of(user)
+        answer = await self._for_user(state, raw_user, k, exclude_seen, filters)
+        body = render_json(answer)
+        if answer["cached"]:
+            self.rendered.keep(asked, scope, user, sequence, body)
+        return body
+
+    async def _for_user(
+        self,
+        state: VersionState,
+        raw_user: ItemId,
+        k: int,
+        exclude_seen: bool,
+        filters: Filters | None,
+    ) -> Answer:
         filters = self._checked(state, filters or {})
         key, search, fallback = self._user_search(state, raw_user, k, exclude_seen, filters)
         fresh = ":fresh:" in key  # the tower runs on a miss: off the loop

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Scope
 from threadpoolctl import threadpool_limits
 
 from features.event_log import SegmentWriter, events_dir
@@ -27,6 +27,7 @@ from serving.cache import make_cache
 from serving.limits import BodyLimit
 from serving.live import LiveVersion
 from serving.metrics import Measure
+from serving.rendered import RenderedAnswers, RenderedHits
 from serving.resources import Resources
 from serving.routes import admin_router, api_router, probes
 from serving.settings import ServiceSettings
@@ -61,6 +62,7 @@ def _open(settings: ServiceSettings) -> Resources:
         settings.max_history,
         settings.max_new_items,
         settings.fresh_half_events,
+        RenderedAnswers(settings.local_cache_entries, settings.local_cache_seconds),
     )
     return Resources(settings, live, cache, threads, answers)
 
@@ -99,30 +101,11 @@ async def _unanswerable(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
 
-class VersionHeader:
-    """`X-Model-Version` on every answer: the version this worker holds when it answers
-    (a body's `model_version` names the version that computed it)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def stamp(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                held = getattr(scope["app"].state, "resources", None)
-                version = held.live.version if held is not None else None
-                if version is not None:
-                    message["headers"] = [
-                        *message.get("headers", []),
-                        (b"x-model-version", version.encode()),
-                    ]
-            await send(message)
-
-        await self.app(scope, receive, stamp)
+def _held_version(scope: Scope) -> str | None:
+    """The version this worker holds when it answers: `X-Model-Version` on every answer (a
+    body's `model_version` names the version that computed it)."""
+    held = getattr(scope["app"].state, "resources", None)
+    return held.live.version if held is not None else None
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -150,9 +133,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         description="Recommendations from a two-tower model over an Annoy index, cached in Redis.",
         lifespan=lifespan,
     )
+    app.add_middleware(RenderedHits, client_keys=settings.client_keys())
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(VersionHeader)
-    app.add_middleware(Measure)
+    app.add_middleware(Measure, version=_held_version)
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_exception_handler(AnswerError, _unanswerable)
     app.include_router(api_router(settings))

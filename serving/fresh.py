@@ -96,6 +96,12 @@ class FreshEvents:
         """Take what every segment, and the shared stream, gained since the last poll."""
         return sum(self.read(path) for path in segments(self.directory)) + self.read_stream()
 
+    def sequence_of(self, user: str) -> int:
+        """How many events this worker has taken for the user (0 for none), without the
+        lock: one read of an int."""
+        held = self.users.get(user)
+        return 0 if held is None else held.sequence
+
     def of_user(self, user: str) -> UserEvents | None:
         """A copy of the user's events (None, without taking the lock, for a user who has
         none: the common case, on every request)."""

@@ -34,6 +34,9 @@ class BodyLimit:
                 send, 415, "the request body must be JSON (content-type: application/json)"
             )
             return
+        if not has_body:  # nothing to bound: most requests, every GET
+            await self.app(scope, receive, send)
+            return
         if declared is not None:
             if declared.isdigit() and int(declared) > self.max_bytes:
                 await self._refuse(send)

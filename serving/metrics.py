@@ -5,6 +5,7 @@ the standard HTTP verbs (anything else is "other"), statuses the three-digit cod
 client can grow `/metrics` by sending odd requests."""
 
 import time
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -39,11 +40,13 @@ def method_label(method: str) -> str:
 
 
 class Measure:
-    """Request counts and latency by route and status, as a plain ASGI middleware (the
-    decorator kind wraps every response in extra tasks and queues)."""
+    """Request counts and latency by route and status, and the `X-Model-Version` header
+    (`version(scope)`), in one plain ASGI middleware: the decorator kind wraps every
+    response in extra tasks and queues, and each layer costs a share of a cache hit."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp, version: Callable[[Scope], str | None]) -> None:
+        self.app, self.version = app, version
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,11 +59,28 @@ class Measure:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                version = self.version(scope)
+                if version is not None:
+                    message["headers"] = [
+                        *message.get("headers", []),
+                        (b"x-model-version", version.encode()),
+                    ]
             await send(message)
 
         try:
             await self.app(scope, receive, record)
         finally:
             path = getattr(scope.get("route"), "path", "unmatched")
-            REQUESTS.labels(path, method_label(scope["method"]), str(status)).inc()
-            LATENCY.labels(path).observe(time.perf_counter() - started)
+            count, latency = self._series(path, scope["method"], status)
+            count.inc()
+            latency.observe(time.perf_counter() - started)
+
+    def _series(self, path: str, method: str, status: int) -> tuple[Counter, Histogram]:
+        """The labelled children, looked up once per (route, method, status): bounded, as
+        the labels are (see the module docstring)."""
+        key = (path, method_label(method), status)
+        found = self._children.get(key)
+        if found is None:
+            found = (REQUESTS.labels(path, key[1], str(status)), LATENCY.labels(path))
+            self._children[key] = found
+        return found

@@ -3,7 +3,6 @@ event loop and must not block it (lookups, cache round trips, fast searches); pl
 routes run in FastAPI's thread pool (the user tower, admin work)."""
 
 import hmac
-import json
 import os
 from typing import Annotated
 
@@ -21,6 +20,7 @@ from recsys.core.errors import RecsysError
 from serving.answers import CACHE_PREFIX, Answer, Answers
 from serving.drain import DRAINING
 from serving.multiprocess_dir import MULTIPROCESS_DIR
+from serving.rendered import render_json
 from serving.resources import Resources
 from serving.schemas import (
     EventBatch,
@@ -80,11 +80,7 @@ def _json(payload: Answer) -> Response:
     """Answers are plain dicts serialised with orjson: the response models document them,
     but validating up to 1,000 items a second time per request would cost more than
     finding them."""
-    try:
-        body = orjson.dumps(payload)
-    except orjson.JSONEncodeError:  # e.g. an ID beyond 64 bits echoed back: stdlib handles it
-        body = json.dumps(payload).encode()
-    return Response(body, media_type="application/json")
+    return Response(render_json(payload), media_type="application/json")
 
 
 def api_router(settings: ServiceSettings) -> APIRouter:
@@ -117,7 +113,9 @@ def api_router(settings: ServiceSettings) -> APIRouter:
         """Top-k items for a known user; unknown users get the most popular items (fallback).
         A user with events posted since the version is answered from their whole history."""
         filters = parse_categories(request)
-        return _json(await answers(request).for_user(user_id, k, exclude_seen, filters))
+        asked = (request.scope["path"], request.scope["query_string"])
+        body = await answers(request).user_body(asked, user_id, k, exclude_seen, filters)
+        return Response(body, media_type="application/json")
 
     @router.post("/v1/recommendations", response_model=Recommendations)
     def recommendations(request: Request, body: RecommendationRequest) -> Response:
@@ -182,6 +180,7 @@ def admin_router(settings: ServiceSettings) -> APIRouter:
     def admin_cache_flush(request: Request) -> dict[str, object]:
         """Delete every cached answer and embedding of every version."""
         cache = resources(request).cache
+        resources(request).answers.rendered.clear()  # this worker's; the others' expire
         try:
             deleted = cache.flush(CACHE_PREFIX)
         except redis.RedisError as exc:

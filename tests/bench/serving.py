@@ -110,8 +110,28 @@ def _hits_against_ceiling(
 
     return [
         {"case": "bare FastAPI constant (ceiling)", **median_run(ceiling_runs), "share": 1.0},
-        {"case": "cache hits (Redis)", **median_run(hit_runs), "share": float(np.median(ratios))},
+        {"case": "cache hits, one user", **median_run(hit_runs), "share": float(np.median(ratios))},
     ]
+
+
+SPREAD_USERS = 1_000
+_LUA_SPREAD = """
+math.randomseed(os.time())
+request = function()
+  return wrk.format("GET", "/v1/users/" .. math.random(%d, %d) .. "/recommendations?k=10")
+end
+"""
+
+
+def _spread_hits(base: str, low: int, high: int, seconds: int) -> dict[str, Any]:
+    """Hits spread over many users (each answer in Redis first): a request finds its
+    rendered bytes only where the same worker answered the same user within the tier's
+    second; the others take the full route and the per-worker tier or Redis."""
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for user in range(low, high + 1):
+            client.get(f"/v1/users/{user}/recommendations", params={"k": 10})
+    run = _wrk(f"{base}/", _LUA_SPREAD % (low, high), 16, seconds)
+    return {"case": f"cache hits over {high - low + 1:,} users at random", **run}
 
 
 def _service_rows(
@@ -123,6 +143,7 @@ def _service_rows(
         hit_url = f"{base}/v1/users/{low}/recommendations?k=10"
         httpx.get(hit_url, timeout=30)
         rows = _hits_against_ceiling(ceiling_url, hit_url, seconds, rounds)
+        rows.append(_spread_hits(base, low, min(high, low + SPREAD_USERS - 1), seconds))
         miss = _LUA_MISS % (low, high)
         _wrk(f"{base}/", miss, 16, 3)  # warm-up, not reported: page in the mmap'd index
         rows.append(
