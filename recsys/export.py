@@ -4,7 +4,7 @@ ID i, and the similarity the version was trained for goes with them (a dot-produ
 version must be searched by dot product, a cosine one by cosine)."""
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +17,12 @@ from recsys.core.layout import VersionLayout
 from recsys.core.versions import verify_version
 
 
-class Side(str, Enum):
+class Side(StrEnum):
     users = "users"
     items = "items"
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(StrEnum):
     parquet = "parquet"  # one file: the ID column and `embedding` (fixed-size float32 list)
     npy = "npy"  # the (N, D) float32 matrix, and its IDs beside it in `<name>.ids.npy`
 
