@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch pinned exactly first: a range would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install --quiet torch==2.13.0 fbgemm-gpu-cpu==1.8.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,ray]'
 	# torchrec declares the CUDA-only fbgemm-gpu; fbgemm-gpu-cpu provides the same module.
 	$(BIN)/python -m pip install --quiet --no-deps torchrec==1.8.0
 	$(BIN)/python -c "import torchrec, fbgemm_gpu, polars, annoy, redis; print('environment ok')"

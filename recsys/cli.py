@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from recsys.batch import BatchEngine
 from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
 from recsys.core.settings import Settings
@@ -546,54 +547,95 @@ def settings_command(
 @friendly_errors
 def recommend(
     artifacts: ArtifactsOption,
-    out_file: Annotated[Path, typer.Option("--out", help="Output Parquet file.")],
+    out_file: Annotated[
+        str,
+        typer.Option(
+            "--out", help="Output Parquet file (--engine ray: a directory, s3:// or gs://)."
+        ),
+    ],
     cache_dir: CacheDirOption = None,
     users: Annotated[str, typer.Option(help="'all' or a Parquet/CSV file with user_id.")] = "all",
     k: Annotated[int, typer.Option(min=1, max=1000)] = 10,
     show: Annotated[int, typer.Option(min=0, help="Print this many users' lists.")] = 0,
+    engine: Annotated[
+        BatchEngine,
+        typer.Option(
+            help="local: this process, one Parquet file; ray: Ray Data actors, a directory "
+            "of Parquet parts (local, s3:// or gs://)."
+        ),
+    ] = BatchEngine.local,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="--engine ray: the cluster (ray://HEAD:10001, auto); default: "
+            "a Ray of this machine's cores for the job."
+        ),
+    ] = None,
+    ray_cpus: Annotated[
+        int | None, typer.Option(min=1, help="--engine ray without --address: its CPUs.")
+    ] = None,
 ) -> None:
     """Batch top-k for users, seen items excluded: scored exactly up to 200k items (a
     block of users at a time costs less than index queries there), larger catalogues
-    through the index the service uses."""
+    through the index the service uses. `--engine ray` gives the same lists from a pool
+    of Ray actors."""
 
-    from features.catalogue_log import changes_path, latest_changes
-    from recsys.core import schema as s
+    from recsys.batch import hidden_items, requested_users
     from recsys.core.artifacts import write_parquet
     from recsys.core.versions import VersionStore
-    from recsys.pipeline import shared_changes
     from recsys.remote_artifacts import readable_root
     from serving.recommender import Recommender
 
+    if engine is BatchEngine.ray:
+        _recommend_on_ray(artifacts, cache_dir, users, k, out_file, address, ray_cpus)
+        return
     root = readable_root(artifacts, cache_dir, say=_say)
     version = VersionStore(root).current()
     rec = Recommender.load(version)
-    changes = latest_changes(changes_path(root), shared_changes())
-    hidden = rec.hide([key for key, change in changes.items() if not change.available])
-    if users == "all":
-        wanted = rec.user_ids
-    else:
-        from features.sources import CSV_SUFFIXES, scan_table
-
-        path = Path(users)
-        if not path.is_file():
-            raise RecsysError(f"{path}: no such file")
-        frame = scan_table(
-            path, string_columns=(s.USER_ID,) if path.suffix.lower() in CSV_SUFFIXES else ()
-        )
-        if s.USER_ID not in frame.collect_schema().names():
-            raise RecsysError(f"{path}: column 'user_id' is missing")
-        wanted = (
-            frame.select(s.USER_ID).collect()[s.USER_ID].unique(maintain_order=True).drop_nulls()
-        )
+    hidden = rec.hide(hidden_items(root))
+    wanted = requested_users(users, rec.user_ids)
     table, known = rec.for_raw_users(wanted, k)
     unknown = len(wanted) - known
-    write_parquet(table, out_file)
+    write_parquet(table, Path(out_file))
     if show:
         show_recommendations(table, VersionLayout(version).table("items"), show)
     out.print(
         f"wrote {table.height} rows for {known} users (+{unknown} unknown users "
         f"given the most popular items) from version {rec.version} to {out_file}"
         + (f"; {hidden} hidden item(s) left out" if hidden else "")
+    )
+
+
+def _recommend_on_ray(
+    artifacts: str,
+    cache_dir: Path | None,
+    users: str,
+    k: int,
+    out_dir: str,
+    address: str | None,
+    cpus: int | None,
+) -> None:
+    from recsys.batch import hidden_items, requested_users
+    from recsys.core import schema as s
+    from recsys.core.layout import VersionLayout
+    from recsys.core.versions import VersionStore, verify_version
+    from recsys.ray_batch import ray_module, recommend_on_ray
+    from recsys.remote_artifacts import readable_root
+
+    ray_module()  # installed? (one line if not, before any work)
+    root = readable_root(artifacts, cache_dir, say=_say)
+    version = VersionStore(root).current()
+    verify_version(version)
+    every_user = pl.read_parquet(
+        VersionLayout(version).side_embeddings("users"), columns=[s.USER_ID]
+    )[s.USER_ID]
+    wanted = requested_users(users, every_user)
+    run = recommend_on_ray(
+        artifacts, cache_dir, version.name, wanted, hidden_items(root), k, out_dir, address, cpus
+    )
+    out.print(
+        f"wrote the top {k} of {run.users:,} users from version {version.name} to {run.out} "
+        f"({run.actors} Ray actor(s), {run.seconds:.1f} s, {run.users / run.seconds:,.0f} users/s)"
     )
 
 

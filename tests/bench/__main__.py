@@ -19,6 +19,7 @@ from bench import (
     quality,
     quality_sets,
     ranks,
+    ray_batch,
     serving,
     shared_log,
     soak,
@@ -49,8 +50,8 @@ def main() -> None:
         "--only",
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
-        "nightly, soak, swap, hosts, shared-log, cluster, freshness, worker-memory; and, run only "
-        "when named, ablations, genre-share",
+        "nightly, soak, swap, hosts, shared-log, cluster, freshness, worker-memory, "
+        "ray-batch; and, run only when named, ablations, genre-share",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -76,6 +77,7 @@ def main() -> None:
         ("cluster", cluster),
         ("freshness", freshness),
         ("worker-memory", worker_memory),
+        ("ray-batch", ray_batch),
         ("ablations", ablations),  # opt-in: outside the full run's hour
         ("genre-share", genre_share),  # opt-in: two default builds, about 15 minutes
     )
