@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup demo nightly test test-fast lint format bench bench-quick redis haproxy wrk clean
+.PHONY: setup demo nightly test test-fast lint format bench bench-quick bench-gpu redis haproxy wrk clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,9 @@ bench: $(STAMP) redis wrk  ## full benchmarks (tables + PNG plots in bench_resul
 
 bench-quick: $(STAMP) redis wrk  ## the same benchmarks on smaller data, for everyday use
 	PYTHONPATH=tests $(BIN)/python -m bench --quick $(if $(ONLY),--only $(ONLY))
+
+bench-gpu: $(STAMP)  ## on a machine with a GPU: the environment, then CPU and CUDA training examples/s
+	PYTHONPATH=tests $(BIN)/python -m bench.gpu
 
 wrk:  ## the HTTP load generator used by the serving benchmark
 	@command -v wrk >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq wrk)

@@ -64,7 +64,9 @@ class PlainTwoTower(nn.Module):
         return F.normalize(self.user_mlp(user), dim=-1), F.normalize(self.item_mlp(item), dim=-1)
 
 
-def _batches(builder: BatchBuilder, rows: np.ndarray, batch_size: int, count: int) -> list[Any]:
+def training_batches(
+    builder: BatchBuilder, rows: np.ndarray, batch_size: int, count: int
+) -> list[Any]:
     rng = np.random.default_rng(0)
     return [
         builder.training_batch(rng.choice(rows, batch_size, replace=False), rng)
@@ -81,23 +83,32 @@ def _time_steps(step: Any, batches: list[Any], warmup: int = 3) -> float:
     return sum(len(b.item_ids) for b in batches[warmup:]) / (time.perf_counter() - started)
 
 
-def run(quick: bool, work: Path) -> list[dict[str, Any]]:
-    rows = 300_000 if quick else 2_000_000
+def speed_model(work: Path, rows: int) -> tuple[FeatureSet, ModelSpec, BatchBuilder, np.ndarray]:
+    """The benchmark's log (generated and ingested once), model and batch builder: shared
+    with `make bench-gpu` (bench.gpu), so its figures stand beside these."""
     data = work / f"speed-{rows}"
     if not (data / "users.parquet").is_file():
         generate(data, SyntheticConfig(rows=rows, seed=1))
     ingest(resolve_source(data), work / f"speed-{rows}-ingest")
     features = FeatureSet.load(work / f"speed-{rows}-ingest")
     tower = TowerConfig(embedding_dim=64, history_length=50, members=1)  # one step, one tower
-    spec = model_spec(features, tower)
-    builder = BatchBuilder(features, tower)
-    train_rows = np.arange(len(features.histories.items))
+    return (
+        features,
+        model_spec(features, tower),
+        BatchBuilder(features, tower),
+        np.arange(len(features.histories.items)),
+    )
+
+
+def run(quick: bool, work: Path) -> list[dict[str, Any]]:
+    rows = 300_000 if quick else 2_000_000
+    features, spec, builder, train_rows = speed_model(work, rows)
     loss_fn = InBatchSoftmaxLoss(temperature=0.05)
     torch.set_num_threads(2)
     results = []
     for batch_size in (1024, 4096):
         count = (6 if quick else 15) + 3
-        batches = _batches(builder, train_rows, batch_size, count)
+        batches = training_batches(builder, train_rows, batch_size, count)
 
         parallel = build_parallel(spec, TrainConfig(batch_size=batch_size), torch.device("cpu"))
 
