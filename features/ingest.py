@@ -15,6 +15,7 @@ import polars as pl
 
 from features.config import FeatureConfig
 from features.ordering import detect_ordering, row_key
+from features.remote_logs import RemoteFile
 from features.side_tables import SideFeatures, build_side_features, read_side_table
 from features.sources import CSV_SUFFIXES, DataSource, scan_table
 from features.validation import ORDER, ValidatedLog, validate_log
@@ -234,6 +235,10 @@ def ingest(
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "sources": {
                 "interactions": [str(p) for p in source.interactions],
+                # objects read in place: what each one was (size, ETag) when it was read
+                "remote_files": [
+                    p.described() for p in source.interactions if isinstance(p, RemoteFile)
+                ],
                 "items": str(source.items) if source.items else None,
                 "users": str(source.users) if source.users else None,
                 "columns": dict(source.columns),

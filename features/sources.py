@@ -6,6 +6,7 @@ from pathlib import Path
 
 import polars as pl
 
+from features.remote_logs import LogFile, RemoteFile, is_remote_log, list_remote_log
 from recsys.core import schema as s
 from recsys.core.errors import DataValidationError, RecsysError
 
@@ -19,7 +20,7 @@ class DataSource:
     """The files of one data set: interaction logs plus optional item and user tables, and
     the names its files give our columns (`{"user_id": "customer_id"}`; none: ours)."""
 
-    interactions: tuple[Path, ...]
+    interactions: tuple[LogFile, ...]
     items: Path | None = None
     users: Path | None = None
     columns: dict[str, str] = field(default_factory=dict)
@@ -64,7 +65,7 @@ def _named_entry(directory: Path, stem: str) -> Path | None:
 
 
 def resolve_source(
-    data: Path,
+    data: Path | str,
     items: Path | None = None,
     users: Path | None = None,
     columns: dict[str, str] | None = None,
@@ -73,8 +74,17 @@ def resolve_source(
 
     PATH is a log file, a directory of log files (one per day, say), or a data set directory
     holding `interactions` (file or directory) beside optional `items` and `users` tables.
-    Explicit `items`/`users` paths win over the ones found in a data set directory.
+    Explicit `items`/`users` paths win over the ones found in a data set directory. A URL
+    (`s3://`, `gs://`, `file://`; a prefix, one object or a glob) is a Parquet log read in
+    place (features.remote_logs).
     """
+    for side in (items, users):
+        if side is not None and not side.is_file():
+            raise RecsysError(f"{side}: no such file")
+    if is_remote_log(data):
+        remote = tuple(list_remote_log(str(data)))
+        return DataSource(remote, items, users, dict(columns or {}))
+    data = Path(data)
     if not data.exists():
         raise RecsysError(f"{data}: no such file or directory")
     if data.is_file():
@@ -92,9 +102,6 @@ def resolve_source(
             raise DataValidationError(path, None, f"unsupported file type; use {TABLE_SUFFIXES}")
     if not logs:
         raise RecsysError(f"{data}: no Parquet or CSV interaction files found")
-    for side in (items, users):
-        if side is not None and not side.is_file():
-            raise RecsysError(f"{side}: no such file")
     return DataSource(tuple(logs), items, users, dict(columns or {}))
 
 
@@ -120,7 +127,7 @@ def _check_utf8(path: Path, chunk_bytes: int = 1 << 22) -> None:
 
 
 def scan_table(
-    path: Path, string_columns: tuple[str, ...] = (), columns: dict[str, str] | None = None
+    path: LogFile, string_columns: tuple[str, ...] = (), columns: dict[str, str] | None = None
 ) -> pl.LazyFrame:
     """Open one Parquet or CSV file lazily and read its schema, so that a corrupt or empty
     file fails here, with its name, rather than half-way through a job.
@@ -133,7 +140,9 @@ def scan_table(
     string_columns = tuple(columns.get(c, c) for c in string_columns)
     suffix = path.suffix.lower()
     try:
-        if suffix in PARQUET_SUFFIXES:
+        if isinstance(path, RemoteFile):  # Parquet, read in place by Polars' cloud reader
+            frame = pl.scan_parquet(path.url, hive_partitioning=False)
+        elif suffix in PARQUET_SUFFIXES:
             frame = pl.scan_parquet(path)
         else:
             if path.stat().st_size == 0:

@@ -3,10 +3,10 @@
 reason, so nothing is dropped silently."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import polars as pl
 
+from features.remote_logs import LogFile
 from recsys.core import schema as s
 from recsys.core.errors import DataValidationError
 from recsys.core.ids import MAX_WEIGHT
@@ -29,7 +29,7 @@ _ROW_BITS = 40
 class ValidatedLog:
     """One input file split lazily into canonical kept rows and rejected rows."""
 
-    path: Path
+    path: LogFile
     kept: pl.LazyFrame  # user_id, item_id, timestamp, weight, event, _order
     rejects: pl.LazyFrame  # recsys.core.schema.REJECT_SCHEMA
     read: pl.LazyFrame  # one row, one column: rows read from the file
@@ -37,7 +37,7 @@ class ValidatedLog:
     has_timestamp: bool
 
 
-def _id_expr(path: Path, name: str, dtype: pl.DataType) -> pl.Expr:
+def _id_expr(path: LogFile, name: str, dtype: pl.DataType) -> pl.Expr:
     if dtype.is_integer():
         return pl.col(name).cast(pl.Int64)
     if dtype == pl.String or isinstance(dtype, pl.Categorical | pl.Enum):
@@ -53,7 +53,7 @@ def _names(names: list[str], limit: int = 20, width: int = 40) -> str:
     return ", ".join(shown) + more
 
 
-def _timestamp_expr(path: Path, dtype: pl.DataType) -> pl.Expr:
+def _timestamp_expr(path: LogFile, dtype: pl.DataType) -> pl.Expr:
     """Canonical timestamp: Int64 seconds since the epoch, null where it cannot be parsed."""
     col = pl.col(s.TIMESTAMP)
     if dtype.is_integer():  # a UInt64 beyond Int64 (1e19) is one bad row, not a bad file
@@ -80,7 +80,7 @@ def _timestamp_expr(path: Path, dtype: pl.DataType) -> pl.Expr:
     )
 
 
-def _weight_expr(path: Path, dtype: pl.DataType) -> pl.Expr:
+def _weight_expr(path: LogFile, dtype: pl.DataType) -> pl.Expr:
     col = pl.col(s.WEIGHT)
     if dtype.is_numeric():
         return col.cast(pl.Float64)
@@ -89,7 +89,7 @@ def _weight_expr(path: Path, dtype: pl.DataType) -> pl.Expr:
     raise DataValidationError(path, s.WEIGHT, f"expected numbers, found {dtype}")
 
 
-def validate_log(path: Path, frame: pl.LazyFrame, file_index: int) -> ValidatedLog:
+def validate_log(path: LogFile, frame: pl.LazyFrame, file_index: int) -> ValidatedLog:
     """Check one file's schema now; describe its row checks lazily."""
     schema = frame.collect_schema()
     missing = [c for c in s.REQUIRED_COLUMNS if c not in schema]

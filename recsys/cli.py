@@ -90,11 +90,12 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 
 
 DataOption = Annotated[
-    Path,
+    str,
     typer.Option(
         "--data",
         help="Interaction log: a Parquet/CSV file, a directory of them, or a data set "
-        "directory with `interactions` and optional `items`/`users` tables.",
+        "directory with `interactions` and optional `items`/`users` tables; or a Parquet "
+        "log on object storage, read in place (s3://bucket/logs/, gs://..., a glob).",
     ),
 ]
 ItemsOption = Annotated[Path | None, typer.Option(help="Item table (item_id + features).")]
@@ -236,11 +237,12 @@ def build(
     artifacts: ArtifactsOption,
     cache_dir: CacheDirOption = None,
     data: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--data",
-            help="Interaction log (file, directory, or data set directory). Default: the "
-            "inputs the current version was built from.",
+            help="Interaction log (file, directory, data set directory, or a Parquet log "
+            "on object storage: s3://bucket/logs/). Default: the inputs the current version "
+            "was built from.",
         ),
     ] = None,
     items: ItemsOption = None,
@@ -383,7 +385,7 @@ def build(
         "compute": {"nproc": nproc, "device": device},
     }
     flags["inputs"] = {
-        name: str(path.resolve()) if path is not None else None
+        name: _absolute(path) if path is not None else None
         for name, path in (("data", data), ("items", items), ("users", users))
     }
     flags["inputs"]["columns"] = columns
@@ -391,6 +393,11 @@ def build(
     with contextlib.ExitStack() as held:
         root, store = _build_root(artifacts, cache_dir, dry_run, held)
         _build_in(root, store, flags, config_file, assignments, dry_run, progress)
+
+
+def _absolute(location: str | Path) -> str:
+    """A URL as given; a local path made absolute, so a rebuild finds it from anywhere."""
+    return str(location) if "://" in str(location) else str(Path(location).resolve())
 
 
 def _build_root(
@@ -445,7 +452,7 @@ def _build_in(
         heading + settings.to_toml().rstrip(), markup=False, highlight=False, soft_wrap=True
     )
     source = resolve_source(
-        Path(given.data),
+        given.data,
         items=Path(given.items) if given.items else None,
         users=Path(given.users) if given.users else None,
         columns=given.columns,
@@ -869,7 +876,7 @@ def evaluate(
         typer.Option(help="Score two versions on one fixed set of users: --compare V1 V2."),
     ] = None,
     data: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--data",
             help="A grown log: its events after the versions' logs ended are the test "
