@@ -74,9 +74,7 @@ def test_a_glob_reads_only_the_partitions_it_names(local_log, bucket, tmp_path):
     assert [f["url"].split("/")[-2] for f in files] == ["date=2026-12-01", "date=2026-12-02"]
 
 
-def test_a_build_remembers_the_url_and_a_plain_rebuild_reads_it_again(
-    local_log, bucket, tmp_path
-):
+def test_a_build_remembers_the_url_and_a_plain_rebuild_reads_it_again(local_log, bucket, tmp_path):
     logs = f"{bucket}/logs/"
     _upload(local_log, logs.rstrip("/"))
     artifacts = tmp_path / "artifacts"

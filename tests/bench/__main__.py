@@ -20,6 +20,7 @@ from bench import (
     quality_sets,
     ranks,
     ray_batch,
+    remote_logs,
     serving,
     shared_log,
     soak,
@@ -51,7 +52,7 @@ def main() -> None:
         nargs="*",
         help="ingest, quality, quality-sets, tuning, speed, ranks, build, index, serving, "
         "nightly, soak, swap, hosts, shared-log, cluster, freshness, worker-memory, "
-        "ray-batch; and, run only when named, ablations, genre-share",
+        "ray-batch, remote-logs; and, run only when named, ablations, genre-share",
     )
     args = parser.parse_args()
     work = args.work or Settings().cache_dir / "bench"
@@ -78,6 +79,7 @@ def main() -> None:
         ("freshness", freshness),
         ("worker-memory", worker_memory),
         ("ray-batch", ray_batch),
+        ("remote-logs", remote_logs),
         ("ablations", ablations),  # opt-in: outside the full run's hour
         ("genre-share", genre_share),  # opt-in: two default builds, about 15 minutes
     )

@@ -274,7 +274,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     synth_dir = synthetic.generate(
         work / f"synth-sets-{rows}", synthetic.SyntheticConfig(rows=rows, seed=7)
     )
-    synth = pl.read_parquet(list(resolve_source(synth_dir).interactions))
+    synth = pl.read_parquet([str(p) for p in resolve_source(synth_dir).interactions])
     results += protocol(f"synthetic {rows:,} events", synth, work / f"sets-synth-{rows}", quick)
     # Sparse and local, shaped like public check-in benchmarks: where item-item peers are
     # strongest and a two-tower model weakest.
@@ -346,7 +346,7 @@ def main() -> None:
     elif args.synthetic:
         config = synthetic.SyntheticConfig(rows=args.synthetic, seed=7)
         data = synthetic.generate(args.work / f"synth-{args.synthetic}", config)
-        events = pl.read_parquet(list(resolve_source(data).interactions))
+        events = pl.read_parquet([str(p) for p in resolve_source(data).interactions])
     else:
         events = pl.read_parquet(movielens.fetch(Settings().datasets_dir) / "interactions.parquet")
     train_path, test_pairs = holdout_files(events, args.work / "split")
