@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import polars as pl
 import typer
@@ -24,6 +24,9 @@ from recsys.core.errors import RecsysError
 from recsys.core.layout import VersionLayout
 from recsys.core.settings import Settings
 from recsys.export import ExportFormat, Side
+
+if TYPE_CHECKING:
+    from training.cluster import Cluster
 
 app = typer.Typer(
     help="Embedding-based recommender: ingest logs, build models and indexes, serve them.",
@@ -355,11 +358,39 @@ def build(
             help="Embedding tables over ranks: auto | table_wise | column_wise | row_wise (GPU)."
         ),
     ] = None,
+    nnodes: Annotated[
+        int, typer.Option(min=1, help="Machines training this build (torchrun's --nnodes).")
+    ] = 1,
+    node_rank: Annotated[
+        int,
+        typer.Option(
+            min=0, help="This machine's place among them: 0 builds, the others train ranks."
+        ),
+    ] = 0,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT where the machines meet (c10d), on node 0's network."),
+    ] = None,
+    cluster_timeout: Annotated[
+        float,
+        typer.Option(
+            min=1.0, help="Seconds to wait for the other machines, and for any collective."
+        ),
+    ] = 600.0,
 ) -> None:
     """Ingest, train, embed, index, and promote a new version to current. A rebuild
     warm-starts from the current version and must pass the quality gate (exit status 3
     when the candidate is rejected; the current version stays). Settings: defaults, then
-    the --config file, then flags; the resolved settings are printed and stored."""
+    the --config file, then flags; the resolved settings are printed and stored. Over
+    several machines, run the same command on each with its --node-rank: node 0 builds,
+    the others train their ranks of it (--artifacts on a filesystem every node mounts)."""
+    cluster = _cluster(nnodes, node_rank, rdzv_endpoint, cluster_timeout)
+    if cluster is not None and cluster.node_rank > 0:
+        from training.distributed import join_cluster
+
+        join_cluster(cluster, nproc or 1, device or "cpu")
+        out.print(f"node {node_rank} of {nnodes}: its ranks trained; node 0 writes the version")
+        return
     flags: dict[str, dict[str, Any]] = {
         "tower": {"embedding_dim": embedding_dim, "similarity": similarity},
         "train": {
@@ -392,7 +423,24 @@ def build(
     flags["inputs"]["posted_events"] = posted_events
     with contextlib.ExitStack() as held:
         root, store = _build_root(artifacts, cache_dir, dry_run, held)
-        _build_in(root, store, flags, config_file, assignments, dry_run, progress)
+        _build_in(root, store, flags, config_file, assignments, dry_run, progress, cluster)
+
+
+def _cluster(nnodes: int, node_rank: int, endpoint: str | None, timeout: float) -> "Cluster | None":
+    """The machines of a build over several, or None for one; bad combinations in one
+    line before any work."""
+    from training.cluster import Cluster
+
+    if nnodes == 1:
+        if node_rank or endpoint:
+            raise RecsysError("--node-rank and --rdzv-endpoint need --nnodes 2 or more")
+        return None
+    if node_rank >= nnodes:
+        raise RecsysError(f"--node-rank must be below --nnodes ({nnodes}), got {node_rank}")
+    host, _, port = (endpoint or "").rpartition(":")
+    if not host or not port.isdigit():
+        raise RecsysError(f"--rdzv-endpoint must be HOST:PORT, got {endpoint!r}")
+    return Cluster(nnodes, node_rank, endpoint or "", timeout)
 
 
 def _absolute(location: str | Path) -> str:
@@ -433,6 +481,7 @@ def _build_in(
     assignments: list[str] | None,
     dry_run: bool,
     progress: bool,
+    cluster: "Cluster | None" = None,
 ) -> None:
     from features.sources import resolve_source
     from recsys.build_config import BuildConfig, current_settings
@@ -475,6 +524,7 @@ def _build_in(
         compute=settings.compute,
         inputs=settings.inputs,
         store=store,
+        cluster=cluster,
     )
     metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)

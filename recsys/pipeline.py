@@ -38,6 +38,7 @@ from recsys.core.versions import VersionStore
 from recsys.gate import GateDecision, last_timestamp, not_comparable, quality_gate
 from serving.index import IndexParams, IndexTargets, build_index
 from training.batches import BatchBuilder
+from training.cluster import Cluster
 from training.config import Similarity, TowerConfig, TrainConfig, warm_budget
 from training.embed import TowerScorer, item_embeddings, user_embeddings_now
 from training.export import SPEC, load_model, version_towers
@@ -111,9 +112,11 @@ def build(
     compute: Compute | None = None,
     inputs: Inputs | None = None,
     store: VersionStore | None = None,
+    cluster: Cluster | None = None,
 ) -> BuildReport:
     """One build under the artifacts directory's lock; see the module docstring. `store`
-    is the root's version store (default: a plain one; remote artifacts pass theirs)."""
+    is the root's version store (default: a plain one; remote artifacts pass theirs);
+    `cluster`: this is node 0 of a build over several machines."""
     with build_lock(root) as died:
         store = store or VersionStore(root)
         abandoned = store.discard_abandoned_staging()
@@ -129,6 +132,7 @@ def build(
             index_targets or IndexTargets(),
             compute or Compute(),
             inputs or Inputs(),
+            cluster,
         )
 
 
@@ -292,7 +296,8 @@ def _manifest(
             "member_best_epochs": result.member_best_epochs or None,
             "seconds": round(result.seconds, 2),
             "seed": result.config.seed,
-            "ranks": compute.nproc,
+            # every rank of every node: one entry per rank in each table's sharding
+            "ranks": max((len(per_rank) for per_rank in result.sharding.values()), default=1),
             "device": compute.device,
             "sharding": result.sharding,
             "valid_metrics": result.best_metrics,
@@ -373,6 +378,7 @@ def _build_locked(
     index_targets: IndexTargets,
     compute: Compute,
     inputs: Inputs,
+    cluster: Cluster | None = None,
 ) -> BuildReport:
     """The stages in order, each writing into the staging directory; any failure
     discards it and leaves `current` as it was."""
@@ -427,6 +433,7 @@ def _build_locked(
             device=compute.device,
             warm_start=plan.model_dir,
             progress=progress,
+            cluster=cluster,
         )
         stage("fit", started)
         layout.build_config.write_text(settings.to_toml())

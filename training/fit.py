@@ -10,6 +10,7 @@ import torch
 
 from features.feature_set import FeatureSet
 from features.splits import Split
+from training.cluster import Cluster
 from training.config import TowerConfig, TrainConfig
 from training.export import ROW_STATE, WEIGHTS, save_model
 from training.trainer import TrainResult, train
@@ -37,17 +38,26 @@ def fit_model(
     device: str = "cpu",
     warm_start: Path | None = None,
     progress: bool = True,
+    cluster: Cluster | None = None,
 ) -> TrainResult:
     """Train on `split` (in-process) or on `data_dir` (one shard of users per rank, the
-    same split rule), save into `model_dir`, and return the result."""
+    same split rule; with `cluster`, the ranks of several machines), save into
+    `model_dir`, and return the result."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    if nproc > 1:
+    if nproc > 1 or cluster is not None:
         from training.distributed import train_with_torchrun
         from training.parallel import check_sharding
 
         check_sharding(config.sharding, device)
         return train_with_torchrun(
-            data_dir, model_dir, nproc, tower, config, warm_start=warm_start, device=device
+            data_dir,
+            model_dir,
+            nproc,
+            tower,
+            config,
+            warm_start=warm_start,
+            device=device,
+            cluster=cluster,
         )
     result = train(
         features,

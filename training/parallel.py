@@ -5,6 +5,7 @@ update in the backward pass; dense layers get AdamW."""
 import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, cast
 
 import torch
@@ -29,12 +30,19 @@ from training.model import ModelSpec, TwoTower
 log = logging.getLogger(__name__)
 
 
+TIMEOUT_VARIABLE = "RECSYS_DIST_TIMEOUT_SECONDS"  # set by a build over several nodes
+
+
 def ensure_process_group(device: torch.device) -> tuple[int, int]:
-    """(rank, world size). Outside torchrun, a one-process group on an in-memory store."""
+    """(rank, world size). Outside torchrun, a one-process group on an in-memory store.
+    Under a build over several nodes every collective gives up after the cluster's
+    timeout (a node that hangs fails the build instead of holding the others forever)."""
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend)
+            seconds = float(os.environ.get(TIMEOUT_VARIABLE) or 0)
+            timeout = {"timeout": timedelta(seconds=seconds)} if seconds > 0 else {}
+            dist.init_process_group(backend, **timeout)  # type: ignore[arg-type]
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
