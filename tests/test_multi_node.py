@@ -44,7 +44,7 @@ def test_two_nodes_of_one_rank_build_one_version(data, tmp_path):
     artifacts, port = tmp_path / "artifacts", free_port()
     joining = _node(1, artifacts, port)
     building = _node(0, artifacts, port, "--data", data, "--epochs", 2, "--no-progress")
-    out0, err0 = building.communicate(timeout=900)
+    _, err0 = building.communicate(timeout=900)
     out1, err1 = joining.communicate(timeout=300)
     assert building.returncode == 0, err0
     assert joining.returncode == 0, err1
