@@ -34,8 +34,9 @@ from recsys.core.settings import Settings
 OPT_IN = {"ablations", "genre-share"}  # sections run only when --only names them
 # Sections a full run leaves out unless named (they would take it past the hour: hosts
 # alone moves 3 GB versions through moto for about 12 minutes, index builds three HNSW
-# libraries' graphs of a million vectors); quick runs include them.
-FULL_OPT_IN = {"hosts", "shared-log", "cluster", "index"}
+# libraries' graphs of a million vectors, ray-batch and remote-logs build versions of
+# their own); quick runs include them.
+FULL_OPT_IN = {"hosts", "shared-log", "cluster", "index", "ray-batch", "remote-logs"}
 
 
 def main() -> None:
