@@ -79,8 +79,7 @@ def recommend_on_ray(
     ray = ray_module()
     if not _is_url(out):
         out = str(Path(out).resolve())  # the actors do not share this process's directory
-        if Path(out).is_file():
-            raise RecsysError(f"{out} is a file: --engine ray writes a directory of parts")
+    _check_empty(out)
     if not _is_url(artifacts):
         artifacts = str(Path(artifacts).resolve())
     started_here = not ray.is_initialized()
@@ -117,6 +116,18 @@ def recommend_on_ray(
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_empty(out: str) -> None:
+    """Parts are added beside whatever a directory holds: a second job into a used one
+    would mix two answers, so only a new or empty directory is written."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(out)
+    if fs.isfile(path):
+        raise RecsysError(f"{out} is a file: --engine ray writes a directory of parts")
+    if fs.isdir(path) and fs.ls(path):
+        raise RecsysError(f"{out} holds files already: name a new or empty directory")
 
 
 def _is_url(path: str) -> bool:

@@ -68,12 +68,18 @@ def test_every_user_of_the_version_on_one_cpu(artifacts, tmp_path):
     _same_lists(pl.read_parquet(single), pl.read_parquet(parts / "*.parquet"))
 
 
-def test_a_file_where_the_parts_would_go_is_refused_in_one_line(artifacts, tmp_path):
+def test_a_file_or_a_used_directory_where_the_parts_would_go_is_refused(artifacts, tmp_path):
+    """A second job into a used directory would mix its parts with the first job's."""
     taken = tmp_path / "answers.parquet"
     taken.write_bytes(b"")
-    done = recsys("recommend", "--artifacts", artifacts, "--out", taken, "--engine", "ray")
-    assert done.returncode == 2 and "writes a directory" in done.stderr
-    assert "Traceback" not in done.stderr
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "part-0.parquet").write_bytes(b"an earlier job's part")
+    for out, expected in ((taken, "writes a directory"), (used, "holds files already")):
+        done = recsys("recommend", "--artifacts", artifacts, "--out", out, "--engine", "ray")
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert (used / "part-0.parquet").read_bytes() == b"an earlier job's part"
 
 
 def test_without_ray_the_command_says_how_to_install_it(artifacts, tmp_path):

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from helpers import environment
+
 from bench.build import synthetic_data
 from bench.report import bar_chart, markdown_table, save
 from features.ingest import ingest
@@ -23,7 +25,14 @@ BATCH = 2048
 
 def _two_nodes(features: Path, out: Path, config: TrainConfig, work: Path) -> TrainResult:
     """Two torchrun launchers of one rank each meeting over loopback, as `recsys build
-    --nnodes 2` runs them: node 1 a `recsys build --node-rank 1` process, node 0 here."""
+    --nnodes 2` runs them: node 1 a `recsys build --node-rank 1` process, node 0 here.
+    Each "node" gets one of the two cores' threads, as each of 2 ranks on one node does
+    (each node would take every core of its machine: here that is twice the cores)."""
+    with environment({"OMP_NUM_THREADS": "1"}):
+        return _meet(features, out, config, work)
+
+
+def _meet(features: Path, out: Path, config: TrainConfig, work: Path) -> TrainResult:
     endpoint = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "recsys", "build", "--artifacts", str(work / "ranks-n1")]
     command += ["--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint", endpoint]
