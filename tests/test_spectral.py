@@ -55,6 +55,35 @@ def test_a_request_history_gets_the_part_the_build_stored_for_that_user() -> Non
     assert np.allclose(branch.user([]), 0.0)
 
 
+def test_the_output_exponent_moves_only_the_item_rows_by_their_degree() -> None:
+    matrix = _planted()
+    basis = spectral.decompose(matrix, 8)
+    light, heavy = basis.branch(8, 0.3), basis.branch(8, 0.5)
+    assert np.array_equal(light.history_rows, heavy.history_rows)  # users' parts stay
+    degree = np.asarray(matrix.sum(axis=0)).ravel()
+    seen = degree > 0
+    ratio = heavy.item_rows[seen] / np.where(light.item_rows[seen] == 0, 1, light.item_rows[seen])
+    nonzero = light.item_rows[seen] != 0
+    assert np.allclose(
+        ratio[nonzero], np.broadcast_to(degree[seen, None] ** 0.2, ratio.shape)[nonzero], rtol=1e-4
+    )
+    assert basis.branch(4).rank == 4 and basis.branch(50).rank == 8  # clipped to the basis
+    assert np.allclose(spectral.fit(matrix, 8, output=0.3).item_rows, light.item_rows)
+
+
+def test_the_decomposition_finds_the_top_singular_vectors_even_of_a_degenerate_block() -> None:
+    matrix = _planted()
+    exact = np.linalg.svd(matrix.toarray(), full_matrices=False)[2][:4].T
+    found = spectral.top_right_singular_vectors(matrix, 4)
+    # the same subspace: each found vector lies in the span of the exact ones
+    assert np.allclose(np.linalg.norm(exact.T @ found, axis=0), 1.0, atol=1e-3)
+    # a block with repeated columns has a singular Gram matrix: Householder takes over
+    block = np.repeat(np.random.default_rng(0).standard_normal((50, 3)), 2, axis=1)
+    basis = spectral._orthonormal(block.astype(np.float32))
+    assert np.all(np.isfinite(basis))
+    assert np.allclose(basis @ (basis.T @ block), block, atol=1e-4)  # spans the block
+
+
 def test_weights_count_as_the_build_counts_them_largest_per_item_and_zero_for_nothing() -> None:
     rng = np.random.default_rng(1)
     events = pl.DataFrame(
@@ -83,9 +112,9 @@ def test_the_filter_ranks_a_users_own_group_first() -> None:
 
 
 def test_the_ranks_tried_stay_below_half_the_smaller_side_and_within_the_work_budget() -> None:
-    assert spectral.candidate_ranks(943, 1_682) == (8, 16, 32, 64, 128, 256)
+    assert spectral.candidate_ranks(943, 1_682) == (8, 16, 32, 48, 64, 96, 128, 192, 256, 384)
     assert spectral.candidate_ranks(30_000, 36_706)[-1] == 1_024
-    assert spectral.candidate_ranks(200_000, 150_000)[-1] == 256  # 350,000 x 512^2 > budget
+    assert spectral.candidate_ranks(200_000, 150_000)[-1] == 384  # 350,000 x 512^2 > budget
     assert spectral.candidate_ranks(10, 10) == ()
 
 
@@ -124,6 +153,8 @@ def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
         >= 1.01 * (chosen["valid"]["towers"])
     )
     rank = chosen["rank"]
+    assert chosen["output_exponent"] in spectral.OUTPUT_EXPONENTS
+    assert str(chosen["output_exponent"]) in chosen["reason"]
     assert spectral.stored_rank(layout.spectral) == rank
     users = pl.read_parquet(layout.side_embeddings("users"))
     items = pl.read_parquet(layout.side_embeddings("items"))

@@ -28,6 +28,7 @@ MARGIN = 1.01  # validation recall the branch must add (x the towers'), against 
 class SpectralChoice:
     branch: spectral.Spectral | None  # fitted on every event and weighted; None: off
     rank: int = 0
+    output: float = spectral.OUTPUT_EXPONENT  # the item rows' degree exponent
     weight: float = 0.0  # on the filtered score, beside the towers' 1
     valid: dict[str, float] = field(default_factory=dict)  # option -> validation recall
     reason: str = ""
@@ -37,6 +38,7 @@ class SpectralChoice:
         return {
             "used": self.branch is not None,
             "rank": self.rank,
+            "output_exponent": self.output,
             "weight": round(self.weight, 6),
             "valid": {k: round(v, 6) for k, v in self.valid.items()},
             "reason": self.reason,
@@ -73,17 +75,25 @@ def _choose(
         return SpectralChoice(None, reason="off: no validation users to choose it on")
     train = spectral.interaction_matrix(split.train, features.num_users, features.num_items)
     ranks = spectral.candidate_ranks(*train.shape)
-    branches = spectral.fit_ranks(train, ranks, config.seed) if ranks else {}
-    if not branches:
+    if not ranks:
         return SpectralChoice(None, reason="off: too few users or items for a rank")
+    basis = spectral.decompose(train, ranks[-1], config.seed)
+    history = train[task.users]
     valid: dict[str, float] = {}
     parts = {}
-    for rank, branch in branches.items():
-        users = branch.users(train[task.users])
-        parts[rank] = users
-        valid[f"filter rank {rank}"] = _recall(task, users, branch.item_rows, metric)
-    rank = max(branches, key=lambda r: valid[f"filter rank {r}"])
-    branch, branch_users = branches[rank], parts[rank]
+    for rank in sorted({min(r, basis.rank) for r in ranks}):
+        branch = basis.branch(rank)
+        parts[rank] = branch.users(history)  # the output exponent leaves a user's part as is
+        valid[f"filter rank {rank}"] = _recall(task, parts[rank], branch.item_rows, metric)
+    rank = max(parts, key=lambda r: valid[f"filter rank {r}"])
+    outputs = {spectral.OUTPUT_EXPONENT: valid[f"filter rank {rank}"]}
+    for output in spectral.OUTPUT_EXPONENTS:
+        if output not in outputs:
+            branch = basis.branch(rank, output)
+            outputs[output] = _recall(task, parts[rank], branch.item_rows, metric)
+            valid[f"filter rank {rank} output {output}"] = outputs[output]
+    output = max(outputs, key=lambda g: outputs[g])  # ties: the default, listed first
+    branch, branch_users = basis.branch(rank, output), parts[rank]
     builder = BatchBuilder(seen, validated.spec.tower)
     builder.mark_known(split.train)
     tower_items = item_embeddings(validated, builder, features.num_items)
@@ -115,14 +125,15 @@ def _choose(
     everything = spectral.interaction_matrix(
         features.interactions, features.num_users, features.num_items
     )
-    final = spectral.weighted(spectral.fit(everything, rank, config.seed), weight)
+    final = spectral.weighted(spectral.fit(everything, rank, config.seed, output), weight)
     return SpectralChoice(
         final,
         rank=rank,
+        output=output,
         weight=weight,
         valid=valid,
-        reason=f"rank {rank}, weight {weight:.3g}: validation {metric} {best:.4f} against "
-        f"{towers:.4f} with the towers alone",
+        reason=f"rank {rank}, output exponent {output}, weight {weight:.3g}: validation "
+        f"{metric} {best:.4f} against {towers:.4f} with the towers alone",
     )
 
 
