@@ -39,7 +39,7 @@ def indexed_training_part(rows: int, work: Path) -> pl.DataFrame:
 def grid(
     events: pl.DataFrame, exponents: list[float], outputs: list[float], ranks: list[int]
 ) -> list[dict[str, float]]:
-    users, items = events[s.USER_IDX].max() + 1, events[s.ITEM_IDX].max() + 1
+    users, items = events[s.USER_IDX].n_unique(), events[s.ITEM_IDX].n_unique()  # dense
     split = random_holdout(events, VALID_SHARE, seed=1)
     fit = split.train.sort(s.USER_IDX, s.ITEM_IDX)
     histories = UserHistories.from_interactions(fit, users)
