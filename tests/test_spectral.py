@@ -154,6 +154,7 @@ def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
     )
     rank = chosen["rank"]
     assert chosen["output_exponent"] in spectral.OUTPUT_EXPONENTS
+    assert chosen["normalisation"] in spectral.NORMALISATIONS
     assert str(chosen["output_exponent"]) in chosen["reason"]
     assert spectral.stored_rank(layout.spectral) == rank
     users = pl.read_parquet(layout.side_embeddings("users"))

@@ -1,7 +1,9 @@
 """Whether a version gets the spectral branch (`training.spectral`), of which rank and
 weight: measured on the build's validation split with the towers as validated (the weights
 from before the refit) and the filter fitted on the training rows alone, then refitted on
-every event. The branch is kept only where it beats the towers alone by MARGIN."""
+every event. The branch is kept only where it beats the towers alone by MARGIN; the
+graph's normalisations (`spectral.NORMALISATIONS`) are tried in turn, and the first that
+does is kept, so a log where the lighter one wins pays for one decomposition."""
 
 import logging
 import time
@@ -9,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from features.feature_set import FeatureSet
 from features.splits import Split
@@ -28,6 +31,7 @@ MARGIN = 1.01  # validation recall the branch must add (x the towers'), against 
 class SpectralChoice:
     branch: spectral.Spectral | None  # fitted on every event and weighted; None: off
     rank: int = 0
+    normalisation: float = spectral.NORMALISATIONS[0]  # the graph's degree exponent
     output: float = spectral.OUTPUT_EXPONENT  # the item rows' degree exponent
     weight: float = 0.0  # on the filtered score, beside the towers' 1
     valid: dict[str, float] = field(default_factory=dict)  # option -> validation recall
@@ -38,6 +42,7 @@ class SpectralChoice:
         return {
             "used": self.branch is not None,
             "rank": self.rank,
+            "normalisation": self.normalisation,
             "output_exponent": self.output,
             "weight": round(self.weight, 6),
             "valid": {k: round(v, 6) for k, v in self.valid.items()},
@@ -68,7 +73,6 @@ def _choose(
         )
     if split.valid.height == 0:
         return SpectralChoice(None, reason="off: no validation events to choose it on")
-    metric = f"recall@{config.eval_k}"
     seen = features.restricted_to(split.train)
     task = sample_task(eval_task(split.valid, seen.histories), config.max_valid_users, config.seed)
     if len(task) == 0:
@@ -77,63 +81,95 @@ def _choose(
     ranks = spectral.candidate_ranks(*train.shape)
     if not ranks:
         return SpectralChoice(None, reason="off: too few users or items for a rank")
-    basis = spectral.decompose(train, ranks[-1], config.seed)
-    history = train[task.users]
+    builder = BatchBuilder(seen, validated.spec.tower)
+    builder.mark_known(split.train)
+    towers = (
+        user_embeddings_now(validated, builder, task.users),
+        item_embeddings(validated, builder, features.num_items),
+    )
     valid: dict[str, float] = {}
+    for normalisation in spectral.NORMALISATIONS:
+        choice = _choose_at(normalisation, train, ranks, task, towers, valid, config)
+        if choice.branch is not None:
+            everything = spectral.interaction_matrix(
+                features.interactions, features.num_users, features.num_items
+            )
+            basis = spectral.decompose(everything, choice.rank, config.seed, normalisation)
+            choice.branch = spectral.weighted(
+                basis.branch(choice.rank, choice.output), choice.weight
+            )
+            return choice
+    return choice
+
+
+def _choose_at(
+    normalisation: float,
+    train: sp.csr_matrix,
+    ranks: tuple[int, ...],
+    task: EvalTask,
+    towers: tuple[np.ndarray, np.ndarray],
+    valid: dict[str, float],
+    config: TrainConfig,
+) -> SpectralChoice:
+    """The best branch of one normalisation on validation (fitted on the training rows,
+    to be refitted by the caller), or off; its figures go into `valid`, named with the
+    normalisation after the first."""
+    metric = f"recall@{config.eval_k}"
+    named = "" if normalisation == spectral.NORMALISATIONS[0] else f" (e {normalisation})"
+    basis = spectral.decompose(train, ranks[-1], config.seed, normalisation)
+    history = train[task.users]
     parts = {}
     for rank in sorted({min(r, basis.rank) for r in ranks}):
         branch = basis.branch(rank)
         parts[rank] = branch.users(history)  # the output exponent leaves a user's part as is
-        valid[f"filter rank {rank}"] = _recall(task, parts[rank], branch.item_rows, metric)
-    rank = max(parts, key=lambda r: valid[f"filter rank {r}"])
-    outputs = {spectral.OUTPUT_EXPONENT: valid[f"filter rank {rank}"]}
+        valid[f"filter{named} rank {rank}"] = _recall(task, parts[rank], branch.item_rows, metric)
+    rank = max(parts, key=lambda r: valid[f"filter{named} rank {r}"])
+    outputs = {spectral.OUTPUT_EXPONENT: valid[f"filter{named} rank {rank}"]}
     for output in spectral.OUTPUT_EXPONENTS:
         if output not in outputs:
             branch = basis.branch(rank, output)
             outputs[output] = _recall(task, parts[rank], branch.item_rows, metric)
-            valid[f"filter rank {rank} output {output}"] = outputs[output]
+            valid[f"filter{named} rank {rank} output {output}"] = outputs[output]
     output = max(outputs, key=lambda g: outputs[g])  # ties: the default, listed first
     branch, branch_users = basis.branch(rank, output), parts[rank]
-    builder = BatchBuilder(seen, validated.spec.tower)
-    builder.mark_known(split.train)
-    tower_items = item_embeddings(validated, builder, features.num_items)
-    tower_users = user_embeddings_now(validated, builder, task.users)
+    tower_users, tower_items = towers
     ratio = spectral.score_ratio(
         tower_users[: spectral.SPREAD_SAMPLE] @ tower_items.T,
         branch_users[: spectral.SPREAD_SAMPLE] @ branch.item_rows.T,
     )
     blended = {}
     for share in spectral.WEIGHTS:
+        if share == 0 and "towers" in valid:
+            blended[share] = valid["towers"]  # the towers alone, measured once
+            continue
         blended[share] = _recall(
             task,
             np.hstack([tower_users, branch_users]),
             np.hstack([tower_items, branch.item_rows * (share * ratio)]),
             metric,
         )
-        valid["towers" if share == 0 else f"towers + filter x{share}"] = blended[share]
+        valid["towers" if share == 0 else f"towers + filter{named} x{share}"] = blended[share]
     best_share = max(spectral.WEIGHTS, key=lambda share: blended[share])  # ties: the lighter
     best = blended[best_share]
-    towers = valid["towers"]
-    if best_share == 0 or best < towers * MARGIN:
+    alone = valid["towers"]
+    if best_share == 0 or best < alone * MARGIN:
         return SpectralChoice(
             None,
             valid=valid,
-            reason=f"off: validation {metric} {towers:.4f} with the towers alone, "
+            reason=f"off: validation {metric} {alone:.4f} with the towers alone, "
             f"{best:.4f} at best with the filter",
         )
     weight = best_share * ratio
-    everything = spectral.interaction_matrix(
-        features.interactions, features.num_users, features.num_items
-    )
-    final = spectral.weighted(spectral.fit(everything, rank, config.seed, output), weight)
     return SpectralChoice(
-        final,
+        branch,  # the caller refits it on every event
         rank=rank,
+        normalisation=normalisation,
         output=output,
         weight=weight,
         valid=valid,
-        reason=f"rank {rank}, output exponent {output}, weight {weight:.3g}: validation "
-        f"{metric} {best:.4f} against {towers:.4f} with the towers alone",
+        reason=f"normalisation {normalisation}, rank {rank}, output exponent {output}, "
+        f"weight {weight:.3g}: validation {metric} {best:.4f} against {alone:.4f} with the "
+        "towers alone",
     )
 
 
