@@ -16,7 +16,7 @@ from helpers import recsys
 
 from data.synthetic import SyntheticConfig, generate
 from recsys.core.versions import VersionStore
-from recsys.processes import free_port
+from recsys.processes import free_port, wait_listening
 
 pytestmark = pytest.mark.slow  # model builds on several processes: `make test` only
 
@@ -56,14 +56,28 @@ def test_two_nodes_of_one_rank_build_one_version(data, tmp_path):
     assert sum(per_rank[1] for per_rank in held.values()) > 0  # node 1 held tables
 
 
-def test_a_node_killed_mid_training_fails_the_build_and_keeps_current(data, tmp_path):
+@pytest.mark.parametrize("store_on", ["killed node", "surviving node"])
+def test_a_node_killed_mid_training_fails_the_build_and_keeps_current(data, tmp_path, store_on):
+    """The node whose launcher starts first hosts the meeting's store. Killed with it, the
+    store takes the survivor's launcher down; kept alive on the survivor, only the killed
+    node's ranks can end the build, and they must not outlive their launcher (torchrun
+    starts them in sessions of their own, so a killed process group leaves them)."""
     artifacts = tmp_path / "artifacts"
     first = recsys("build", "--artifacts", artifacts, "--data", data, "--epochs", 1)
     assert first.returncode == 0, first.stderr
     current = VersionStore(artifacts).current_name()
     port = free_port()
-    joining = _node(1, artifacts, port)
-    building = _node(0, artifacts, port, "--epochs", 200, "--no-gate", "--no-progress")
+    # Long training (no warm start, no early stop): the peer must die mid-training.
+    building_flags = ["--from-scratch", "--epochs", 200, "--set", "train.patience=200"]
+    building_flags += ["--no-gate", "--no-progress"]
+    if store_on == "killed node":
+        joining = _node(1, artifacts, port)
+        wait_listening(port, 1, timeout=600)  # its launcher hosts the store
+        building = _node(0, artifacts, port, *building_flags)
+    else:
+        building = _node(0, artifacts, port, *building_flags)
+        wait_listening(port, 1, timeout=600)
+        joining = _node(1, artifacts, port)
     deadline = time.monotonic() + 600
     while not list(artifacts.glob("versions/.staging-*/model/metrics.jsonl")):  # epoch 1 done
         assert building.poll() is None and time.monotonic() < deadline, building.stderr

@@ -30,6 +30,7 @@ from training.config import TowerConfig, TrainConfig
 from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS
 from training.fit import METRICS, save_result
 from training.model import ModelSpec
+from training.orphans import die_with_parent, stop_when_orphaned
 from training.parallel import TIMEOUT_VARIABLE, ensure_process_group
 from training.trainer import TrainResult, build_split, train
 from training.warm_start import load_warm_start
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm-start", type=Path, help="a previous version's model directory")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    stop_when_orphaned(f"training rank {os.environ.get('RANK', '0')}")
     device = _device(args.device)
     rank, world_size = ensure_process_group(device)
     args = _invocation(args)
@@ -175,7 +177,14 @@ def _run_ranks(
     env = {**os.environ, "OMP_NUM_THREADS": threads}  # the cores shared between the ranks
     if cluster is not None:  # every collective gives up after this, as the meeting does
         env[TIMEOUT_VARIABLE] = str(cluster.timeout_seconds)
-    return subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        preexec_fn=die_with_parent,  # torchrun stops with this build, and its ranks with it
+    )
 
 
 def _check_ranks(
