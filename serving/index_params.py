@@ -22,6 +22,15 @@ class HnswParams:
 
 
 @dataclass(frozen=True)
+class ProjectedParams:
+    width: int  # coordinates every item is first scored in
+    candidates: int  # the best of those re-scored exactly (a search for n > it uses n)
+    recall_at_100: float  # measured against exact search at build time, on held-out queries
+    query_ms: float  # mean time of one k = 100 query at these settings, re-scoring included
+    build_seconds: float
+
+
+@dataclass(frozen=True)
 class IndexParams:
     metric: str  # "angular" or "dot"
     dim: int
@@ -31,8 +40,9 @@ class IndexParams:
     build_seconds: float
     query_ms: float = 0.0  # mean time of one k = 100 query at these settings, at build time
     exact_query_ms: float = 0.0  # the same for exact search over the same embeddings
-    backend: str = "annoy"  # what serves: "exact" (recall 1.0), "annoy" or "hnsw"
+    backend: str = "annoy"  # what serves: "exact" (recall 1.0), "annoy", "hnsw" or "projected"
     hnsw: HnswParams | None = None  # the graph's measurements, where one was built
+    projected: ProjectedParams | None = None  # the projection's, where one was fitted
     reason: str = ""  # why `backend` serves, in the measured figures
 
     @property
@@ -42,6 +52,8 @@ class IndexParams:
             return self.exact_query_ms
         if self.backend == "hnsw" and self.hnsw is not None:
             return self.hnsw.query_ms
+        if self.backend == "projected" and self.projected is not None:
+            return self.projected.query_ms
         return self.query_ms
 
     @property
@@ -51,19 +63,28 @@ class IndexParams:
             return 1.0
         if self.backend == "hnsw" and self.hnsw is not None:
             return self.hnsw.recall_at_100
+        if self.backend == "projected" and self.projected is not None:
+            return self.projected.recall_at_100
         return self.recall_at_100
 
     @property
     def build_seconds_total(self) -> float:
-        """Seconds spent building the Annoy index and the graph (either may be absent)."""
-        return self.build_seconds + (self.hnsw.build_seconds if self.hnsw else 0.0)
+        """Seconds spent building the Annoy index, the graph and the projection (each may
+        be absent)."""
+        extra = [p.build_seconds for p in (self.hnsw, self.projected) if p is not None]
+        return self.build_seconds + sum(extra)
 
     @classmethod
     def read(cls, directory: Path) -> "IndexParams":
         try:
             payload: dict[str, Any] = json.loads((directory / PARAMS_FILE).read_text())
             hnsw = payload.pop("hnsw", None)
-            return cls(**payload, hnsw=HnswParams(**hnsw) if hnsw else None)
+            projected = payload.pop("projected", None)
+            return cls(
+                **payload,
+                hnsw=HnswParams(**hnsw) if hnsw else None,
+                projected=ProjectedParams(**projected) if projected else None,
+            )
         except (OSError, ValueError, TypeError) as exc:
             raise ArtifactError(f"{directory}: cannot read index parameters ({exc})") from exc
 
@@ -75,4 +96,5 @@ class IndexBackend(enum.Enum):
     AUTO = "auto"  # the cheapest that meets the recall target within the query budget
     ANNOY = "annoy"
     HNSW = "hnsw"
+    PROJECTED = "projected"
     EXACT = "exact"

@@ -30,15 +30,19 @@ SYNTHETIC = SyntheticConfig(rows=8_000, users=200, items=120, clusters=4, seed=5
 
 
 @pytest.fixture(
-    scope="module", params=[IndexBackend.AUTO, IndexBackend.HNSW], ids=lambda b: b.value
+    scope="module",
+    params=[IndexBackend.AUTO, IndexBackend.HNSW, IndexBackend.PROJECTED],
+    ids=lambda b: b.value,
 )
 def built(tmp_path_factory, request) -> Path:
-    """A version served as measured (exact search at this size), and one served by an HNSW
-    graph: hidden items, new items and filters work the same through either."""
+    """A version served as measured (exact search at this size), one served by an HNSW
+    graph and one by the projected scan: hidden items, new items and filters work the
+    same through each."""
     root, index = tmp_path_factory.mktemp("catalogue"), IndexTargets(backend=request.param)
     artifacts = small_version(root, SYNTHETIC, TrainConfig(max_epochs=2), index)
     params = IndexParams.read(VersionStore(artifacts).current() / "index")
-    assert params.backend == ("hnsw" if request.param is IndexBackend.HNSW else "exact")
+    named = {IndexBackend.HNSW: "hnsw", IndexBackend.PROJECTED: "projected"}
+    assert params.backend == named.get(request.param, "exact")
     return artifacts
 
 

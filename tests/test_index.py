@@ -1,5 +1,5 @@
 """Index tuning and choice: tie-aware recall against exact search, the search budget, and
-one behavioural suite for the exact, Annoy and HNSW backends."""
+one behavioural suite for the exact, Annoy, HNSW and projected backends."""
 
 import json
 import subprocess
@@ -28,6 +28,13 @@ from serving.index import (
     serving_backend,
 )
 from serving.index_params import PARAMS_FILE
+from serving.projected import (
+    FIRST_CANDIDATES,
+    PROJECTED_FILE,
+    QUERY_MAP_FILE,
+    ProjectedRetriever,
+    fit_projection,
+)
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -264,3 +271,106 @@ def test_a_process_that_builds_a_graph_and_trains_does_not_hang():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
     )
     assert finished.returncode == 0, finished.stderr[-2000:]
+
+
+def wide_low_rank(seed: int, items: int = 3000, dim: int = 96, rank: int = 12):
+    """Wide item vectors whose scores live in a few directions (as the spectral branch's
+    do), lengths varied, and queries along those directions with a little noise."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0]  # (dim, rank)
+    rows = rng.normal(size=(items, rank)) @ basis.T + 0.05 * rng.normal(size=(items, dim))
+    rows *= rng.uniform(0.5, 2.0, (items, 1))
+    queries = rng.normal(size=(400, rank)) @ basis.T + 0.05 * rng.normal(size=(400, dim))
+    return rows.astype(np.float32), queries.astype(np.float32)
+
+
+def test_the_projection_keeps_the_scores_of_queries_in_its_directions():
+    """Queries confined to a subspace are scored exactly by a projection of its width,
+    however the items spread outside it: the projection follows the queries."""
+    rng = np.random.default_rng(20)
+    items = rng.normal(size=(500, 32)).astype(np.float32)
+    basis = np.linalg.qr(rng.normal(size=(32, 4)))[0]
+    queries = (rng.normal(size=(50, 4)) @ basis.T).astype(np.float32)
+    projected, query_map = fit_projection(items, queries, 4)
+    np.testing.assert_allclose(
+        projected @ (queries @ query_map).T, items @ queries.T, rtol=1e-3, atol=1e-3
+    )
+
+
+def test_the_projected_scan_serves_where_annoy_misses_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """As with a wide spectral version: exact search over budget, Annoy held to its first
+    setting below the target; the projection meets it, serves, and the graph is never
+    built."""
+    exact_search_over_budget(monkeypatch)
+    tune_annoy = index_module._tune_annoy
+    monkeypatch.setattr(
+        index_module,
+        "_tune_annoy",
+        lambda *args, **kwargs: replace(tune_annoy(*args, **kwargs), recall_at_100=0.5),
+    )
+    items, queries = wide_low_rank(21)
+    params = build_index(items, queries, tmp_path, "dot", IndexTargets(0.95, 1000.0))
+    assert params.projected is not None and params.projected.recall_at_100 >= 0.95
+    assert params.backend == "projected" and params.hnsw is None
+    assert "re-scored) recall" in params.reason and "Annoy (" in params.reason
+    served = load_retriever(tmp_path, items)
+    assert isinstance(served, ProjectedRetriever)
+    held_out = wide_low_rank(21)[1][::-1][:100] * 1.5  # other queries of the same kind
+    assert recall_against_exact(served, ExactRetriever(items), held_out) >= 0.9
+    assert IndexParams.read(tmp_path) == params
+
+
+def test_the_projected_shortlist_grows_while_the_target_is_missed(tmp_path: Path):
+    items, queries = wide_low_rank(22, rank=24)
+    loose = IndexTargets(0.5, 1000.0, IndexBackend.PROJECTED)
+    strict = IndexTargets(0.999, 1000.0, IndexBackend.PROJECTED)
+    first = build_index(items, queries, tmp_path / "loose", "dot", loose).projected
+    second = build_index(items, queries, tmp_path / "strict", "dot", strict).projected
+    assert first is not None and second is not None
+    assert first.candidates == FIRST_CANDIDATES and first.width == 16
+    assert (second.width, second.candidates) > (first.width, first.candidates)
+    assert second.recall_at_100 >= 0.999
+
+
+def test_a_projection_over_the_budget_serves_only_where_it_is_named(tmp_path: Path):
+    items, queries = wide_low_rank(23)
+    tight = build_index(items, queries, tmp_path / "auto", "dot", IndexTargets(0.999, 1e-6))
+    assert tight.projected is None and tight.backend != "projected"
+    named = IndexTargets(0.999, 1e-6, IndexBackend.PROJECTED)
+    params = build_index(items, queries, tmp_path / "named", "dot", named)
+    assert params.backend == "projected" and params.projected is not None
+    assert params.projected.candidates == FIRST_CANDIDATES  # what was measured, no wider
+    assert isinstance(load_retriever(tmp_path / "named", items), ProjectedRetriever)
+
+
+@pytest.mark.parametrize("name", [PROJECTED_FILE, QUERY_MAP_FILE])
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"not an array" * 100],
+    ids=["truncated", "empty", "garbage"],
+)
+def test_a_damaged_projection_is_refused_in_one_line(tmp_path: Path, name: str, damage):
+    items, queries = wide_low_rank(24, items=1000)
+    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PROJECTED))
+    path = tmp_path / name
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ArtifactError) as refused:
+        load_retriever(tmp_path, items)
+    assert name in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_projection_of_other_items_is_refused(tmp_path: Path):
+    items, queries = wide_low_rank(25, items=1000)
+    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PROJECTED))
+    with pytest.raises(ArtifactError, match="expected 900 items"):
+        load_retriever(tmp_path, items[:900])
+
+
+def test_searches_are_timed_on_one_blas_thread_as_a_worker_runs_them():
+    from threadpoolctl import threadpool_info
+
+    with index_module.as_served():
+        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert blas and all(pool["num_threads"] == 1 for pool in blas)

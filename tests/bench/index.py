@@ -1,7 +1,7 @@
 """The index backends on the same embeddings: Annoy tuned as `recsys build` tunes it, the
-backend `recsys build` chooses (Annoy, HNSW or exact search, by measured recall on sample
-queries), exact search (NumPy brute force), and three HNSW libraries side by side
-(`bench.index_peers`)."""
+backend `recsys build` chooses (Annoy, HNSW, the projected scan or exact search, by
+measured recall on sample queries), exact search (NumPy brute force), and three HNSW
+libraries side by side (`bench.index_peers`)."""
 
 import tempfile
 import time
@@ -25,6 +25,7 @@ from serving.index import (
     load_retriever,
     recall_against_exact,
 )
+from serving.projected import PROJECTED_FILE, QUERY_MAP_FILE
 
 DIM = 64
 
@@ -144,7 +145,8 @@ def _chosen(
         choice_s = time.perf_counter() - started
         served = load_retriever(directory, item_emb)
         params = IndexParams.read(directory)
-        files = [directory / name for name in (INDEX_FILE, HNSW_FILE)]
+        names = (INDEX_FILE, HNSW_FILE, PROJECTED_FILE, QUERY_MAP_FILE)
+        files = [directory / name for name in names]
         result = {
             "case": label,
             "items": len(item_emb),
@@ -171,6 +173,8 @@ def _settings(params: IndexParams) -> str:
         return f"M {params.hnsw.connectivity}, ef {params.hnsw.expansion_search}"
     if params.backend == "annoy":
         return f"{params.n_trees} trees, search_k {params.search_k}"
+    if params.backend == "projected" and params.projected is not None:
+        return f"{params.projected.width} coordinates, {params.projected.candidates} re-scored"
     return "-"
 
 
