@@ -488,5 +488,8 @@ def serving_backend(params: IndexParams, targets: IndexTargets) -> str:
     indexes = [(recall, -ms, name) for recall, ms, name in measured if name != "exact"]
     if not indexes:
         return "exact"
-    _, minus_ms, best = max(indexes)
+    # Annoy's first setting on more trees can already be over the budget; an index within
+    # it serves before one past it, whatever their recall.
+    within = [index for index in indexes if -index[1] <= targets.max_query_ms]
+    _, minus_ms, best = max(within or indexes)
     return "exact" if params.exact_query_ms <= -minus_ms else best

@@ -27,7 +27,7 @@ from serving.index import (
     recall_at_k,
     serving_backend,
 )
-from serving.index_params import PARAMS_FILE
+from serving.index_params import PARAMS_FILE, ProjectedParams
 from serving.projected import (
     FIRST_CANDIDATES,
     PROJECTED_FILE,
@@ -106,6 +106,19 @@ def test_exact_search_serves_where_it_fits_the_budget_and_annoy_misses_the_targe
     assert serving_backend(replace(measured, recall_at_100=0.96), targets) == "annoy"
     assert serving_backend(replace(measured, exact_query_ms=9.0), targets) == "annoy"
     assert serving_backend(replace(measured, exact_query_ms=1.0), targets) == "exact"
+
+
+def test_where_nothing_meets_the_target_an_index_within_the_budget_serves():
+    """On the 1M-event check-in version Annoy's first setting on 120 trees reached recall
+    0.807 in 2.69 ms, past the 2.5 ms budget, and the projected scan 0.819 in 2.27 ms."""
+    targets = IndexTargets(recall_at_100=0.95, max_query_ms=2.5)
+    projected = ProjectedParams(128, 1012, 0.80, 2.27, 1.5)
+    measured = IndexParams(
+        "dot", 768, 120, 12000, 0.81, 50.0, 2.69, exact_query_ms=8.4, projected=projected
+    )
+    assert serving_backend(measured, targets) == "projected"
+    assert serving_backend(replace(measured, query_ms=2.4), targets) == "annoy"  # best recall
+    assert serving_backend(replace(measured, projected=None), targets) == "annoy"  # only one
 
 
 def test_a_catalogue_exact_search_scans_within_budget_stops_the_annoy_search_there(
@@ -329,9 +342,9 @@ def test_the_projected_shortlist_grows_while_the_target_is_missed(tmp_path: Path
     first = build_index(items, queries, tmp_path / "loose", "dot", loose).projected
     second = build_index(items, queries, tmp_path / "strict", "dot", strict).projected
     assert first is not None and second is not None
-    assert first.candidates == FIRST_CANDIDATES and first.width == 16
-    assert (second.width, second.candidates) > (first.width, first.candidates)
+    assert first.candidates == FIRST_CANDIDATES  # met at once (the fastest width serves)
     assert second.recall_at_100 >= 0.999
+    assert (second.width, second.candidates) != (16, FIRST_CANDIDATES)  # that missed it
 
 
 def test_a_projection_over_the_budget_serves_only_where_it_is_named(tmp_path: Path):
