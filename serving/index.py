@@ -1,7 +1,7 @@
 """Nearest-item retrieval behind one interface, with four backends: exact search (a
-matrix product, the oracle), an Annoy index, an HNSW graph and a projected scan re-scored
-exactly (all three mmap'd, shared by worker processes). The build measures them and
-records which serves and why.
+matrix product, the oracle), an Annoy index and an HNSW graph (both mmap'd, shared by
+worker processes), and a product-quantised scan re-scored exactly (its small codes read
+into each worker). The build measures them and records which serves and why.
 
 The index metric follows the training similarity: angular for L2-normalised towers, Annoy's
 inner-product metric for dot products. Scores returned are always the model's own score,
@@ -21,15 +21,9 @@ from threadpoolctl import threadpool_limits
 from recsys.core.errors import ArtifactError
 from recsys.core.typed_settings import described, number, settings_section
 from serving.hnsw import HNSW_FILE, HnswRetriever, build_graph
-from serving.index_params import (
-    PARAMS_FILE,
-    HnswParams,
-    IndexBackend,
-    IndexParams,
-    ProjectedParams,
-)
+from serving.index_params import PARAMS_FILE, HnswParams, IndexBackend, IndexParams, PqParams
 from serving.page_cache import warm_page_cache
-from serving.projected import ProjectedRetriever, build_projection, widths_for
+from serving.pq import BITS, PqRetriever, build_codes, subspace_counts
 
 INDEX_FILE = "items.ann"
 # Above this many items, the backends are first tuned on a sample this large and only the
@@ -74,7 +68,7 @@ class IndexTargets:
         2.5, 0.0, 60_000.0, "CPU time one k = 100 query may take", gt=0.0, le=60_000.0
     )
     backend: IndexBackend = described(
-        IndexBackend.AUTO, "auto (chosen by measurement), annoy, hnsw, projected or exact"
+        IndexBackend.AUTO, "auto (chosen by measurement), annoy, hnsw, pq or exact"
     )
 
 
@@ -173,11 +167,11 @@ def _exact_query_ms(item_emb: np.ndarray, queries: np.ndarray) -> float:
 
 
 def as_served() -> threadpool_limits:
-    """Searches timed as a service worker runs them: on one BLAS thread (its default
+    """Searches timed as a service worker runs them: on one thread (its default
     `blas_threads`). With the build's threads, a matrix-vector product of a 36,706 x 768
     version took 4.9 ms where a worker takes longer, and narrow scans looked slower than
     wide ones as the threads started up."""
-    return threadpool_limits(1, user_api="blas")
+    return threadpool_limits(1)  # BLAS and OpenMP (faiss's)
 
 
 def load_retriever(directory: Path, item_emb: np.ndarray) -> Retriever:
@@ -193,8 +187,8 @@ def load_retriever(directory: Path, item_emb: np.ndarray) -> Retriever:
         if params.hnsw is None:
             raise ArtifactError(f"{directory}: {PARAMS_FILE} names hnsw but holds no parameters")
         return HnswRetriever.load(directory, item_emb, params)
-    if params.backend == "projected":
-        return ProjectedRetriever.load(directory, item_emb, params)
+    if params.backend == "pq":
+        return PqRetriever.load(directory, item_emb, params)
     annoy = AnnoyRetriever.load(directory, item_emb, params) if params.n_trees else None
     if params.backend == "exact" or annoy is None:
         return ExactRetriever(item_emb, params)
@@ -308,33 +302,33 @@ def _tune_hnsw(
     return HnswParams(connectivity, expansion_add, expansion, recall, query_ms, round(seconds, 3))
 
 
-def _tune_projected(
+def _tune_pq(
     item_emb: np.ndarray,
     queries: np.ndarray,
     kth: np.ndarray,
     directory: Path,
     targets: IndexTargets,
     named: bool = False,
-) -> ProjectedParams | None:
-    """Fit the projection of each width on half the tuning queries and measure it on the
-    other half (it is fitted to queries, so the ones it saw would flatter it); the
-    shortlist grows while the recall target is missed and a query stays within the
-    budget (in steps of half: doubling overshot the target's setting by up to 2x). The
-    fastest setting that meets the target is written for serving, else the
-    best recall within the budget; where not even the narrowest shortlist fits it, None,
-    unless `index.backend` names this backend (then that shortlist, as measured)."""
-    if len(queries) < 2:
-        queries, kth = np.vstack([queries, queries]), np.concatenate([kth, kth])
-    fitting, measuring, bars = queries[0::2], queries[1::2], kth[1::2]
-    params = IndexParams("dot", item_emb.shape[1], 0, 0, 0.0, 0.0, backend="projected")
-    best: tuple[tuple[bool, float, float], ProjectedRetriever, ProjectedParams] | None = None
-    for width in widths_for(item_emb.shape[1]):
-        retriever, seconds = build_projection(item_emb, fitting, width, params)
+    seed: int = 0,
+) -> PqParams | None:
+    """Build the codes at each size (`subspace_counts`), then grow the shortlist re-scored
+    exactly by half from 200 while the recall target is missed and a query stays within
+    the budget (doubling overshot the setting the target needs by up to 2x). The fastest
+    setting that meets the target is written for serving, else the best recall within the
+    budget; where not even the first shortlist fits it, None, unless `index.backend`
+    names this backend (then that shortlist, as measured). None for fewer items than
+    one codebook has entries."""
+    if len(item_emb) < 2**BITS:
+        return None
+    params = IndexParams("dot", item_emb.shape[1], 0, 0, 0.0, 0.0, backend="pq")
+    best: tuple[tuple[bool, float, float], PqRetriever, PqParams] | None = None
+    for subspaces in subspace_counts(item_emb.shape[1]):
+        retriever, seconds = build_codes(item_emb, subspaces, params, seed)
         candidates = retriever.candidates
         while True:
             trial = retriever.with_candidates(candidates)
-            recall, query_ms = _timed_recall(trial, measuring, bars)
-            measured = ProjectedParams(width, candidates, recall, query_ms, round(seconds, 3))
+            recall, query_ms = _timed_recall(trial, queries, kth)
+            measured = PqParams(subspaces, candidates, recall, query_ms, round(seconds, 3))
             if query_ms > targets.max_query_ms:
                 if named and best is None:
                     best = ((False, -np.inf, -query_ms), trial, measured)
@@ -346,7 +340,7 @@ def _tune_projected(
             if meets or candidates * 3 // 2 > len(item_emb) // 2:
                 break
             candidates = candidates * 3 // 2
-    if best is None:  # not even the narrowest shortlist fits the budget
+    if best is None:  # not even the first shortlist fits the budget
         return None
     _, chosen, settings = best
     chosen.save(directory)
@@ -388,8 +382,8 @@ def build_index(
     """Measure the backends on real user queries and record the one that serves, and why.
 
     Annoy comes first and serves wherever it meets the recall target within the query
-    budget (or exact search, where that is faster). Where it misses, the projected scan is
-    fitted and tuned, and where that misses too an HNSW graph is built and tuned; the
+    budget (or exact search, where that is faster). Where it misses, the PQ scan is built
+    and tuned, and where that misses too an HNSW graph is built and tuned; the
     cheapest that meets the target serves (exact search included); where nothing does,
     the best recall within the budget. A catalogue over
     `SAMPLE_ITEMS` builds only the one its sample chose (`_sampled_choice`).
@@ -408,10 +402,10 @@ def build_index(
         params = _tune_annoy(*args, seed=seed)
     searching = chosen is IndexBackend.AUTO and not _meets(params, targets)
     # Where a large catalogue's sample chose the graph, it is built without this detour.
-    if chosen is IndexBackend.PROJECTED or (searching and build is not IndexBackend.HNSW):
-        named = chosen is IndexBackend.PROJECTED
-        tuned = _tune_projected(item_emb, queries, kth, directory, targets, named)
-        params = replace(params, projected=tuned)
+    if chosen is IndexBackend.PQ or (searching and build is not IndexBackend.HNSW):
+        named = chosen is IndexBackend.PQ
+        tuned = _tune_pq(item_emb, queries, kth, directory, targets, named, seed)
+        params = replace(params, pq=tuned)
         searching = searching and not (
             tuned is not None and _reaches(tuned.recall_at_100, tuned.query_ms, targets)
         )
@@ -421,6 +415,8 @@ def build_index(
             params, hnsw=_tune_hnsw(item_emb, queries, kth, directory, metric, targets)
         )
     backend = chosen.value if chosen is not IndexBackend.AUTO else serving_backend(params, targets)
+    if chosen is IndexBackend.PQ and params.pq is None:  # fewer items than codebook entries
+        backend = "exact"
     params = replace(params, backend=backend)
     params = replace(params, reason=_reason(params, targets, sampled, chosen))
     params.write(directory)
@@ -447,6 +443,8 @@ def _reason(
     parts = [f"target recall@100 {targets.recall_at_100:g} within {targets.max_query_ms:g} ms"]
     if chosen is not IndexBackend.AUTO:
         parts.append(f"index.backend = {chosen.value}")
+    if chosen is IndexBackend.PQ and params.pq is None:
+        parts.append(f"PQ needs at least {2**BITS} items")
     parts.append(f"exact search {params.exact_query_ms:.2f} ms")
     if params.n_trees:
         parts.append(
@@ -455,11 +453,10 @@ def _reason(
         )
     if sampled:
         parts.append(sampled)
-    if params.projected is not None:
+    if params.pq is not None:
         parts.append(
-            f"projected ({params.projected.width} coordinates, {params.projected.candidates} "
-            f"re-scored) recall {params.projected.recall_at_100:.3f} in "
-            f"{params.projected.query_ms:.2f} ms"
+            f"PQ ({params.pq.subspaces} codes, {params.pq.candidates} re-scored) recall "
+            f"{params.pq.recall_at_100:.3f} in {params.pq.query_ms:.2f} ms"
         )
     if params.hnsw is not None:
         parts.append(
@@ -480,8 +477,8 @@ def serving_backend(params: IndexParams, targets: IndexTargets) -> str:
         measured.append((params.recall_at_100, params.query_ms, "annoy"))
     if params.hnsw is not None:
         measured.append((params.hnsw.recall_at_100, params.hnsw.query_ms, "hnsw"))
-    if params.projected is not None:
-        measured.append((params.projected.recall_at_100, params.projected.query_ms, "projected"))
+    if params.pq is not None:
+        measured.append((params.pq.recall_at_100, params.pq.query_ms, "pq"))
     meeting = [(ms, name) for recall, ms, name in measured if _reaches(recall, ms, targets)]
     if meeting:
         return min(meeting)[1]

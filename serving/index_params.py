@@ -22,10 +22,10 @@ class HnswParams:
 
 
 @dataclass(frozen=True)
-class ProjectedParams:
-    width: int  # coordinates every item is first scored in
-    candidates: int  # the best of those re-scored exactly (a search for n > it uses n)
-    recall_at_100: float  # measured against exact search at build time, on held-out queries
+class PqParams:
+    subspaces: int  # 4-bit sub-quantisers each item's codes hold
+    candidates: int  # the best of the scan re-scored exactly (a search for n > it uses n)
+    recall_at_100: float  # measured against exact search at build time
     query_ms: float  # mean time of one k = 100 query at these settings, re-scoring included
     build_seconds: float
 
@@ -40,9 +40,9 @@ class IndexParams:
     build_seconds: float
     query_ms: float = 0.0  # mean time of one k = 100 query at these settings, at build time
     exact_query_ms: float = 0.0  # the same for exact search over the same embeddings
-    backend: str = "annoy"  # what serves: "exact" (recall 1.0), "annoy", "hnsw" or "projected"
+    backend: str = "annoy"  # what serves: "exact" (recall 1.0), "annoy", "hnsw" or "pq"
     hnsw: HnswParams | None = None  # the graph's measurements, where one was built
-    projected: ProjectedParams | None = None  # the projection's, where one was fitted
+    pq: PqParams | None = None  # the PQ scan's, where one was built
     reason: str = ""  # why `backend` serves, in the measured figures
 
     @property
@@ -52,8 +52,8 @@ class IndexParams:
             return self.exact_query_ms
         if self.backend == "hnsw" and self.hnsw is not None:
             return self.hnsw.query_ms
-        if self.backend == "projected" and self.projected is not None:
-            return self.projected.query_ms
+        if self.backend == "pq" and self.pq is not None:
+            return self.pq.query_ms
         return self.query_ms
 
     @property
@@ -63,15 +63,15 @@ class IndexParams:
             return 1.0
         if self.backend == "hnsw" and self.hnsw is not None:
             return self.hnsw.recall_at_100
-        if self.backend == "projected" and self.projected is not None:
-            return self.projected.recall_at_100
+        if self.backend == "pq" and self.pq is not None:
+            return self.pq.recall_at_100
         return self.recall_at_100
 
     @property
     def build_seconds_total(self) -> float:
-        """Seconds spent building the Annoy index, the graph and the projection (each may
-        be absent)."""
-        extra = [p.build_seconds for p in (self.hnsw, self.projected) if p is not None]
+        """Seconds spent building the Annoy index, the graph and the PQ codes (each may be
+        absent)."""
+        extra = [p.build_seconds for p in (self.hnsw, self.pq) if p is not None]
         return self.build_seconds + sum(extra)
 
     @classmethod
@@ -79,11 +79,11 @@ class IndexParams:
         try:
             payload: dict[str, Any] = json.loads((directory / PARAMS_FILE).read_text())
             hnsw = payload.pop("hnsw", None)
-            projected = payload.pop("projected", None)
+            pq = payload.pop("pq", None)
             return cls(
                 **payload,
                 hnsw=HnswParams(**hnsw) if hnsw else None,
-                projected=ProjectedParams(**projected) if projected else None,
+                pq=PqParams(**pq) if pq else None,
             )
         except (OSError, ValueError, TypeError) as exc:
             raise ArtifactError(f"{directory}: cannot read index parameters ({exc})") from exc
@@ -96,5 +96,5 @@ class IndexBackend(enum.Enum):
     AUTO = "auto"  # the cheapest that meets the recall target within the query budget
     ANNOY = "annoy"
     HNSW = "hnsw"
-    PROJECTED = "projected"
+    PQ = "pq"
     EXACT = "exact"

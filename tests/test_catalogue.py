@@ -31,17 +31,17 @@ SYNTHETIC = SyntheticConfig(rows=8_000, users=200, items=120, clusters=4, seed=5
 
 @pytest.fixture(
     scope="module",
-    params=[IndexBackend.AUTO, IndexBackend.HNSW, IndexBackend.PROJECTED],
+    params=[IndexBackend.AUTO, IndexBackend.HNSW, IndexBackend.PQ],
     ids=lambda b: b.value,
 )
 def built(tmp_path_factory, request) -> Path:
     """A version served as measured (exact search at this size), one served by an HNSW
-    graph and one by the projected scan: hidden items, new items and filters work the
+    graph and one by the PQ scan: hidden items, new items and filters work the
     same through each."""
     root, index = tmp_path_factory.mktemp("catalogue"), IndexTargets(backend=request.param)
     artifacts = small_version(root, SYNTHETIC, TrainConfig(max_epochs=2), index)
     params = IndexParams.read(VersionStore(artifacts).current() / "index")
-    named = {IndexBackend.HNSW: "hnsw", IndexBackend.PROJECTED: "projected"}
+    named = {IndexBackend.HNSW: "hnsw", IndexBackend.PQ: "pq"}
     assert params.backend == named.get(request.param, "exact")
     return artifacts
 

@@ -1,5 +1,5 @@
 """Index tuning and choice: tie-aware recall against exact search, the search budget, and
-one behavioural suite for the exact, Annoy, HNSW and projected backends."""
+one behavioural suite for the exact, Annoy, HNSW and PQ backends."""
 
 import json
 import subprocess
@@ -27,14 +27,8 @@ from serving.index import (
     recall_at_k,
     serving_backend,
 )
-from serving.index_params import PARAMS_FILE, ProjectedParams
-from serving.projected import (
-    FIRST_CANDIDATES,
-    PROJECTED_FILE,
-    QUERY_MAP_FILE,
-    ProjectedRetriever,
-    fit_projection,
-)
+from serving.index_params import PARAMS_FILE, PqParams
+from serving.pq import FIRST_CANDIDATES, PQ_FILE, PqRetriever
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -110,15 +104,13 @@ def test_exact_search_serves_where_it_fits_the_budget_and_annoy_misses_the_targe
 
 def test_where_nothing_meets_the_target_an_index_within_the_budget_serves():
     """On the 1M-event check-in version Annoy's first setting on 120 trees reached recall
-    0.807 in 2.69 ms, past the 2.5 ms budget, and the projected scan 0.819 in 2.27 ms."""
+    0.807 in 2.69 ms, past the 2.5 ms budget."""
     targets = IndexTargets(recall_at_100=0.95, max_query_ms=2.5)
-    projected = ProjectedParams(128, 1012, 0.80, 2.27, 1.5)
-    measured = IndexParams(
-        "dot", 768, 120, 12000, 0.81, 50.0, 2.69, exact_query_ms=8.4, projected=projected
-    )
-    assert serving_backend(measured, targets) == "projected"
+    pq = PqParams(192, 300, 0.80, 2.27, 1.5)
+    measured = IndexParams("dot", 768, 120, 12000, 0.81, 50.0, 2.69, exact_query_ms=8.4, pq=pq)
+    assert serving_backend(measured, targets) == "pq"
     assert serving_backend(replace(measured, query_ms=2.4), targets) == "annoy"  # best recall
-    assert serving_backend(replace(measured, projected=None), targets) == "annoy"  # only one
+    assert serving_backend(replace(measured, pq=None), targets) == "annoy"  # the only one
 
 
 def test_a_catalogue_exact_search_scans_within_budget_stops_the_annoy_search_there(
@@ -268,17 +260,30 @@ def test_parameters_written_before_the_graph_backend_still_load(tmp_path: Path):
     )
 
 
-def test_a_process_that_builds_a_graph_and_trains_does_not_hang():
+@pytest.mark.parametrize(
+    "module, build",
+    [
+        ("usearch", "from serving.hnsw import build_graph; build_graph(rows, 'angular')"),
+        (
+            "faiss",
+            "from serving.pq import build_codes; from serving.index_params import IndexParams; "
+            "build_codes(rows, 4, IndexParams('dot', 8, 0, 0, 0.0, 0.0))",
+        ),
+    ],
+)
+def test_a_process_that_builds_an_index_and_trains_does_not_hang(module: str, build: str):
     """usearch loaded before libtorch made torch's C++ exceptions unwind forever: a build
     process hung in `import torch.distributed.optim` (TorchScript) for good. Importing
-    the pipeline must not load usearch; the graph is built after torch is in."""
+    the pipeline must load neither index library (each brings a C++ runtime, faiss its
+    own OpenMP too); an index is built after torch is in, and training goes on."""
     script = (
         "import sys, numpy as np\n"
         "import recsys.pipeline\n"
-        "assert 'usearch' not in sys.modules, 'usearch loaded with the pipeline'\n"
-        "from serving.hnsw import build_graph\n"
-        "build_graph(np.eye(8, dtype=np.float32), 'angular')\n"
-        "import torch.distributed.optim\n"  # TorchScript: throws and catches C++ exceptions
+        f"assert {module!r} not in sys.modules, '{module} loaded with the pipeline'\n"
+        "rows = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)\n"
+        f"{build}\n"
+        "import torch, torch.distributed.optim\n"  # TorchScript: throws and catches C++ exceptions
+        "torch.nn.Linear(8, 8)(torch.ones(64, 8)).sum().backward()\n"  # torch's OpenMP too
     )
     finished = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
@@ -286,36 +291,22 @@ def test_a_process_that_builds_a_graph_and_trains_does_not_hang():
     assert finished.returncode == 0, finished.stderr[-2000:]
 
 
-def wide_low_rank(seed: int, items: int = 3000, dim: int = 96, rank: int = 12):
-    """Wide item vectors whose scores live in a few directions (as the spectral branch's
-    do), lengths varied, and queries along those directions with a little noise."""
+def wide(seed: int, items: int = 3000, dim: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    """Wide item vectors of varied lengths around a few directions (as the spectral
+    branch's are), and queries of the same kind."""
     rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.normal(size=(dim, rank)))[0]  # (dim, rank)
-    rows = rng.normal(size=(items, rank)) @ basis.T + 0.05 * rng.normal(size=(items, dim))
+    basis = np.linalg.qr(rng.normal(size=(dim, 12)))[0]
+    rows = rng.normal(size=(items, 12)) @ basis.T + 0.3 * rng.normal(size=(items, dim))
     rows *= rng.uniform(0.5, 2.0, (items, 1))
-    queries = rng.normal(size=(400, rank)) @ basis.T + 0.05 * rng.normal(size=(400, dim))
+    queries = rng.normal(size=(400, 12)) @ basis.T + 0.3 * rng.normal(size=(400, dim))
     return rows.astype(np.float32), queries.astype(np.float32)
 
 
-def test_the_projection_keeps_the_scores_of_queries_in_its_directions():
-    """Queries confined to a subspace are scored exactly by a projection of its width,
-    however the items spread outside it: the projection follows the queries."""
-    rng = np.random.default_rng(20)
-    items = rng.normal(size=(500, 32)).astype(np.float32)
-    basis = np.linalg.qr(rng.normal(size=(32, 4)))[0]
-    queries = (rng.normal(size=(50, 4)) @ basis.T).astype(np.float32)
-    projected, query_map = fit_projection(items, queries, 4)
-    np.testing.assert_allclose(
-        projected @ (queries @ query_map).T, items @ queries.T, rtol=1e-3, atol=1e-3
-    )
-
-
-def test_the_projected_scan_serves_where_annoy_misses_and_says_why(
+def test_the_pq_scan_serves_where_annoy_misses_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    """As with a wide spectral version: exact search over budget, Annoy held to its first
-    setting below the target; the projection meets it, serves, and the graph is never
-    built."""
+    """As with a wide spectral version: exact search over budget, Annoy below the
+    target; the PQ scan meets it, serves, and the graph is never built."""
     exact_search_over_budget(monkeypatch)
     tune_annoy = index_module._tune_annoy
     monkeypatch.setattr(
@@ -323,67 +314,87 @@ def test_the_projected_scan_serves_where_annoy_misses_and_says_why(
         "_tune_annoy",
         lambda *args, **kwargs: replace(tune_annoy(*args, **kwargs), recall_at_100=0.5),
     )
-    items, queries = wide_low_rank(21)
+    items, queries = wide(21)
     params = build_index(items, queries, tmp_path, "dot", IndexTargets(0.95, 1000.0))
-    assert params.projected is not None and params.projected.recall_at_100 >= 0.95
-    assert params.backend == "projected" and params.hnsw is None
+    assert params.pq is not None and params.pq.recall_at_100 >= 0.95
+    assert params.backend == "pq" and params.hnsw is None
     assert "re-scored) recall" in params.reason and "Annoy (" in params.reason
     served = load_retriever(tmp_path, items)
-    assert isinstance(served, ProjectedRetriever)
-    held_out = wide_low_rank(21)[1][::-1][:100] * 1.5  # other queries of the same kind
-    assert recall_against_exact(served, ExactRetriever(items), held_out) >= 0.9
+    assert isinstance(served, PqRetriever)
+    other = wide(21)[1][::-1][:100] * 1.5  # other queries of the same kind
+    assert recall_against_exact(served, ExactRetriever(items), other) >= 0.9
     assert IndexParams.read(tmp_path) == params
 
 
-def test_the_projected_shortlist_grows_while_the_target_is_missed(tmp_path: Path):
-    items, queries = wide_low_rank(22, rank=24)
-    loose = IndexTargets(0.5, 1000.0, IndexBackend.PROJECTED)
-    strict = IndexTargets(0.999, 1000.0, IndexBackend.PROJECTED)
-    first = build_index(items, queries, tmp_path / "loose", "dot", loose).projected
-    second = build_index(items, queries, tmp_path / "strict", "dot", strict).projected
+def test_the_pq_shortlist_grows_while_the_target_is_missed(tmp_path: Path):
+    items, queries = wide(22)
+    loose = IndexTargets(0.3, 1000.0, IndexBackend.PQ)
+    strict = IndexTargets(0.999, 1000.0, IndexBackend.PQ)
+    first = build_index(items, queries, tmp_path / "loose", "dot", loose).pq
+    second = build_index(items, queries, tmp_path / "strict", "dot", strict).pq
     assert first is not None and second is not None
-    assert first.candidates == FIRST_CANDIDATES  # met at once (the fastest width serves)
-    assert second.recall_at_100 >= 0.999
-    assert (second.width, second.candidates) != (16, FIRST_CANDIDATES)  # that missed it
+    assert first.candidates == FIRST_CANDIDATES  # met at once (the faster codes serve)
+    assert second.recall_at_100 >= 0.999 and second.candidates > FIRST_CANDIDATES
 
 
-def test_a_projection_over_the_budget_serves_only_where_it_is_named(tmp_path: Path):
-    items, queries = wide_low_rank(23)
+def test_a_pq_scan_over_the_budget_serves_only_where_it_is_named(tmp_path: Path):
+    items, queries = wide(23)
     tight = build_index(items, queries, tmp_path / "auto", "dot", IndexTargets(0.999, 1e-6))
-    assert tight.projected is None and tight.backend != "projected"
-    named = IndexTargets(0.999, 1e-6, IndexBackend.PROJECTED)
+    assert tight.pq is None and tight.backend != "pq"
+    named = IndexTargets(0.999, 1e-6, IndexBackend.PQ)
     params = build_index(items, queries, tmp_path / "named", "dot", named)
-    assert params.backend == "projected" and params.projected is not None
-    assert params.projected.candidates == FIRST_CANDIDATES  # what was measured, no wider
-    assert isinstance(load_retriever(tmp_path / "named", items), ProjectedRetriever)
+    assert params.backend == "pq" and params.pq is not None
+    assert params.pq.candidates == FIRST_CANDIDATES  # what was measured, no wider
+    assert isinstance(load_retriever(tmp_path / "named", items), PqRetriever)
 
 
-@pytest.mark.parametrize("name", [PROJECTED_FILE, QUERY_MAP_FILE])
+def test_a_pq_scan_named_for_fewer_items_than_a_codebook_serves_exact(tmp_path: Path):
+    items, queries = wide(26, items=10)
+    params = build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PQ))
+    assert params.backend == "exact" and "PQ needs at least 16 items" in params.reason
+    served = load_retriever(tmp_path, items)
+    assert recall_against_exact(served, ExactRetriever(items), queries, 5) == 1.0
+
+
+@pytest.mark.parametrize("dim", [5, 6, 64])
+def test_pq_codes_fit_any_width(tmp_path: Path, dim: int):
+    """Widths that are no multiple of 4 are padded with zeros, queries alike."""
+    rng = np.random.default_rng(dim)
+    items = rng.normal(size=(600, dim)).astype(np.float32)
+    queries = rng.normal(size=(50, dim)).astype(np.float32)
+    targets = IndexTargets(0.9, 1000.0, IndexBackend.PQ)
+    build_index(items, queries, tmp_path, "dot", targets)
+    served = load_retriever(tmp_path, items)
+    assert recall_against_exact(served, ExactRetriever(items), queries) >= 0.9
+    ids, scores = served.search(queries[0], 10)
+    np.testing.assert_allclose(scores, items[ids] @ queries[0], rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "damage",
-    [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"not an array" * 100],
+    [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"not an index" * 100],
     ids=["truncated", "empty", "garbage"],
 )
-def test_a_damaged_projection_is_refused_in_one_line(tmp_path: Path, name: str, damage):
-    items, queries = wide_low_rank(24, items=1000)
-    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PROJECTED))
-    path = tmp_path / name
+def test_a_damaged_pq_file_is_refused_in_one_line(tmp_path: Path, damage):
+    items, queries = wide(24, items=1000)
+    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PQ))
+    path = tmp_path / PQ_FILE
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ArtifactError) as refused:
         load_retriever(tmp_path, items)
-    assert name in str(refused.value) and "\n" not in str(refused.value)
+    assert PQ_FILE in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_a_projection_of_other_items_is_refused(tmp_path: Path):
-    items, queries = wide_low_rank(25, items=1000)
-    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PROJECTED))
-    with pytest.raises(ArtifactError, match="expected 900 items"):
+def test_a_pq_file_of_other_items_is_refused(tmp_path: Path):
+    items, queries = wide(25, items=1000)
+    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PQ))
+    with pytest.raises(ArtifactError, match="holds 1000 items of dim 96, expected 900"):
         load_retriever(tmp_path, items[:900])
 
 
-def test_searches_are_timed_on_one_blas_thread_as_a_worker_runs_them():
+def test_searches_are_timed_on_one_thread_as_a_worker_runs_them():
     from threadpoolctl import threadpool_info
 
     with index_module.as_served():
-        blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
-        assert blas and all(pool["num_threads"] == 1 for pool in blas)
+        pools = [pool for pool in threadpool_info() if pool["user_api"] in ("blas", "openmp")]
+        assert pools and all(pool["num_threads"] == 1 for pool in pools)

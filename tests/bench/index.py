@@ -1,5 +1,5 @@
 """The index backends on the same embeddings: Annoy tuned as `recsys build` tunes it, the
-backend `recsys build` chooses (Annoy, HNSW, the projected scan or exact search, by
+backend `recsys build` chooses (Annoy, HNSW, the PQ scan or exact search, by
 measured recall on sample queries), exact search (NumPy brute force), and three HNSW
 libraries side by side (`bench.index_peers`)."""
 
@@ -25,7 +25,7 @@ from serving.index import (
     load_retriever,
     recall_against_exact,
 )
-from serving.projected import PROJECTED_FILE, QUERY_MAP_FILE
+from serving.pq import PQ_FILE
 
 DIM = 64
 
@@ -145,7 +145,7 @@ def _chosen(
         choice_s = time.perf_counter() - started
         served = load_retriever(directory, item_emb)
         params = IndexParams.read(directory)
-        names = (INDEX_FILE, HNSW_FILE, PROJECTED_FILE, QUERY_MAP_FILE)
+        names = (INDEX_FILE, HNSW_FILE, PQ_FILE)
         files = [directory / name for name in names]
         result = {
             "case": label,
@@ -173,8 +173,8 @@ def _settings(params: IndexParams) -> str:
         return f"M {params.hnsw.connectivity}, ef {params.hnsw.expansion_search}"
     if params.backend == "annoy":
         return f"{params.n_trees} trees, search_k {params.search_k}"
-    if params.backend == "projected" and params.projected is not None:
-        return f"{params.projected.width} coordinates, {params.projected.candidates} re-scored"
+    if params.backend == "pq" and params.pq is not None:
+        return f"{params.pq.subspaces} codes, {params.pq.candidates} re-scored"
     return "-"
 
 

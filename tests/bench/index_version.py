@@ -30,13 +30,13 @@ from serving.index import (
 )
 
 
-def measure(version: Path, seed: int = 0) -> list[dict[str, str]]:
+def measure(version: Path, backends: list[IndexBackend], seed: int = 0) -> list[dict[str, str]]:
     """One row per backend: what it served as tuned, and the build's reason."""
     metric = json.loads((version / "index" / "index.json").read_text())["metric"]
     item_emb, tuning, held_out = _trained(version, np.random.default_rng(seed))
     bars = kth_best_scores(item_emb, held_out, 100)  # outside the timed searches
     rows = []
-    for backend in IndexBackend:
+    for backend in backends:
         with tempfile.TemporaryDirectory() as tmp:
             started = time.perf_counter()
             params = build_index(item_emb, tuning, Path(tmp), metric, IndexTargets(backend=backend))
@@ -64,8 +64,15 @@ def measure(version: Path, seed: int = 0) -> list[dict[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("artifacts", type=Path, help="an artifacts directory (its current version)")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        type=IndexBackend,
+        default=list(IndexBackend),
+        help="index.backend values to measure (default: all)",
+    )
     args = parser.parse_args()
-    rows = measure(VersionStore(args.artifacts).current())
+    rows = measure(VersionStore(args.artifacts).current(), args.backends)
     columns = ["named", "serves", "recall@100", "query ms", "index stage s"]
     print(markdown_table(columns, [[row[c] for c in columns] for row in rows]))
 
