@@ -348,27 +348,41 @@ def _tune_pq(
 
 
 def _sampled_choice(
-    item_emb: np.ndarray, queries: np.ndarray, metric: str, targets: IndexTargets, seed: int
-) -> tuple[IndexBackend, str]:
-    """Which index to build for a large catalogue, from both tuned on a sample of it, and
-    the figures that say so. Building both at a million items would add minutes. Annoy,
-    the default, unless it misses the target on the sample and the graph meets it there.
-    Where both miss, their order on the sample says nothing about the whole: on the
-    1M-item version's diffuse embeddings the graph led on 100,000 items (0.805 against
-    0.653) and trailed on all of them (0.414 against 0.605)."""
+    item_emb: np.ndarray,
+    queries: np.ndarray,
+    kth: np.ndarray,
+    directory: Path,
+    metric: str,
+    targets: IndexTargets,
+    seed: int,
+) -> tuple[IndexBackend, str, PqParams | None]:
+    """Which index to build for a large catalogue, the figures that say so, and the PQ
+    scan where it was built. Annoy, the default, where it meets the target on a sample
+    (its recall only falls as items are added, so a target missed there is missed on
+    every item, and its trees on every item are not built: 105 s at a million). Else the
+    PQ scan on every item (its codes take a second), where it meets the target. Else the
+    graph where it meets the target on the sample. Where all miss, Annoy: the graph's
+    order against Annoy on the sample says nothing about the whole (on the 1M-item
+    version's diffuse embeddings it led on 100,000 items, 0.805 against 0.653, and
+    trailed on all of them, 0.414 against 0.605)."""
     rng = np.random.default_rng(seed)
     sample = item_emb[np.sort(rng.choice(len(item_emb), SAMPLE_ITEMS, replace=False))]
-    kth = kth_best_scores(sample, queries, 100)
+    sample_kth = kth_best_scores(sample, queries, 100)
     with tempfile.TemporaryDirectory() as tmp:
-        annoy = _tune_annoy(sample, queries, kth, np.inf, Path(tmp), metric, targets, seed=seed)
+        annoy = _tune_annoy(
+            sample, queries, sample_kth, np.inf, Path(tmp), metric, targets, seed=seed
+        )
         seen = f"on a {SAMPLE_ITEMS:,}-item sample Annoy reached recall@100 "
         seen += f"{annoy.recall_at_100:.3f} in {annoy.query_ms:.2f} ms"
         if _meets(annoy, targets):
-            return IndexBackend.ANNOY, seen
-        graph = _tune_hnsw(sample, queries, kth, Path(tmp), metric, targets)
+            return IndexBackend.ANNOY, seen, None
+        pq = _tune_pq(item_emb, queries, kth, directory, targets, seed=seed)
+        if pq is not None and _reaches(pq.recall_at_100, pq.query_ms, targets):
+            return IndexBackend.PQ, seen, pq
+        graph = _tune_hnsw(sample, queries, sample_kth, Path(tmp), metric, targets)
     seen += f", HNSW {graph.recall_at_100:.3f} in {graph.query_ms:.2f} ms"
     meets = _reaches(graph.recall_at_100, graph.query_ms, targets)
-    return (IndexBackend.HNSW if meets else IndexBackend.ANNOY), seen
+    return (IndexBackend.HNSW if meets else IndexBackend.ANNOY), seen, pq
 
 
 def build_index(
@@ -383,10 +397,10 @@ def build_index(
 
     Annoy comes first and serves wherever it meets the recall target within the query
     budget (or exact search, where that is faster). Where it misses, the PQ scan is built
-    and tuned, and where that misses too an HNSW graph is built and tuned; the
-    cheapest that meets the target serves (exact search included); where nothing does,
-    the best recall within the budget. A catalogue over
-    `SAMPLE_ITEMS` builds only the one its sample chose (`_sampled_choice`).
+    and tuned, and where that misses too an HNSW graph is built and tuned; the cheapest
+    that meets the target serves (exact search included); where nothing does, the best
+    recall within the budget. A catalogue over `SAMPLE_ITEMS` builds only what its
+    sample chose (`_sampled_choice`).
     `backend` in the targets names one instead (its figures are still measured)."""
     targets = targets or IndexTargets()
     directory.mkdir(parents=True, exist_ok=True)
@@ -396,19 +410,23 @@ def build_index(
     params = IndexParams(metric, item_emb.shape[1], 0, 0, 0.0, 0.0, exact_query_ms=exact_ms)
     build, sampled = chosen, ""
     if chosen is IndexBackend.AUTO and len(item_emb) > SAMPLE_ITEMS:
-        build, sampled = _sampled_choice(item_emb, queries, metric, targets, seed)
+        build, sampled, pq = _sampled_choice(
+            item_emb, queries, kth, directory, metric, targets, seed
+        )
+        params = replace(params, pq=pq)
     if build in (IndexBackend.AUTO, IndexBackend.ANNOY):
         args = (item_emb, queries, kth, exact_ms, directory, metric, targets)
-        params = _tune_annoy(*args, seed=seed)
+        params = replace(_tune_annoy(*args, seed=seed), pq=params.pq)
     searching = chosen is IndexBackend.AUTO and not _meets(params, targets)
-    # Where a large catalogue's sample chose the graph, it is built without this detour.
-    if chosen is IndexBackend.PQ or (searching and build is not IndexBackend.HNSW):
+    # A large catalogue's PQ scan was tuned with its sample.
+    if chosen is IndexBackend.PQ or (searching and build is IndexBackend.AUTO):
         named = chosen is IndexBackend.PQ
         tuned = _tune_pq(item_emb, queries, kth, directory, targets, named, seed)
         params = replace(params, pq=tuned)
-        searching = searching and not (
-            tuned is not None and _reaches(tuned.recall_at_100, tuned.query_ms, targets)
-        )
+    tuned = params.pq
+    searching = searching and not (
+        tuned is not None and _reaches(tuned.recall_at_100, tuned.query_ms, targets)
+    )
     # A large catalogue's sample chose Annoy where the graph missed the target there too.
     if chosen is IndexBackend.HNSW or (searching and build is not IndexBackend.ANNOY):
         params = replace(

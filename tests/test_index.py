@@ -186,7 +186,9 @@ def test_a_large_catalogue_builds_only_what_its_sample_chose(
     exact_search_over_budget(monkeypatch)
     monkeypatch.setattr(index_module, "SAMPLE_ITEMS", 1000)
     monkeypatch.setattr(
-        index_module, "_sampled_choice", lambda *args: (IndexBackend.HNSW, "sample says hnsw")
+        index_module,
+        "_sampled_choice",
+        lambda *args: (IndexBackend.HNSW, "sample says hnsw", None),
     )
     items, queries = planted(12)
     params = build_index(items, queries, tmp_path, "angular")
@@ -195,20 +197,47 @@ def test_a_large_catalogue_builds_only_what_its_sample_chose(
     assert isinstance(load_retriever(tmp_path, items), HnswRetriever)
 
 
-def test_the_sample_chooses_the_graph_only_where_it_meets_the_target_and_annoy_does_not(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_large_catalogue_whose_sample_misses_with_annoy_builds_no_trees_on_every_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Annoy's recall only falls as items are added: a target its trees miss on the sample
+    they miss on every item, so the PQ scan serves without them (105 s at a million)."""
+    exact_search_over_budget(monkeypatch)
+    monkeypatch.setattr(index_module, "SAMPLE_ITEMS", 1000)
+    monkeypatch.setattr(index_module, "_meets", lambda params, targets: False)
+    items, queries = planted(12)
+    params = build_index(items, queries, tmp_path, "angular", IndexTargets(0.9, 1000.0))
+    assert params.backend == "pq" and params.n_trees == 0 and params.hnsw is None
+    assert not (tmp_path / "items.ann").exists() and "1,000-item sample" in params.reason
+    assert isinstance(load_retriever(tmp_path, items), PqRetriever)
+
+
+def test_a_large_catalogue_builds_annoy_where_its_sample_meets_the_target_else_pq_or_graph(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
     monkeypatch.setattr(index_module, "SAMPLE_ITEMS", 1000)
     items, queries = planted(19)
-    easy, why = index_module._sampled_choice(items, queries, "angular", IndexTargets(0.5, 1e3), 0)
-    assert easy is IndexBackend.ANNOY and "HNSW" not in why  # the graph was not needed
+    kth = kth_best_scores(items, queries, 100)
+
+    def choose(targets: IndexTargets, directory: Path) -> tuple[IndexBackend, str, object]:
+        directory.mkdir()
+        args = (items, queries, kth, directory, "angular", targets, 0)
+        return index_module._sampled_choice(*args)
+
+    easy, why, pq = choose(IndexTargets(0.5, 1e3), tmp_path / "easy")
+    assert easy is IndexBackend.ANNOY and "HNSW" not in why and pq is None  # nothing else
     # Nothing meets a target of 1.0 within a microsecond: Annoy, whatever led there.
-    hard, why = index_module._sampled_choice(items, queries, "angular", IndexTargets(1.0, 1e-6), 0)
+    hard, why, pq = choose(IndexTargets(1.0, 1e-6), tmp_path / "hard")
     assert hard is IndexBackend.ANNOY and "on a 1,000-item sample" in why and "HNSW" in why
-    # The graph meets a target Annoy's trees miss within the budget.
+    # Annoy's trees missing the target: the PQ scan on every item, where it meets it ...
     monkeypatch.setattr(index_module, "_meets", lambda params, targets: False)
-    graph, why = index_module._sampled_choice(items, queries, "angular", IndexTargets(0.9, 1e3), 0)
-    assert graph is IndexBackend.HNSW
+    codes, why, pq = choose(IndexTargets(0.9, 1e3), tmp_path / "codes")
+    assert codes is IndexBackend.PQ and pq is not None and "HNSW" not in why
+    assert (tmp_path / "codes" / PQ_FILE).is_file()
+    # ... else the graph, where it meets the target on the sample.
+    monkeypatch.setattr(index_module, "_tune_pq", lambda *args, **kwargs: None)
+    graph, why, pq = choose(IndexTargets(0.9, 1e3), tmp_path / "graph")
+    assert graph is IndexBackend.HNSW and pq is None
 
 
 def test_the_hnsw_search_widens_while_the_target_is_missed_within_the_budget(tmp_path: Path):
