@@ -30,7 +30,7 @@ from training.config import TowerConfig, TrainConfig
 from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS
 from training.fit import METRICS, save_result
 from training.model import ModelSpec
-from training.orphans import die_with_parent, stop_when_orphaned
+from training.orphans import LAUNCHER_VARIABLE, die_with_parent, stop_when_orphaned
 from training.parallel import TIMEOUT_VARIABLE, ensure_process_group
 from training.trainer import TrainResult, build_split, train
 from training.warm_start import load_warm_start
@@ -175,6 +175,7 @@ def _run_ranks(
 ) -> subprocess.CompletedProcess[str]:
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // nproc))
     env = {**os.environ, "OMP_NUM_THREADS": threads}  # the cores shared between the ranks
+    env[LAUNCHER_VARIABLE] = str(os.getpid())  # the ranks stop when this process is gone
     if cluster is not None:  # every collective gives up after this, as the meeting does
         env[TIMEOUT_VARIABLE] = str(cluster.timeout_seconds)
     return subprocess.run(

@@ -3,6 +3,7 @@ a session of its own, so a node whose `recsys build` is killed (a machine lost, 
 cancelled) would otherwise leave its ranks running: they keep answering the other nodes'
 collectives, and the build there trains on instead of failing."""
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -10,8 +11,11 @@ import sys
 import threading
 import time
 
+import psutil
+
 _PR_SET_PDEATHSIG = 1  # prctl(2)
 POLL_SECONDS = 0.5
+LAUNCHER_VARIABLE = "RECSYS_LAUNCHER_PID"  # the `recsys build` whose ranks these are
 
 
 def die_with_parent() -> None:
@@ -21,16 +25,27 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def stop_when_orphaned(what: str) -> None:
-    """Exit this process as soon as its parent is gone (it is handed to another, such as
-    init): a daemon thread watches the parent id, since torchrun's launcher starts the
-    ranks itself and no `preexec_fn` of ours reaches them."""
+    """Exit this process as soon as its parent (torchrun's launcher) or the command named
+    by LAUNCHER_VARIABLE is gone: a daemon thread watches both, since torchrun starts
+    the ranks itself and no `preexec_fn` of ours reaches them. The command is watched by
+    its process ID too because a launcher killed before this rank started its watch
+    would leave it a parent that is already the one it was handed to."""
     parent = os.getppid()
+    launcher = int(os.environ.get(LAUNCHER_VARIABLE) or 0)
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while os.getppid() == parent and (not launcher or _running(launcher)):
             time.sleep(POLL_SECONDS)
-        print(f"{what}: its launcher exited, stopping", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):  # the pipe went with the launcher
+            print(f"{what}: its launcher exited, stopping", file=sys.stderr, flush=True)
         os._exit(1)
 
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
