@@ -255,18 +255,25 @@ def test_the_hnsw_search_widens_while_the_target_is_missed_within_the_budget(tmp
 
 
 @pytest.mark.parametrize(
+    "backend, name",
+    [(IndexBackend.HNSW, HNSW_FILE), (IndexBackend.PQ, PQ_FILE)],
+    ids=["hnsw", "pq"],
+)
+@pytest.mark.parametrize(
     "damage",
     [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"not an index" * 100],
     ids=["truncated", "empty", "garbage"],
 )
-def test_a_damaged_graph_is_refused_in_one_line(tmp_path: Path, damage):
+def test_a_damaged_index_file_is_refused_in_one_line(
+    tmp_path: Path, damage, backend: IndexBackend, name: str
+):
     items, queries = planted(16, items=1000)
-    build_index(items, queries, tmp_path, "angular", IndexTargets(backend=IndexBackend.HNSW))
-    path = tmp_path / HNSW_FILE
+    build_index(items, queries, tmp_path, "angular", IndexTargets(backend=backend))
+    path = tmp_path / name
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ArtifactError) as refused:
         load_retriever(tmp_path, items)
-    assert HNSW_FILE in str(refused.value) and "\n" not in str(refused.value)
+    assert name in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_graph_of_other_items_is_refused(tmp_path: Path):
@@ -397,21 +404,6 @@ def test_pq_codes_fit_any_width(tmp_path: Path, dim: int):
     assert recall_against_exact(served, ExactRetriever(items), queries) >= 0.9
     ids, scores = served.search(queries[0], 10)
     np.testing.assert_allclose(scores, items[ids] @ queries[0], rtol=1e-5)
-
-
-@pytest.mark.parametrize(
-    "damage",
-    [lambda b: b[: len(b) // 2], lambda b: b"", lambda b: b"not an index" * 100],
-    ids=["truncated", "empty", "garbage"],
-)
-def test_a_damaged_pq_file_is_refused_in_one_line(tmp_path: Path, damage):
-    items, queries = wide(24, items=1000)
-    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PQ))
-    path = tmp_path / PQ_FILE
-    path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(ArtifactError) as refused:
-        load_retriever(tmp_path, items)
-    assert PQ_FILE in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_pq_file_of_other_items_is_refused(tmp_path: Path):
