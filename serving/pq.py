@@ -57,9 +57,16 @@ class PqRetriever:
         assert params.pq is not None
         self.index, self.item_emb, self.params = index, item_emb, params
         self.candidates = params.pq.candidates
+        import faiss
+
+        self._one_thread = faiss.omp_set_num_threads
 
     def search(self, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         shortlist = min(max(self.candidates, n), len(self.item_emb))
+        # OpenMP's thread count belongs to the calling thread, and a worker searches from
+        # its request and search threads, which start at every core: a query split over
+        # two threads waits for the core the other worker holds.
+        self._one_thread(1)
         _, found = self.index.search(_padded(query[None]), shortlist)
         ids = found[0][found[0] >= 0]
         scores = self.item_emb[ids] @ query  # exact model scores for the shortlist
@@ -89,7 +96,6 @@ class PqRetriever:
         warm_page_cache(path)
         import faiss
 
-        faiss.omp_set_num_threads(1)  # a worker searches on one thread, as it multiplies
         try:
             index = faiss.read_index(str(path))
         except (RuntimeError, OSError, ValueError) as exc:

@@ -419,3 +419,28 @@ def test_searches_are_timed_on_one_thread_as_a_worker_runs_them():
     with index_module.as_served():
         pools = [pool for pool in threadpool_info() if pool["user_api"] in ("blas", "openmp")]
         assert pools and all(pool["num_threads"] == 1 for pool in pools)
+
+
+def test_a_pq_search_runs_on_one_thread_from_whichever_thread_calls_it(tmp_path: Path):
+    """OpenMP's thread count is each thread's own: a worker's request and search threads
+    started at every core, so one query split over two threads waited for the core the
+    other worker held (the count set where the codes were loaded held for that thread)."""
+    import threading
+
+    import faiss
+
+    items, queries = wide(26, items=1000)
+    build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PQ))
+    served = load_retriever(tmp_path, items)
+    seen: list[int] = []
+
+    def answer() -> None:
+        served.search(queries[0], 10)
+        # faiss's own call, resolved as its parallel regions are: where torch loaded first,
+        # faiss runs on torch's OpenMP library, not the copy in its wheel
+        seen.append(faiss.omp_get_max_threads())
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    thread.join()
+    assert seen == [1]
