@@ -16,9 +16,10 @@ import polars as pl
 from features.config import FeatureConfig
 from features.ordering import detect_ordering, row_key
 from features.remote_logs import RemoteFile
+from features.reuse import Reuse, announce, input_identity, plan_reuse, read_every_file
 from features.side_tables import SideFeatures, build_side_features, read_side_table
 from features.sources import CSV_SUFFIXES, DataSource, scan_table
-from features.validation import ORDER, ValidatedLog, validate_log
+from features.validation import ValidatedLog, validate_log
 from features.vocab import ID, INDEX, Vocabulary
 from recsys.core import schema as s
 from recsys.core.artifacts import (
@@ -60,6 +61,7 @@ class IngestReport:
     ordering_reason: str = ""
     rejects_by_reason: dict[str, int] = field(default_factory=dict)
     side_tables: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reused_files: int = 0  # files an earlier ingest read, taken from its cleaned table
     seconds: float = 0.0
 
 
@@ -80,17 +82,29 @@ def load_vocabularies(directory: Path) -> dict[str, Vocabulary]:
     }
 
 
-def _resolved_id_dtypes(logs: list[ValidatedLog]) -> dict[str, pl.DataType]:
-    """Integer IDs only if every file stores integers; otherwise text for all files."""
-    return {
-        c: pl.Int64() if all(v.id_dtypes[c].is_integer() for v in logs) else pl.String()
-        for c in s.REQUIRED_COLUMNS
-    }
+def _resolved_id_dtypes(
+    logs: list[ValidatedLog], plan: Reuse | None
+) -> dict[str, pl.DataType] | None:
+    """Integer IDs only if every file stores integers; otherwise text for all files. With
+    the files of a previous ingest: None where the new files would change their type
+    (integer IDs then text), which only reading every file again gets right."""
+    resolved: dict[str, pl.DataType] = {}
+    for c in s.REQUIRED_COLUMNS:
+        integer = all(v.id_dtypes[c].is_integer() for v in logs)
+        if plan is not None:
+            earlier = plan.manifest.get("id_dtypes", {}).get(c)
+            if earlier not in ("Int64", "String") or (earlier == "Int64" and not integer):
+                return None
+            integer = earlier == "Int64"
+        resolved[c] = pl.Int64() if integer else pl.String()
+    return resolved
 
 
-def _open_logs(source: DataSource) -> list[ValidatedLog]:
+def _open_logs(source: DataSource, positions: tuple[int, ...]) -> list[ValidatedLog]:
+    """The files at `positions` of the source, each numbered by its place in the source."""
     logs = []
-    for number, path in enumerate(source.interactions):
+    for number in positions:
+        path = source.interactions[number]
         text = _CSV_TEXT_COLUMNS if path.suffix.lower() in CSV_SUFFIXES else ()
         frame = scan_table(path, string_columns=text, columns=source.columns)
         logs.append(validate_log(path, frame, number))
@@ -128,28 +142,34 @@ def _side_features(
     return features, vocabs
 
 
-def _clean_interactions(
+def _indexed_rows(
     kept: pl.LazyFrame,
     vocabs: dict[str, Vocabulary],
     id_dtypes: dict[str, pl.DataType],
     event_weights: dict[str, float],
 ) -> pl.LazyFrame:
-    """Collapse duplicate rows, map IDs to indices, resolve the weights of event types
-    that have one, and sort each user's events in time."""
-    keys = [s.USER_ID, s.ITEM_ID, s.TIMESTAMP, s.WEIGHT, s.EVENT]
-    deduplicated = kept.group_by(keys).agg(pl.col(ORDER).min())
+    """Map IDs to indices and resolve the weights of event types that have one."""
+    rows = kept
     if event_weights:
         weight = pl.col(s.WEIGHT)
         for event, value in event_weights.items():
             weight = pl.when(pl.col(s.EVENT) == event).then(pl.lit(value)).otherwise(weight)
-        deduplicated = deduplicated.with_columns(weight.cast(pl.Float32).alias(s.WEIGHT))
+        rows = rows.with_columns(weight.cast(pl.Float32).alias(s.WEIGHT))
     for column, index in ((s.USER_ID, s.USER_IDX), (s.ITEM_ID, s.ITEM_IDX)):
         lookup = vocabs[column].join_key(id_dtypes[column]).rename({ID: column, INDEX: index})
-        deduplicated = deduplicated.join(lookup.lazy(), on=column, how="inner")
-    # Simultaneous events (and every event of a log without time) are put in a
-    # pseudo-random order of (user, item), never in input order: see features.ordering.
-    return deduplicated.sort([s.USER_IDX, s.TIMESTAMP, row_key(), ORDER], nulls_last=True).select(
-        pl.col(name).cast(dtype) for name, dtype in s.CLEAN_SCHEMA.items()
+        rows = rows.join(lookup.lazy(), on=column, how="inner")
+    return rows.select(pl.col(name).cast(dtype) for name, dtype in s.CLEAN_SCHEMA.items())
+
+
+def _clean_interactions(rows: list[pl.LazyFrame]) -> pl.LazyFrame:
+    """Collapse duplicate events (equal after their weights are resolved) and sort each
+    user's events in time. Simultaneous events (and every event of a log without time)
+    are put in a pseudo-random order of (user, item), never in input order (see
+    features.ordering), so the table is the same whichever files its rows came from."""
+    return (
+        pl.concat(rows)
+        .unique()
+        .sort([s.USER_IDX, s.TIMESTAMP, row_key(), s.ITEM_IDX, s.EVENT, s.WEIGHT], nulls_last=True)
     )
 
 
@@ -170,63 +190,94 @@ def ingest(
     out: Path,
     config: FeatureConfig | None = None,
     previous: Path | None = None,
+    volatile: frozenset[str] = frozenset(),
+    reuse: bool = True,
 ) -> IngestReport:
     """Run the data layer alone and write its tables into `out`.
 
     Vocabularies from `previous` (default: `out` itself, if an earlier ingest is there) are
-    extended, never renumbered.
+    extended, never renumbered. Where `previous` read files that are all still there
+    unchanged, its cleaned rows stand in for them and only the other files are read
+    (`features.reuse`); `volatile` names inputs read whole every time (they never count as
+    read before), and `reuse=False` reads every file.
     """
     config = config or FeatureConfig()
     started = time.perf_counter()
-    logs = _open_logs(source)
-    id_dtypes = _resolved_id_dtypes(logs)
-    kept = pl.concat(
-        [v.kept.with_columns(pl.col(c).cast(id_dtypes[c]) for c in id_dtypes) for v in logs]
-    )
-    rejects = pl.concat([v.rejects for v in logs])
+    inputs = [input_identity(p, str(p) in volatile) for p in source.interactions]
+    plan = plan_reuse(inputs, previous or out, source.columns, asdict(config)) if reuse else None
+    unread = plan.unread if plan else tuple(range(len(source.interactions)))
+    logs = _open_logs(source, unread)
+    id_dtypes = _resolved_id_dtypes(logs, plan)
+    if plan is not None and id_dtypes is None:
+        read_every_file("the new files change the ID type")
+        plan, unread = None, tuple(range(len(source.interactions)))
+        logs = _open_logs(source, unread)
+    id_dtypes = id_dtypes or _resolved_id_dtypes(logs, None)
+    assert id_dtypes is not None
+    before = _previous_rows(plan)
+    if plan is not None:
+        announce(plan, len(logs))
+    kept = [v.kept.with_columns(pl.col(c).cast(id_dtypes[c]) for c in id_dtypes) for v in logs]
+    rejects = [v.rejects for v in logs] + before.rejects  # never empty: a source has files
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the end
 
     # Pass 1: rejects to disk, the distinct IDs and the row counts.
+    (out / MANIFEST).unlink(missing_ok=True)  # the directory is incomplete until the end
+    rejected = pl.concat([r.select(list(s.REJECT_SCHEMA)) for r in rejects])
     with atomic_path(out / REJECTS_FILE) as rejects_tmp:
+        counted = []
+        if kept:
+            counted = [
+                pl.concat(kept).select(pl.col(s.USER_ID).unique()),
+                pl.concat(kept).select(pl.col(s.ITEM_ID).unique()),
+                pl.concat(kept).select(pl.len().alias("kept")),
+                pl.concat([v.read for v in logs]).select(pl.col("read").sum()),
+            ]
+        # each volatile input's own counts: the next ingest takes them out of this one's
+        changing = [(n, v) for n, v in zip(unread, logs, strict=True) if inputs[n].get("volatile")]
+        for _, v in changing:
+            counted += [v.read.select(pl.col("read").sum()), v.kept.select(pl.len())]
         try:
-            _, users, items, counts, read_counts = pl.collect_all(
-                [
-                    rejects.sink_parquet(rejects_tmp, lazy=True),
-                    kept.select(pl.col(s.USER_ID).unique()),
-                    kept.select(pl.col(s.ITEM_ID).unique()),
-                    kept.select(pl.len().alias("kept")),
-                    pl.concat([v.read for v in logs]).select(pl.col("read").sum()),
-                ],
-                engine="streaming",
+            _, *collected = pl.collect_all(
+                [rejected.sink_parquet(rejects_tmp, lazy=True), *counted], engine="streaming"
             )
         except pl.exceptions.ComputeError as exc:
             raise _unreadable(logs, exc) from exc
-    read = int(read_counts["read"][0])
-    valid = int(counts["kept"][0])
+    read, valid = before.read, before.valid
+    id_frames: list[pl.DataFrame] = []
+    if kept:
+        users, items, counts, read_counts = collected[:4]
+        read += int(read_counts["read"][0])
+        valid += int(counts["kept"][0])
+        id_frames = [users, items]
+    for (n, _), file_read, file_valid in zip(
+        changing, collected[4::2], collected[5::2], strict=True
+    ):
+        inputs[n] |= {"read": int(file_read.item()), "valid": int(file_valid.item())}
     if valid == 0:
         raise RecsysError(
-            f"no valid interactions: read {read} rows from {len(logs)} file(s), "
-            f"all rejected (see {out / REJECTS_FILE})"
+            f"no valid interactions: read {read} rows from {len(source.interactions)} "
+            f"file(s), all rejected (see {out / REJECTS_FILE})"
         )
 
     known = load_vocabularies(previous or out)
-    vocabs = {
-        column: known.get(column, Vocabulary.empty(column)).extend(ids.to_series())
-        for column, ids in ((s.USER_ID, users), (s.ITEM_ID, items))
-    }
+    vocabs = {column: known.get(column, Vocabulary.empty(column)) for column in _SIDES_IDS}
+    for column, ids in zip(_SIDES_IDS, id_frames, strict=False):
+        vocabs[column] = vocabs[column].extend(ids.to_series())
     side, vocabs = _side_features(source, out, vocabs, config)
 
     # Pass 2: the cleaned, indexed, time-ordered interactions.
+    rows = [_indexed_rows(frame, vocabs, id_dtypes, config.event_weights) for frame in kept]
     with atomic_path(out / INTERACTIONS_FILE) as clean_tmp:
-        _clean_interactions(kept, vocabs, id_dtypes, config.event_weights).sink_parquet(
-            clean_tmp, engine="streaming"
-        )
+        _clean_interactions(rows + before.clean).sink_parquet(clean_tmp, engine="streaming")
     for column, vocab in vocabs.items():
         vocab.save(_vocab_path(out, column))
     side_summary = _write_side_tables(out, side)
 
-    report = _summarise(out, logs, read, valid, vocabs, known, side_summary)
+    has_timestamp = before.has_timestamp or any(v.has_timestamp for v in logs)
+    report = _summarise(out, len(inputs), has_timestamp, read, valid, vocabs, known)
+    report.side_tables = side_summary
+    report.reused_files = plan.reused_files if plan else 0
     report.seconds = round(time.perf_counter() - started, 3)
     write_manifest(
         out,
@@ -239,6 +290,8 @@ def ingest(
                 "remote_files": [
                     p.described() for p in source.interactions if isinstance(p, RemoteFile)
                 ],
+                # every file, local ones too: what the next ingest may take as read
+                "input_files": inputs,
                 "items": str(source.items) if source.items else None,
                 "users": str(source.users) if source.users else None,
                 "columns": dict(source.columns),
@@ -249,6 +302,44 @@ def ingest(
         },
     )
     return report
+
+
+_SIDES_IDS = (s.USER_ID, s.ITEM_ID)
+
+
+@dataclass(frozen=True)
+class _PreviousRows:
+    """What the files an earlier ingest read contribute without being read again."""
+
+    clean: list[pl.LazyFrame]
+    rejects: list[pl.LazyFrame]
+    read: int = 0
+    valid: int = 0
+    has_timestamp: bool = False
+
+
+def _previous_rows(plan: Reuse | None) -> _PreviousRows:
+    """The previous cleaned rows and rejects, and its counts less those of its volatile
+    inputs (read again now, whose rows collapse with the previous ones as duplicates)."""
+    if plan is None:
+        return _PreviousRows([], [])
+    summary, sources = plan.manifest["summary"], plan.manifest["sources"]
+    volatile = [
+        (name, identity)
+        for name, identity in zip(sources["interactions"], sources["input_files"], strict=True)
+        if identity.get("volatile")
+    ]
+    read, valid = int(summary["read"]), int(summary["read"]) - int(summary["rejected"])
+    for _, identity in volatile:
+        read, valid = read - int(identity["read"]), valid - int(identity["valid"])
+    rejects = pl.scan_parquet(plan.directory / REJECTS_FILE)
+    return _PreviousRows(
+        [pl.scan_parquet(plan.directory / INTERACTIONS_FILE)],
+        [rejects.filter(~pl.col("file").is_in([name for name, _ in volatile]))],
+        read,
+        valid,
+        bool(summary["has_timestamp"]),
+    )
 
 
 def _write_side_tables(out: Path, side: dict[str, SideFeatures]) -> dict[str, dict[str, Any]]:
@@ -270,12 +361,12 @@ def _write_side_tables(out: Path, side: dict[str, SideFeatures]) -> dict[str, di
 
 def _summarise(
     out: Path,
-    logs: list[ValidatedLog],
+    files: int,
+    has_timestamp: bool,
     read: int,
     valid: int,
     vocabs: dict[str, Vocabulary],
     known: dict[str, Vocabulary],
-    side_summary: dict[str, dict[str, Any]],
 ) -> IngestReport:
     clean = (
         pl.scan_parquet(out / INTERACTIONS_FILE)
@@ -291,7 +382,7 @@ def _summarise(
     ordering = detect_ordering(pl.scan_parquet(out / INTERACTIONS_FILE))
     first, last = clean["first"][0], clean["last"][0]
     return IngestReport(
-        files=len(logs),
+        files=files,
         read=read,
         rejected=read - valid,
         duplicates=valid - kept,
@@ -300,13 +391,12 @@ def _summarise(
         items=len(vocabs[s.ITEM_ID]),
         new_users=len(vocabs[s.USER_ID]) - len(known.get(s.USER_ID, ())),
         new_items=len(vocabs[s.ITEM_ID]) - len(known.get(s.ITEM_ID, ())),
-        has_timestamp=any(v.has_timestamp for v in logs),
+        has_timestamp=has_timestamp,
         first_timestamp=None if first is None else int(first),
         last_timestamp=None if last is None else int(last),
         ordering=ordering.ordering.value,
         ordering_reason=ordering.reason,
         rejects_by_reason=dict(zip(by_reason["reason"], by_reason["len"], strict=True)),
-        side_tables=side_summary,
     )
 
 

@@ -71,7 +71,7 @@ def friendly_errors(command: F) -> F:
 
 
 # What a build says per stage and per epoch where no terminal shows its progress bars.
-PROGRESS_LOGGERS = ("recsys.pipeline", "training.trainer")
+PROGRESS_LOGGERS = ("recsys.pipeline", "training.trainer", "features.reuse")
 
 
 @app.callback()
@@ -135,6 +135,7 @@ def ingest(
     table = Table(title=f"ingest of {data}", show_header=False)
     rows: list[tuple[str, object]] = [
         ("files", report.files),
+        ("files taken from the previous ingest", report.reused_files),
         ("rows read", report.read),
         ("rows kept", report.kept),
         ("rows rejected", report.rejected),

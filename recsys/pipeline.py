@@ -313,6 +313,23 @@ def _manifest(
     }
 
 
+def _posted_events_kept(previous: Path | None, posted: EventSnapshot) -> bool:
+    """Whether every posted event the previous version read is posted still: only then
+    may its cleaned rows stand in for the files it read (`features.reuse`), since they
+    hold its posted events too, and pruned events must leave the next version."""
+    before = VersionLayout(previous).posted_events if previous else None
+    if before is None or not before.is_file():
+        return True
+    if posted.path is None:
+        return False
+    old, new = pl.scan_parquet(before), pl.scan_parquet(posted.path)
+    columns = old.collect_schema().names()
+    if columns != new.collect_schema().names():
+        return False
+    gone = old.join(new, on=columns, how="anti", nulls_equal=True).select(pl.len()).collect()
+    return int(gone.item()) == 0
+
+
 def shared_events() -> tuple[str, list[Event], str] | None:
     """Every event of the hosts' shared log (RECSYS_EVENT_LOG_URL), up to its newest entry
     now, and that entry's ID; None without one."""
@@ -410,6 +427,8 @@ def _build_locked(
             layout.data,
             FeatureConfig(event_weights=dict(settings.train.event_weights)),
             previous=VersionLayout(previous).data if previous else None,
+            volatile=frozenset({str(posted.path)} if posted.path else ()),
+            reuse=_posted_events_kept(previous, posted),
         )
         log_ingest(ingest_report)
         stage("ingest", started)

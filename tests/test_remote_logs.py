@@ -3,6 +3,7 @@ API (moto's server) and a file:// URL: the same ingest as the same files on loca
 hive partitions, globs, marker files left out, the files' sizes and ETags in the manifest,
 a rebuild that repeats the URL, and one line for what cannot be read."""
 
+import io
 import json
 from pathlib import Path
 
@@ -74,18 +75,33 @@ def test_a_glob_reads_only_the_partitions_it_names(local_log, bucket, tmp_path):
     assert [f["url"].split("/")[-2] for f in files] == ["date=2026-12-01", "date=2026-12-02"]
 
 
-def test_a_build_remembers_the_url_and_a_plain_rebuild_reads_it_again(local_log, bucket, tmp_path):
+def test_a_build_remembers_the_url_and_a_plain_rebuild_reads_only_a_new_partition(
+    local_log, bucket, tmp_path
+):
     logs = f"{bucket}/logs/"
     _upload(local_log, logs.rstrip("/"))
     artifacts = tmp_path / "artifacts"
     first = recsys("build", "--artifacts", artifacts, "--data", logs, "--epochs", 1)
     assert first.returncode == 0, first.stderr
+    day = pl.read_parquet(local_log / f"date={DAYS[0]}" / "part-0.parquet").head(50)
+    s3fs.S3FileSystem().pipe_file(
+        f"{logs.removeprefix('s3://')}date=2026-12-04/part-0.parquet", _parquet_bytes(day)
+    )
     again = recsys("build", "--artifacts", artifacts, "--epochs", 1, "--no-gate")
     assert again.returncode == 0, again.stderr
+    assert f"{len(DAYS)} file(s) unchanged since the previous ingest" in again.stderr
     newest = sorted((artifacts / "versions").iterdir())[-1]
-    sources = _manifest(newest / "data")["sources"]
-    assert sources["interactions"][0].startswith(logs)
-    assert len(sources["remote_files"]) == len(DAYS)
+    manifest = _manifest(newest / "data")
+    assert manifest["sources"]["interactions"][0].startswith(logs)
+    assert len(manifest["sources"]["remote_files"]) == len(DAYS) + 1
+    assert manifest["summary"]["reused_files"] == len(DAYS)
+    assert manifest["summary"]["read"] == 3_000 + 50
+
+
+def _parquet_bytes(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
 
 
 def test_a_file_url_reads_a_local_data_set_in_place(local_log, tmp_path):
