@@ -1,6 +1,9 @@
 """A build from a Parquet log on S3 (moto's server on loopback, read in place by Polars'
 cloud reader) against the same hive-partitioned files on local disk, alternating, wall
-time of each `recsys build` command. Target: S3 within 1.2x of local disk."""
+time of each `recsys build` command. Target: S3 within 1.2x of local disk.
+
+Then the ingest of a rebuild after one new partition: every file read again, against
+only the new one beside the previous ingest's cleaned table (`features/reuse.py`)."""
 
 import json
 import shutil
@@ -8,6 +11,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +50,40 @@ def _build_seconds(data: str, artifacts: Path) -> float:
     return time.perf_counter() - started
 
 
+def _grown_ingest(
+    first: str, data: str, work: Path, rounds: int, grow: Callable[[], object] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds to ingest `data` after an ingest of `first` (all but its newest partition;
+    `grow` adds that partition where `first` and `data` name one directory): reading
+    every file, and reading only what `first` did not hold, alternating."""
+    from features.ingest import ingest
+    from features.sources import resolve_source
+
+    previous = work / "rl-previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    ingest(resolve_source(first), previous)
+    grow()
+    timings: dict[str, list[float]] = {"every file": [], "the new partition only": []}
+    for _ in range(rounds):
+        for case, reuse in (("every file", False), ("the new partition only", True)):
+            out = work / "rl-again"
+            shutil.rmtree(out, ignore_errors=True)
+            started = time.perf_counter()
+            report = ingest(resolve_source(data), out, previous=previous, reuse=reuse)
+            timings[case].append(time.perf_counter() - started)
+            assert report.reused_files == (DAYS - 1 if reuse else 0)
+    return timings
+
+
+def _local_growth(parts: Path, work: Path) -> tuple[Path, Callable[[], object]]:
+    """A copy of the partitions without the newest day, and what copies that day in."""
+    copy = work / "remote-logs-growing"
+    shutil.rmtree(copy, ignore_errors=True)
+    newest = f"date=2026-12-{DAYS:02d}"
+    shutil.copytree(parts, copy, ignore=shutil.ignore_patterns("_done", newest))
+    return copy, lambda: shutil.copytree(parts / newest, copy / newest)
+
+
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     cfg = SyntheticConfig(rows=200_000 if quick else 1_000_000, seed=7)
     rounds = 2 if quick else 3
@@ -63,6 +101,12 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
             for _ in range(rounds):
                 timings["local disk"].append(_build_seconds(str(parts), work / "rl-local"))
                 timings["S3 (moto)"].append(_build_seconds("s3://bench-logs/logs/", work / "rl-s3"))
+            nine_days = f"s3://bench-logs/logs/date=2026-12-0[1-{DAYS - 1}]/*.parquet"
+            growing, grow = _local_growth(parts, work)
+            grown = {
+                "S3 (moto)": _grown_ingest(nine_days, "s3://bench-logs/logs/", work, rounds),
+                "local disk": _grown_ingest(str(growing), str(growing), work, rounds, grow),
+            }
     finally:
         moto.terminate()
         moto.wait()
@@ -90,6 +134,33 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         "S3 is moto's server on loopback, read in place by Polars' cloud reader. Target: "
         "S3 within 1.2x of local disk.",
     )
+    rebuilds = [
+        {"source": source, "case": case, "median_s": statistics.median(runs), "runs": runs}
+        for source, cases in grown.items()
+        for case, runs in cases.items()
+    ]
+    print(json.dumps(rebuilds), flush=True)
+    save(
+        "remote_logs_rebuild",
+        "The ingest of a rebuild after one new partition",
+        markdown_table(
+            ["log on", "reads", "median s", "runs"],
+            [
+                [
+                    source,
+                    case,
+                    f"{statistics.median(runs):.2f}",
+                    " / ".join(f"{t:.2f}" for t in runs),
+                ]
+                for source, cases in grown.items()
+                for case, runs in cases.items()
+            ],
+        ),
+        f"The same log: an ingest of its first {DAYS - 1} partitions, then of all {DAYS} "
+        "(the newest included) reading every file again or only the new one beside the "
+        f"first ingest's cleaned table; {rounds} alternating rounds, in process.",
+    )
+    results += rebuilds
     bar_chart(
         "remote_logs",
         "recsys build: log on local disk and on S3",
