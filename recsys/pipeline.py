@@ -224,6 +224,7 @@ def embed_version(
     ):
         ids = pl.read_parquet(layout.vocabulary(column))["id"].rename(column)
         _embedding_frame(ids, index, known, emb).write_parquet(layout.side_embeddings(side))
+        np.save(layout.side_matrix(side), np.ascontiguousarray(emb, dtype=np.float32))
     return Embeddings(users, items)
 
 

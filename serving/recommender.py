@@ -9,6 +9,7 @@ import polars as pl
 
 from features.jagged import CsrBags
 from recsys.core import schema as s
+from recsys.core.errors import ArtifactError
 from recsys.core.layout import VersionLayout
 from recsys.core.versions import verify_version
 from serving.index import Retriever, load_retriever
@@ -21,6 +22,28 @@ EXACT_SUBSET = 20_000  # items a filtered search scores exactly (~2.5 ms at 64 d
 # exact where the index misses some of the true top items (see `for_users`).
 EXACT_BATCH_ITEMS = 200_000
 BLOCK_SCORES = 1 << 24  # user x item scores computed at once by a batch (64 MB of floats)
+
+
+def _side(
+    layout: VersionLayout, side: str, id_column: str, index: str
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """One side's IDs, and its embeddings: the mapped matrix where the version has one
+    (read-only, its pages shared by every worker), else the Parquet column (versions built
+    before 2026-12-07), which each worker holds in its own memory."""
+    matrix = layout.side_matrix(side)
+    if not matrix.is_file():
+        frame = pl.read_parquet(layout.side_embeddings(side))
+        return frame, np.ascontiguousarray(frame["embedding"].to_numpy(), dtype=np.float32)
+    frame = pl.read_parquet(layout.side_embeddings(side), columns=[id_column, index])
+    try:
+        emb = np.load(matrix, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{matrix}: not a readable matrix ({exc})") from exc
+    if emb.ndim != 2 or emb.dtype != np.float32 or len(emb) != frame.height:
+        raise ArtifactError(
+            f"{matrix}: holds {emb.shape} {emb.dtype}, expected {frame.height} float32 rows"
+        )
+    return frame, emb
 
 
 @dataclass
@@ -54,9 +77,8 @@ class Recommender:
     def load(cls, version_dir: Path) -> "Recommender":
         manifest = verify_version(version_dir)
         layout = VersionLayout(version_dir)
-        users = pl.read_parquet(layout.side_embeddings("users"))
-        items = pl.read_parquet(layout.side_embeddings("items"))
-        item_emb = np.ascontiguousarray(items["embedding"].to_numpy(), dtype=np.float32)
+        users, user_emb = _side(layout, "users", s.USER_ID, s.USER_IDX)
+        items, item_emb = _side(layout, "items", s.ITEM_ID, s.ITEM_IDX)
         log = pl.read_parquet(layout.interactions, columns=[s.USER_IDX, s.ITEM_IDX, s.WEIGHT])
         counts = np.bincount(log[s.USER_IDX].to_numpy(), minlength=users.height)
         seen_lists = (
@@ -69,7 +91,7 @@ class Recommender:
             version=str(manifest["version"]),
             user_ids=users[s.USER_ID],
             item_ids=items[s.ITEM_ID],
-            user_emb=np.ascontiguousarray(users["embedding"].to_numpy(), dtype=np.float32),
+            user_emb=user_emb,
             item_emb=item_emb,
             seen=CsrBags.from_lists(seen_lists[s.ITEM_IDX]),
             histories=CsrBags(  # ingest writes the log sorted by user, in history order

@@ -4,7 +4,8 @@ version directory (every reader and writer asks a `VersionLayout`).
     <version>/manifest.json        written last, with a checksum of every other file
     <version>/data/                the ingested log (its own manifest, vocabularies, tables)
     <version>/model/               model.json, weights (and validated weights, row state)
-    <version>/embeddings/          users.parquet, items.parquet
+    <version>/embeddings/          users.parquet, items.parquet (IDs, known, embedding);
+                                   users.npy, items.npy (the matrices, mapped by workers)
     <version>/index/               the Annoy index and its parameters
     <version>/build_config.toml    the resolved settings the version was built with
     <version>/posted_events.parquet  the events posted to the service that it absorbed
@@ -77,6 +78,11 @@ class VersionLayout:
     def side_embeddings(self, side: str) -> Path:
         """`side` is "users" or "items"."""
         return self.embeddings / f"{side}.parquet"
+
+    def side_matrix(self, side: str) -> Path:
+        """The same embeddings as one float32 matrix (row = index), which every service
+        worker maps and shares instead of reading the Parquet column into its own memory."""
+        return self.embeddings / f"{side}.npy"
 
     @property
     def interactions(self) -> Path:
