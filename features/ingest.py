@@ -207,13 +207,14 @@ def ingest(
     plan = plan_reuse(inputs, previous or out, source.columns, asdict(config)) if reuse else None
     unread = plan.unread if plan else tuple(range(len(source.interactions)))
     logs = _open_logs(source, unread)
-    id_dtypes = _resolved_id_dtypes(logs, plan)
-    if plan is not None and id_dtypes is None:
+    resolved = _resolved_id_dtypes(logs, plan)
+    if resolved is None:  # only beside a previous ingest
         read_every_file("the new files change the ID type")
         plan, unread = None, tuple(range(len(source.interactions)))
         logs = _open_logs(source, unread)
-    id_dtypes = id_dtypes or _resolved_id_dtypes(logs, None)
-    assert id_dtypes is not None
+        resolved = _resolved_id_dtypes(logs, None)
+    assert resolved is not None  # without a previous ingest, always
+    id_dtypes = resolved
     before = _previous_rows(plan)
     if plan is not None:
         announce(plan, len(logs))
@@ -227,10 +228,11 @@ def ingest(
     with atomic_path(out / REJECTS_FILE) as rejects_tmp:
         counted = []
         if kept:
+            every_kept = pl.concat(kept)
             counted = [
-                pl.concat(kept).select(pl.col(s.USER_ID).unique()),
-                pl.concat(kept).select(pl.col(s.ITEM_ID).unique()),
-                pl.concat(kept).select(pl.len().alias("kept")),
+                every_kept.select(pl.col(s.USER_ID).unique()),
+                every_kept.select(pl.col(s.ITEM_ID).unique()),
+                every_kept.select(pl.len().alias("kept")),
                 pl.concat([v.read for v in logs]).select(pl.col("read").sum()),
             ]
         # each volatile input's own counts: the next ingest takes them out of this one's

@@ -84,6 +84,10 @@ def _local_growth(parts: Path, work: Path) -> tuple[Path, Callable[[], object]]:
     return copy, lambda: shutil.copytree(parts / newest, copy / newest)
 
 
+def _seconds(runs: list[float]) -> str:
+    return " / ".join(f"{t:.2f}" for t in runs)
+
+
 def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     cfg = SyntheticConfig(rows=200_000 if quick else 1_000_000, seed=7)
     rounds = 2 if quick else 3
@@ -134,7 +138,7 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         "S3 is moto's server on loopback, read in place by Polars' cloud reader. Target: "
         "S3 within 1.2x of local disk.",
     )
-    rebuilds = [
+    rebuilds: list[dict[str, Any]] = [
         {"source": source, "case": case, "median_s": statistics.median(runs), "runs": runs}
         for source, cases in grown.items()
         for case, runs in cases.items()
@@ -146,14 +150,8 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
         markdown_table(
             ["log on", "reads", "median s", "runs"],
             [
-                [
-                    source,
-                    case,
-                    f"{statistics.median(runs):.2f}",
-                    " / ".join(f"{t:.2f}" for t in runs),
-                ]
-                for source, cases in grown.items()
-                for case, runs in cases.items()
+                [r["source"], r["case"], f"{r['median_s']:.2f}", _seconds(r["runs"])]
+                for r in rebuilds
             ],
         ),
         f"The same log: an ingest of its first {DAYS - 1} partitions, then of all {DAYS} "

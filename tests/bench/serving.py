@@ -255,3 +255,23 @@ def run(quick: bool, work: Path) -> list[dict[str, Any]]:
     )
     print(json.dumps(results))
     return results
+
+
+def main() -> None:
+    """The serving rows of one version with whichever tree is first on PYTHONPATH (to set
+    a release against another on the same machine): `PYTHONPATH=tests .venv/bin/python
+    -m bench.serving ARTIFACTS [--label L]`; one JSON line a row."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("artifacts", type=Path)
+    parser.add_argument("--label", default="version")
+    args = parser.parse_args()
+    with _ceiling_server() as ceiling_url:
+        rows = _service_rows(args.label, args.artifacts, ceiling_url, WRK_SECONDS, 3)
+    for row in rows:
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
