@@ -35,18 +35,21 @@ FIRST_CANDIDATES = 200  # re-scored exactly; grows by half while the recall targ
 
 def subspace_counts(dim: int) -> tuple[int, ...]:
     """Sub-quantisers tried, coarse first: 4 coordinates each, then 2 (the finer codes
-    cost twice the scan and recover more of each score)."""
+    cost twice the scan and recover more of each score). Both are even and divide the
+    padded width."""
     padded = padded_dim(dim)
-    return tuple(sorted({max(2, padded // 4 // 2 * 2), padded // 2}))
+    return tuple(sorted({max(2, padded // 4), padded // 2}))
 
 
 def padded_dim(dim: int) -> int:
-    """Vectors get zero coordinates up to a multiple of 4 (pairs of codes per byte)."""
-    return -(-dim // 4) * 4
+    """Vectors get zero coordinates up to a multiple of 8: pairs of 4-bit codes per byte,
+    of 4 coordinates each at the coarser setting (a multiple of 4 alone left widths such
+    as 28 or 60 with an odd count of 4-coordinate codes, which no even count divides)."""
+    return -(-dim // 8) * 8
 
 
-def _padded(rows: np.ndarray) -> np.ndarray:
-    extra = padded_dim(rows.shape[-1]) - rows.shape[-1]
+def _padded(rows: np.ndarray, width: int) -> np.ndarray:
+    extra = width - rows.shape[-1]
     if extra:
         rows = np.concatenate([rows, np.zeros((*rows.shape[:-1], extra), rows.dtype)], axis=-1)
     return np.ascontiguousarray(rows, dtype=np.float32)
@@ -67,7 +70,7 @@ class PqRetriever:
         # its request and search threads, which start at every core: a query split over
         # two threads waits for the core the other worker holds.
         self._one_thread(1)
-        _, found = self.index.search(_padded(query[None]), shortlist)
+        _, found = self.index.search(_padded(query[None], self.index.d), shortlist)
         ids = found[0][found[0] >= 0]
         scores = self.item_emb[ids] @ query  # exact model scores for the shortlist
         n = min(n, len(ids))
@@ -102,7 +105,9 @@ class PqRetriever:
             reason = (str(exc).strip().splitlines() or ["unreadable"])[0][:200]
             raise ArtifactError(f"{directory}: cannot load {PQ_FILE} ({reason})") from exc
         dim = padded_dim(item_emb.shape[1])
-        if index.d != dim or index.ntotal != len(item_emb):
+        # versions before 0.23.0 padded to a multiple of 4: queries are padded to the codes'
+        dims = {dim, -(-item_emb.shape[1] // 4) * 4}
+        if index.d not in dims or index.ntotal != len(item_emb):
             raise ArtifactError(
                 f"{directory}: {PQ_FILE} holds {index.ntotal} items of dim {index.d}, "
                 f"expected {len(item_emb)} of dim {dim}"
@@ -119,7 +124,7 @@ def build_codes(
     import faiss
 
     started = time.perf_counter()
-    rows = _padded(item_emb)
+    rows = _padded(item_emb, padded_dim(item_emb.shape[1]))
     index = faiss.IndexPQFastScan(rows.shape[1], subspaces, BITS, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
     sample = rows if len(rows) <= TRAIN_ITEMS else rows[rng.choice(len(rows), TRAIN_ITEMS)]

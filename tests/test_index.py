@@ -28,7 +28,7 @@ from serving.index import (
     serving_backend,
 )
 from serving.index_params import PARAMS_FILE, PqParams
-from serving.pq import FIRST_CANDIDATES, PQ_FILE, PqRetriever
+from serving.pq import FIRST_CANDIDATES, PQ_FILE, PqRetriever, padded_dim, subspace_counts
 
 
 def unit(rows: np.ndarray) -> np.ndarray:
@@ -392,9 +392,18 @@ def test_a_pq_scan_named_for_fewer_items_than_a_codebook_serves_exact(tmp_path: 
     assert recall_against_exact(served, ExactRetriever(items), queries, 5) == 1.0
 
 
-@pytest.mark.parametrize("dim", [5, 6, 64])
+def test_every_width_gets_sub_quantiser_counts_that_divide_its_padded_width():
+    for dim in range(1, 1100):
+        padded = padded_dim(dim)
+        assert dim <= padded < dim + 8
+        for count in subspace_counts(dim):
+            assert count % 2 == 0 and padded % count == 0, (dim, count)
+
+
+@pytest.mark.parametrize("dim", [5, 6, 28, 60, 64, 118])
 def test_pq_codes_fit_any_width(tmp_path: Path, dim: int):
-    """Widths that are no multiple of 4 are padded with zeros, queries alike."""
+    """Widths that are no multiple of 8 are padded with zeros, queries alike (28, 60 and
+    118, a tower plus a spectral branch of rank 54, once failed to build)."""
     rng = np.random.default_rng(dim)
     items = rng.normal(size=(600, dim)).astype(np.float32)
     queries = rng.normal(size=(50, dim)).astype(np.float32)
@@ -411,6 +420,25 @@ def test_a_pq_file_of_other_items_is_refused(tmp_path: Path):
     build_index(items, queries, tmp_path, "dot", IndexTargets(backend=IndexBackend.PQ))
     with pytest.raises(ArtifactError, match="holds 1000 items of dim 96, expected 900"):
         load_retriever(tmp_path, items[:900])
+
+
+def test_codes_padded_to_a_multiple_of_4_by_an_older_version_still_load_and_search(
+    tmp_path: Path,
+):
+    import faiss
+
+    rng = np.random.default_rng(20)
+    items = rng.normal(size=(600, 18)).astype(np.float32)
+    build_index(items, items[:20], tmp_path, "dot", IndexTargets(0.9, 1000.0, IndexBackend.PQ))
+    older = faiss.IndexPQFastScan(20, 4, 4, faiss.METRIC_INNER_PRODUCT)  # 18 padded to 20
+    padded = np.hstack([items, np.zeros((600, 2), np.float32)])
+    older.train(padded)
+    older.add(padded)
+    faiss.write_index(older, str(tmp_path / PQ_FILE))
+    served = load_retriever(tmp_path, items)
+    ids, scores = served.search(items[3], 10)
+    np.testing.assert_allclose(scores, items[ids] @ items[3], rtol=1e-5)
+    assert 3 in ids.tolist()
 
 
 def test_searches_are_timed_on_one_thread_as_a_worker_runs_them():

@@ -84,6 +84,41 @@ def test_the_decomposition_finds_the_top_singular_vectors_even_of_a_degenerate_b
     assert np.allclose(basis @ (basis.T @ block), block, atol=1e-4)  # spans the block
 
 
+def test_a_refit_begun_from_the_validation_basis_is_as_accurate_as_that_basis() -> None:
+    """A rank's trailing vectors are the least accurate of a decomposition at that rank:
+    the build validates a rank cut from a wider basis, so the refit on every event must
+    be as wide, and one power iteration from the validation basis makes it so."""
+    rng = np.random.default_rng(3)
+    dense = (rng.random((900, 700)) < 0.02).astype(np.float32)  # a flat spectrum: no gap
+    everything = sp.csr_matrix(dense)
+    part = sp.csr_matrix(dense * (rng.random(dense.shape) < 0.8))
+    exact = np.linalg.svd(spectral.normalised(everything)[0].toarray())[2]
+
+    def error(basis: spectral.Basis, rank: int) -> float:
+        """How far the basis's top `rank` vectors stray from the exact subspace."""
+        top = exact[:rank].T
+        found = basis.vectors[:, :rank]
+        return float(np.linalg.norm(found - top @ (top.T @ found)))
+
+    start = spectral.decompose(part, 256)
+    refit = spectral.decompose(everything, 256, start=start)
+    assert refit.rank == 256
+    cold = spectral.decompose(everything, 128)
+    assert error(refit, 128) < 0.5 * error(cold, 128)
+    with pytest.raises(ValueError, match="700 items"):
+        spectral.decompose(everything[:, :600], 64, start=start)
+
+
+def test_the_served_rank_grows_with_the_events_the_refit_adds_within_the_basis() -> None:
+    from training.spectral_choice import refit_rank
+
+    assert refit_rank(512, 800_000, 1_000_000, 1024) == round(512 * 1.25**0.5)  # 572
+    assert refit_rank(48, 80_000, 100_000, 64) == 54
+    assert refit_rank(512, 100, 400, 768) == 768  # never past the basis
+    assert refit_rank(64, 100, 100, 128) == 64  # nothing added: as validated
+    assert refit_rank(8, 0, 0, 16) == 8
+
+
 def test_weights_count_as_the_build_counts_them_largest_per_item_and_zero_for_nothing() -> None:
     rng = np.random.default_rng(1)
     events = pl.DataFrame(
@@ -153,6 +188,11 @@ def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
         >= 1.01 * (chosen["valid"]["towers"])
     )
     rank = chosen["rank"]
+    # cut from a basis as wide as the one validation chose it from: the largest rank tried
+    tried = [int(k.split()[2]) for k in chosen["valid"] if k.startswith("filter rank ")]
+    assert chosen["basis_rank"] == max(tried) >= rank >= chosen["validated_rank"]
+    assert f"rank {chosen['validated_rank']}," in chosen["reason"]
+    assert f"served at rank {rank}" in chosen["reason"]
     assert chosen["output_exponent"] in spectral.OUTPUT_EXPONENTS
     assert chosen["normalisation"] in spectral.NORMALISATIONS
     assert str(chosen["output_exponent"]) in chosen["reason"]

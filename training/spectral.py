@@ -174,19 +174,38 @@ class Basis:
 
 
 def decompose(
-    matrix: sp.csr_matrix, rank: int, seed: int = 0, normalisation: float = NORMALISATION
+    matrix: sp.csr_matrix,
+    rank: int,
+    seed: int = 0,
+    normalisation: float = NORMALISATION,
+    start: "Basis | None" = None,
 ) -> Basis:
-    """The basis of the largest `rank` (clipped below the matrix's smaller side)."""
+    """The basis of the largest `rank` (clipped below the matrix's smaller side). `start`,
+    a basis of a part of the same matrix (the validation fit's), is where the subspace
+    iteration begins instead of a random block: one power iteration from it is as accurate
+    as a cold start at its rank."""
     rank = max(1, min(rank, _largest_rank(matrix)))
+    if start is not None:
+        if start.vectors.shape[0] != matrix.shape[1]:
+            raise ValueError(
+                f"a basis of {start.vectors.shape[0]} items cannot start one of {matrix.shape[1]}"
+            )
+        rank = min(rank, start.rank)
+    matrix, item_degree = normalised(matrix, normalisation)
+    block = None if start is None else start.vectors
+    return Basis(top_right_singular_vectors(matrix, rank, seed, block), item_degree, normalisation)
+
+
+def normalised(
+    matrix: sp.csr_matrix, normalisation: float = NORMALISATION
+) -> tuple[sp.csr_matrix, np.ndarray]:
+    """D_u^-e R D_i^-e, and the item degrees D_i (at least 1)."""
     user_degree = np.asarray(matrix.sum(axis=1)).ravel()
     item_degree = np.asarray(matrix.sum(axis=0)).ravel()
     user_degree = np.where(user_degree > 0, user_degree, 1.0)
     item_degree = np.where(item_degree > 0, item_degree, 1.0).astype(np.float32)
-    normalised = (
-        sp.diags(user_degree**-normalisation) @ matrix @ sp.diags(item_degree**-normalisation)
-    )
-    vectors = top_right_singular_vectors(normalised.tocsr(), rank, seed)  # (items, rank)
-    return Basis(vectors, item_degree, normalisation)
+    scaled = sp.diags(user_degree**-normalisation) @ matrix @ sp.diags(item_degree**-normalisation)
+    return scaled.tocsr(), item_degree
 
 
 def _largest_rank(matrix: sp.csr_matrix) -> int:
@@ -194,20 +213,36 @@ def _largest_rank(matrix: sp.csr_matrix) -> int:
 
 
 POWER_ITERATIONS = 4
+WARM_POWER_ITERATIONS = 1  # from a basis of 80% of the same matrix: validation recall
+# 0.2197 against 0.2196 cold at that basis's rank, in two thirds of the time (1M-event
+# check-in log, rank 512 of a 1,024 basis; docs/quality.md)
 OVERSAMPLE = 32
 
 
-def top_right_singular_vectors(matrix: sp.csr_matrix, rank: int, seed: int = 0) -> np.ndarray:
+def top_right_singular_vectors(
+    matrix: sp.csr_matrix, rank: int, seed: int = 0, start: np.ndarray | None = None
+) -> np.ndarray:
     """(columns, rank) the top right singular vectors, largest first, by randomised
     subspace iteration (Halko, Martinsson and Tropp 2011): a few sparse products with a
     block of rank + OVERSAMPLE vectors instead of ARPACK's one vector at a time, which
     took minutes at rank 256 on a 36,706-item log. In float32: the filter needs the
-    subspace, not digits."""
+    subspace, not digits. `start` (columns, width >= rank): the block to begin from, in
+    place of a random one and most of the power iterations.
+
+    The trailing vectors of a block are the least accurate, and a branch's validated
+    quality is that of the block it was chosen from: on the 1M-event check-in log rank 512
+    cut from a basis of 1,024 scored validation Recall@20 0.2196, and a basis of 512 alone
+    0.2158."""
     matrix = matrix.astype(np.float32)
-    width = min(rank + OVERSAMPLE, min(matrix.shape))
-    rng = np.random.default_rng(seed)
-    basis = _orthonormal(matrix @ rng.standard_normal((matrix.shape[1], width), np.float32))
-    for _ in range(POWER_ITERATIONS):
+    if start is None:
+        width = min(rank + OVERSAMPLE, min(matrix.shape))
+        rng = np.random.default_rng(seed)
+        block = rng.standard_normal((matrix.shape[1], width), np.float32)
+        power_iterations = POWER_ITERATIONS
+    else:
+        block, power_iterations = start.astype(np.float32), WARM_POWER_ITERATIONS
+    basis = _orthonormal(matrix @ block)
+    for _ in range(power_iterations):
         basis = _orthonormal(matrix @ _orthonormal(matrix.T @ basis))
     basis, _ = np.linalg.qr(basis)  # exactly orthonormal before the small SVD
     projected = np.asarray((matrix.T @ basis).T)  # (width, columns)
