@@ -109,16 +109,6 @@ def test_a_refit_begun_from_the_validation_basis_is_as_accurate_as_that_basis() 
         spectral.decompose(everything[:, :600], 64, start=start)
 
 
-def test_the_served_rank_grows_with_the_events_the_refit_adds_within_the_basis() -> None:
-    from training.spectral_choice import refit_rank
-
-    assert refit_rank(512, 800_000, 1_000_000, 1024) == round(512 * 1.25**0.5)  # 572
-    assert refit_rank(48, 80_000, 100_000, 64) == 54
-    assert refit_rank(512, 100, 400, 768) == 768  # never past the basis
-    assert refit_rank(64, 100, 100, 128) == 64  # nothing added: as validated
-    assert refit_rank(8, 0, 0, 16) == 8
-
-
 def test_weights_count_as_the_build_counts_them_largest_per_item_and_zero_for_nothing() -> None:
     rng = np.random.default_rng(1)
     events = pl.DataFrame(
@@ -190,9 +180,7 @@ def test_a_sparse_build_keeps_the_branch_and_every_vector_path_gives_its_width(
     rank = chosen["rank"]
     # cut from a basis as wide as the one validation chose it from: the largest rank tried
     tried = [int(k.split()[2]) for k in chosen["valid"] if k.startswith("filter rank ")]
-    assert chosen["basis_rank"] == max(tried) >= rank >= chosen["validated_rank"]
-    assert f"rank {chosen['validated_rank']}," in chosen["reason"]
-    assert f"served at rank {rank}" in chosen["reason"]
+    assert chosen["basis_rank"] == max(tried) >= rank
     assert chosen["output_exponent"] in spectral.OUTPUT_EXPONENTS
     assert chosen["normalisation"] in spectral.NORMALISATIONS
     assert str(chosen["output_exponent"]) in chosen["reason"]

@@ -214,8 +214,8 @@ def _largest_rank(matrix: sp.csr_matrix) -> int:
 
 POWER_ITERATIONS = 4
 WARM_POWER_ITERATIONS = 1  # from a basis of 80% of the same matrix: validation recall
-# 0.2197 against 0.2196 cold at that basis's rank, in two thirds of the time (1M-event
-# check-in log, rank 512 of a 1,024 basis; docs/quality.md)
+# 0.2187 against 0.2188 cold at that basis's rank, in 28 s against 45 (1M-event check-in
+# log, rank 512 of a 1,024 basis; docs/quality.md)
 OVERSAMPLE = 32
 
 
@@ -231,8 +231,8 @@ def top_right_singular_vectors(
 
     The trailing vectors of a block are the least accurate, and a branch's validated
     quality is that of the block it was chosen from: on the 1M-event check-in log rank 512
-    cut from a basis of 1,024 scored validation Recall@20 0.2196, and a basis of 512 alone
-    0.2158."""
+    cut from a basis of 1,024 scored validation Recall@20 0.2188, and a basis of 512 alone
+    0.2140."""
     matrix = matrix.astype(np.float32)
     if start is None:
         width = min(rank + OVERSAMPLE, min(matrix.shape))

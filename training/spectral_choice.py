@@ -25,10 +25,6 @@ from training.model import TwoTower
 log = logging.getLogger(__name__)
 
 MARGIN = 1.01  # validation recall the branch must add (x the towers'), against noise
-# More events resolve more of the graph's components: on the 1M-event check-in log the best
-# rank was 448 on 80% of a fit and 512 on all of it (x1.14 for x1.25 the pairs), and a
-# rank below the best costs more than one above it (the curve rises steeply to its peak).
-RANK_GROWTH = 0.5
 
 
 @dataclass
@@ -41,7 +37,6 @@ class SpectralChoice:
     valid: dict[str, float] = field(default_factory=dict)  # option -> validation recall
     reason: str = ""
     seconds: float = 0.0
-    validated_rank: int = 0  # the best on validation; `rank` is the one served
     basis_rank: int = 0  # the width of the decomposition the rank was cut from
     basis: spectral.Basis | None = field(default=None, repr=False)  # validation fit's, until refit
 
@@ -49,7 +44,6 @@ class SpectralChoice:
         return {
             "used": self.branch is not None,
             "rank": self.rank,
-            "validated_rank": self.validated_rank,
             "basis_rank": self.basis_rank,
             "normalisation": self.normalisation,
             "output_exponent": self.output,
@@ -110,21 +104,11 @@ def _choose(
                 everything, choice.basis.rank, config.seed, normalisation, start=choice.basis
             )
             choice.basis, choice.basis_rank = None, basis.rank
-            choice.validated_rank = choice.rank
-            choice.rank = refit_rank(choice.rank, train.nnz, everything.nnz, basis.rank)
-            choice.reason += f"; served at rank {choice.rank}, refitted on every event"
             choice.branch = spectral.weighted(
                 basis.branch(choice.rank, choice.output), choice.weight
             )
             return choice
     return choice
-
-
-def refit_rank(validated: int, validation_pairs: int, every_pair: int, largest: int) -> int:
-    """The rank served by a refit on every event: the validated one grown with the data
-    (x (pairs / validation pairs)^RANK_GROWTH), at most the basis's width."""
-    grown = validated * (max(every_pair, 1) / max(validation_pairs, 1)) ** RANK_GROWTH
-    return int(min(largest, max(validated, round(grown))))
 
 
 def _choose_at(

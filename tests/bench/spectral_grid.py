@@ -3,10 +3,15 @@ ranks, on a validation holdout of `bench.quality_sets`' training part (the test 
 never read): how the defaults of `training.spectral` were chosen.
 
     PYTHONPATH=tests python -m bench.spectral_grid --checkins 1000000 --normalisation 0.3 0.4 0.5
+
+`--refit RANK` instead compares the ways a build can refit the branch on more events than
+it was chosen on (chosen on 80% of the fitting rows, refitted on all of them): cold at
+RANK, cold at the largest rank, or begun from the smaller fit's basis.
 """
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -37,13 +42,21 @@ def indexed_training_part(rows: int, work: Path) -> pl.DataFrame:
 
 
 def grid(
-    events: pl.DataFrame, exponents: list[float], outputs: list[float], ranks: list[int]
+    events: pl.DataFrame,
+    exponents: list[float],
+    outputs: list[float],
+    ranks: list[int],
+    share: float = 1.0,
 ) -> list[dict[str, float]]:
+    """The filter alone at each setting, fitted on `share` of the fitting rows (the same
+    validation task: how the best rank moves with the events)."""
     users, items = events[s.USER_IDX].n_unique(), events[s.ITEM_IDX].n_unique()  # dense
     split = random_holdout(events, VALID_SHARE, seed=1)
     fit = split.train.sort(s.USER_IDX, s.ITEM_IDX)
     histories = UserHistories.from_interactions(fit, users)
     task = sample_task(eval_task(split.valid, histories), VALID_USERS)
+    if share < 1:
+        fit = random_holdout(fit.drop("row", strict=False), 1 - share, seed=3).train
     matrix = spectral.interaction_matrix(fit, users, items)
     ranks = [r for r in ranks if r < min(users, items) // 2]
     rows = []
@@ -64,6 +77,37 @@ def grid(
     return rows
 
 
+def refits(events: pl.DataFrame, rank: int, largest: int, exponent: float) -> None:
+    """Validation Recall@20 and seconds of each way to refit the branch at `rank` on all of
+    the fitting rows, the choice's basis (of `largest`) fitted on 80% of them."""
+    users, items = events[s.USER_IDX].n_unique(), events[s.ITEM_IDX].n_unique()
+    split = random_holdout(events, VALID_SHARE, seed=1)
+    fit = split.train.sort(s.USER_IDX, s.ITEM_IDX)
+    task = sample_task(
+        eval_task(split.valid, UserHistories.from_interactions(fit, users)), VALID_USERS
+    )
+    matrix = spectral.interaction_matrix(fit, users, items)
+    part = random_holdout(fit.drop("row", strict=False), VALID_SHARE, seed=3).train
+    chosen_on = spectral.decompose(
+        spectral.interaction_matrix(part, users, items), largest, normalisation=exponent
+    )
+    ways: dict[str, Callable[[], spectral.Basis]] = {
+        f"cold at rank {rank}": lambda: spectral.decompose(matrix, rank, normalisation=exponent),
+        f"cold at rank {largest}": lambda: spectral.decompose(
+            matrix, largest, normalisation=exponent
+        ),
+        f"from the 80% basis of {largest}": lambda: spectral.decompose(
+            matrix, largest, normalisation=exponent, start=chosen_on
+        ),
+    }
+    for name, way in ways.items():
+        started = time.perf_counter()
+        branch = way().branch(rank)
+        seconds = time.perf_counter() - started
+        scorer = PrecomputedScorer(task.users, branch.users(matrix[task.users]), branch.item_rows)
+        print(f"{name}: {evaluate(scorer, task)['recall@20']:.4f} ({seconds:.0f} s)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkins", type=int, default=100_000)
@@ -71,10 +115,15 @@ def main() -> None:
     parser.add_argument("--output", type=float, nargs="+", default=[0.3, 0.4, 0.5])
     parser.add_argument("--ranks", type=int, nargs="+", default=list(spectral.RANKS))
     parser.add_argument("--work", type=Path, default=Path("bench_results/spectral_grid"))
+    parser.add_argument("--refit", type=int, help="compare the refits at this rank instead")
+    parser.add_argument("--share", type=float, default=1.0, help="of the fitting rows")
     args = parser.parse_args()
-    rows = grid(
-        indexed_training_part(args.checkins, args.work), args.normalisation, args.output, args.ranks
-    )
+    if args.refit:
+        events = indexed_training_part(args.checkins, args.work)
+        refits(events, args.refit, max(args.ranks), args.normalisation[0])
+        return
+    events = indexed_training_part(args.checkins, args.work)
+    rows = grid(events, args.normalisation, args.output, args.ranks, args.share)
     best = max(rows, key=lambda row: row["recall@20"])
     for exponent in args.normalisation:
         mine = max(
