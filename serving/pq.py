@@ -105,7 +105,7 @@ class PqRetriever:
             reason = (str(exc).strip().splitlines() or ["unreadable"])[0][:200]
             raise ArtifactError(f"{directory}: cannot load {PQ_FILE} ({reason})") from exc
         dim = padded_dim(item_emb.shape[1])
-        # versions before 0.23.0 padded to a multiple of 4: queries are padded to the codes'
+        # 0.22.0 and earlier padded to a multiple of 4: queries are padded to the codes' width
         dims = {dim, -(-item_emb.shape[1] // 4) * 4}
         if index.d not in dims or index.ntotal != len(item_emb):
             raise ArtifactError(
