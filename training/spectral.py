@@ -178,7 +178,7 @@ def decompose(
     rank: int,
     seed: int = 0,
     normalisation: float = NORMALISATION,
-    start: "Basis | None" = None,
+    start: Basis | None = None,
 ) -> Basis:
     """The basis of the largest `rank` (clipped below the matrix's smaller side). `start`,
     a basis of a part of the same matrix (the validation fit's), is where the subspace

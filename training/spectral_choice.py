@@ -38,7 +38,6 @@ class SpectralChoice:
     reason: str = ""
     seconds: float = 0.0
     basis_rank: int = 0  # the width of the decomposition the rank was cut from
-    basis: spectral.Basis | None = field(default=None, repr=False)  # validation fit's, until refit
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -92,18 +91,17 @@ def _choose(
     )
     valid: dict[str, float] = {}
     for normalisation in spectral.NORMALISATIONS:
-        choice = _choose_at(normalisation, train, ranks, task, towers, valid, config)
+        choice, chosen_on = _choose_at(normalisation, train, ranks, task, towers, valid, config)
         if choice.branch is not None:
             everything = spectral.interaction_matrix(
                 features.interactions, features.num_users, features.num_items
             )
             # the validated rank cut from a basis as wide as the one it was chosen from,
             # begun where that one ended (`spectral.top_right_singular_vectors`)
-            assert choice.basis is not None
             basis = spectral.decompose(
-                everything, choice.basis.rank, config.seed, normalisation, start=choice.basis
+                everything, chosen_on.rank, config.seed, normalisation, start=chosen_on
             )
-            choice.basis, choice.basis_rank = None, basis.rank
+            choice.basis_rank = basis.rank
             choice.branch = spectral.weighted(
                 basis.branch(choice.rank, choice.output), choice.weight
             )
@@ -119,10 +117,10 @@ def _choose_at(
     towers: tuple[np.ndarray, np.ndarray],
     valid: dict[str, float],
     config: TrainConfig,
-) -> SpectralChoice:
+) -> tuple[SpectralChoice, spectral.Basis]:
     """The best branch of one normalisation on validation (fitted on the training rows,
-    to be refitted by the caller), or off; its figures go into `valid`, named with the
-    normalisation after the first."""
+    to be refitted by the caller), or off, and the basis it was cut from; its figures go
+    into `valid`, named with the normalisation after the first."""
     metric = f"recall@{config.eval_k}"
     named = "" if normalisation == spectral.NORMALISATIONS[0] else f" (e {normalisation})"
     basis = spectral.decompose(train, ranks[-1], config.seed, normalisation)
@@ -167,11 +165,10 @@ def _choose_at(
             valid=valid,
             reason=f"off: validation {metric} {alone:.4f} with the towers alone, "
             f"{best:.4f} at best with the filter",
-        )
+        ), basis
     weight = best_share * ratio
     return SpectralChoice(
         branch,  # the caller refits it on every event
-        basis=basis,
         rank=rank,
         normalisation=normalisation,
         output=output,
@@ -180,7 +177,7 @@ def _choose_at(
         reason=f"normalisation {normalisation}, rank {rank}, output exponent {output}, "
         f"weight {weight:.3g}: validation {metric} {best:.4f} against {alone:.4f} with the "
         "towers alone",
-    )
+    ), basis
 
 
 def _recall(task: EvalTask, users: np.ndarray, items: np.ndarray, metric: str) -> float:

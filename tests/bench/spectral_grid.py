@@ -23,7 +23,7 @@ from features.splits import random_holdout
 from recsys.core import schema as s
 from training import spectral
 from training.embed import PrecomputedScorer
-from training.evaluate import eval_task, evaluate, sample_task
+from training.evaluate import EvalTask, eval_task, evaluate, sample_task
 
 VALID_SHARE = 0.2
 VALID_USERS = 10_000  # as `train.max_valid_users`
@@ -41,6 +41,15 @@ def indexed_training_part(rows: int, work: Path) -> pl.DataFrame:
     )
 
 
+def _validation(events: pl.DataFrame) -> tuple[int, int, pl.DataFrame, EvalTask]:
+    """Users, items (dense), the fitting rows and the validation task of a training part."""
+    users, items = events[s.USER_IDX].n_unique(), events[s.ITEM_IDX].n_unique()
+    split = random_holdout(events, VALID_SHARE, seed=1)
+    fit = split.train.sort(s.USER_IDX, s.ITEM_IDX)
+    histories = UserHistories.from_interactions(fit, users)
+    return users, items, fit, sample_task(eval_task(split.valid, histories), VALID_USERS)
+
+
 def grid(
     events: pl.DataFrame,
     exponents: list[float],
@@ -50,11 +59,7 @@ def grid(
 ) -> list[dict[str, float]]:
     """The filter alone at each setting, fitted on `share` of the fitting rows (the same
     validation task: how the best rank moves with the events)."""
-    users, items = events[s.USER_IDX].n_unique(), events[s.ITEM_IDX].n_unique()  # dense
-    split = random_holdout(events, VALID_SHARE, seed=1)
-    fit = split.train.sort(s.USER_IDX, s.ITEM_IDX)
-    histories = UserHistories.from_interactions(fit, users)
-    task = sample_task(eval_task(split.valid, histories), VALID_USERS)
+    users, items, fit, task = _validation(events)
     if share < 1:
         fit = random_holdout(fit.drop("row", strict=False), 1 - share, seed=3).train
     matrix = spectral.interaction_matrix(fit, users, items)
@@ -80,12 +85,7 @@ def grid(
 def refits(events: pl.DataFrame, rank: int, largest: int, exponent: float) -> None:
     """Validation Recall@20 and seconds of each way to refit the branch at `rank` on all of
     the fitting rows, the choice's basis (of `largest`) fitted on 80% of them."""
-    users, items = events[s.USER_IDX].n_unique(), events[s.ITEM_IDX].n_unique()
-    split = random_holdout(events, VALID_SHARE, seed=1)
-    fit = split.train.sort(s.USER_IDX, s.ITEM_IDX)
-    task = sample_task(
-        eval_task(split.valid, UserHistories.from_interactions(fit, users)), VALID_USERS
-    )
+    users, items, fit, task = _validation(events)
     matrix = spectral.interaction_matrix(fit, users, items)
     part = random_holdout(fit.drop("row", strict=False), VALID_SHARE, seed=3).train
     chosen_on = spectral.decompose(
@@ -118,11 +118,10 @@ def main() -> None:
     parser.add_argument("--refit", type=int, help="compare the refits at this rank instead")
     parser.add_argument("--share", type=float, default=1.0, help="of the fitting rows")
     args = parser.parse_args()
+    events = indexed_training_part(args.checkins, args.work)
     if args.refit:
-        events = indexed_training_part(args.checkins, args.work)
         refits(events, args.refit, max(args.ranks), args.normalisation[0])
         return
-    events = indexed_training_part(args.checkins, args.work)
     rows = grid(events, args.normalisation, args.output, args.ranks, args.share)
     best = max(rows, key=lambda row: row["recall@20"])
     for exponent in args.normalisation:
