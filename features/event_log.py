@@ -33,6 +33,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys.core import schema as s
+from recsys.core.ids import LATEST_SECONDS, checked_weight
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +175,20 @@ def _quarantine(source: str, offset: int, why: str) -> None:
 
 
 def _event(line: bytes) -> Event:
-    """One CSV line as SegmentWriter writes it; ValueError (or csv.Error) if it is not."""
+    """One CSV line as SegmentWriter writes it; ValueError (or csv.Error) if it is not. The
+    weight and timestamp are held to the rules a posted event meets (`recsys.core.ids`):
+    a line written by another tool, or damaged, with a NaN, infinite or negative weight or
+    a timestamp out of range would otherwise be served and trained on."""
     row = next(csv.reader([line.decode("utf-8")]))
     if len(row) != len(COLUMNS):
         raise ValueError(f"{len(row)} fields, expected {len(COLUMNS)}")
     user, item, timestamp, weight, event = row
     if not user.strip() or not item.strip():
         raise ValueError("empty ID")
-    return Event(user, item, int(timestamp), float(weight), event or None)
+    seconds = int(timestamp)
+    if not 0 <= seconds <= LATEST_SECONDS:
+        raise ValueError("timestamp out of range (0 to year 9999)")
+    return Event(user, item, seconds, checked_weight(float(weight)), event or None)
 
 
 def parse_lines(

@@ -2,9 +2,11 @@
 
 A row's `weight` column weights its training example (a purchase at 1.0 counts ten times a
 view at 0.1). `event_weights` maps event types to weights and overrides the column for
-the types it names. `target_events` keeps only those types as training and validation
-targets; every event still feeds the users' histories. A row of weight 0 is never a
-target."""
+the types it names. No event counts more than WEIGHT_CEILING times the log's median
+weight (`weight_cap`): two posted events at the largest weight a route accepts (10^6)
+once made their items the nearest neighbours of everything in the next build.
+`target_events` keeps only those types as training and validation targets; every event
+still feeds the users' histories. A row of weight 0 is never a target."""
 
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,15 @@ import numpy as np
 import polars as pl
 
 from recsys.core import schema as s
+
+WEIGHT_CEILING = 10.0  # x the median weight of the log's weighted events: the most one counts
+
+
+def weight_cap(median: float | None) -> float | None:
+    """The largest weight an event of the log's own weight column counts at: WEIGHT_CEILING
+    x the median of the log's positive weights (None: it has none). Weights the build's
+    settings give event types (`event_weights`) are trusted and never capped."""
+    return WEIGHT_CEILING * median if median is not None and median > 0 else None
 
 
 @dataclass(frozen=True)

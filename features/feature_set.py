@@ -1,18 +1,22 @@
 """Everything training needs from one ingest output, loaded once: the cleaned
 interactions, users' histories, item/user feature bags and the vocabulary sizes."""
 
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from features.events import WEIGHT_CEILING, weight_cap
 from features.history import UserHistories
 from features.ingest import INTERACTIONS_FILE, load_vocabularies
 from features.ordering import Ordering
 from recsys.core import schema as s
 from recsys.core.artifacts import read_manifest
 from recsys.core.errors import ArtifactError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class FeatureSet:
         scan = pl.scan_parquet(directory / INTERACTIONS_FILE)
         if users is not None:
             scan = scan.filter(pl.col(s.USER_IDX).is_between(users[0], users[1], closed="left"))
-        interactions = scan.collect()
+        interactions = _capped(scan.collect(), directory, manifest)
         bags = {
             side: pl.read_parquet(directory / f"{side[:-1]}_features.parquet")
             if (directory / f"{side[:-1]}_features.parquet").is_file()
@@ -75,6 +79,35 @@ class FeatureSet:
             category_counts=counts,
             ordering=ordering,
         )
+
+
+def _capped(interactions: pl.DataFrame, directory: Path, manifest: dict) -> pl.DataFrame:
+    """`interactions` with no weight above `events.weight_cap`, set by every event of the
+    table (a rank's shard is capped as the whole log is)."""
+    median = (
+        pl.scan_parquet(directory / INTERACTIONS_FILE)
+        .filter(pl.col(s.WEIGHT) > 0)
+        .select(pl.col(s.WEIGHT).median())
+        .collect()
+        .item()
+    )
+    cap = weight_cap(median)
+    if cap is None:
+        return interactions
+    configured = list(manifest.get("feature_config", {}).get("event_weights", {}) or {})
+    heavy = (pl.col(s.WEIGHT) > cap) & ~pl.col(s.EVENT).is_in(configured).fill_null(False)
+    above = interactions.select(heavy.sum()).item()
+    if above:
+        log.warning(
+            "%d events weigh more than %g x the log's median weight (%g): counted at %g",
+            above,
+            WEIGHT_CEILING,
+            median,
+            cap,
+        )
+    return interactions.with_columns(
+        pl.when(heavy).then(pl.lit(cap, pl.Float32)).otherwise(pl.col(s.WEIGHT)).alias(s.WEIGHT)
+    )
 
 
 def user_shard(directory: Path, rank: int, world_size: int) -> tuple[int, int]:

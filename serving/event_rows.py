@@ -10,10 +10,14 @@ from typing import Any
 
 from features.event_log import COLUMNS, Event
 from recsys.core import schema as s
-from recsys.core.ids import IdError, checked_id, checked_text, checked_weight
-
-MAX_EVENT_CHARS = 64
-LATEST_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+from recsys.core.ids import (
+    LATEST_SECONDS,
+    MAX_EVENT_CHARS,
+    IdError,
+    checked_id,
+    checked_text,
+    checked_weight,
+)
 
 
 class RowError(ValueError):

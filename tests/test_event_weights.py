@@ -148,3 +148,27 @@ def test_weights_are_a_weighted_mean_of_row_terms(loss):
         logits = query @ item.T / 0.1
         by_hand = -(logits[2, 2] - torch.logsumexp(logits[2], 0))
         assert terms[2].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("configured", [{}, {"purchase": 1_000.0}])
+def test_no_event_counts_more_than_ten_times_the_median_weight(tmp_path, configured):
+    """Two events at the largest weight a post may carry (10^6) once dominated the next
+    build's loss, bags and spectral degrees: their items became every item's nearest
+    neighbours. Weights a build's own settings give an event type are not capped."""
+    from features.config import FeatureConfig
+    from features.feature_set import FeatureSet
+    from features.ingest import ingest
+
+    rows = [(u, i, "view", 1.0) for u in range(20) for i in range(u % 7, u % 7 + 5)]
+    rows += [(0, 1, "view", 1e6), (1, 2, "purchase", 1.0), (2, 3, "view", 0.5)]
+    (tmp_path / "log").mkdir()
+    log = tmp_path / "log" / "interactions.parquet"
+    frame = pl.DataFrame(rows, schema=["user_id", "item_id", "event", "weight"], orient="row")
+    frame.write_parquet(log)
+    ingest(resolve_source(log), tmp_path / "ingest", FeatureConfig(event_weights=configured))
+    table = FeatureSet.load(tmp_path / "ingest").interactions
+    views = table.filter(pl.col("event") == "view")["weight"]
+    assert views.max() == 10.0  # the 10^6 view, at 10 x the median weight of 1
+    assert 0.5 in views.to_list()  # light weights are kept as they are
+    purchase = table.filter(pl.col("event") == "purchase")["weight"].to_list()
+    assert purchase == [configured.get("purchase", 1.0)]

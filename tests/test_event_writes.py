@@ -122,7 +122,9 @@ def test_a_short_write_is_cut_off_and_never_acknowledged(tmp_path):
 
 def _plant_bad_segment(directory: Path) -> Path:
     """A segment as an older version could write it: an unquoted CR in the event field,
-    bytes that are not UTF-8, a line with too few fields, between good lines."""
+    bytes that are not UTF-8, a line with too few fields, weights and timestamps a post
+    could not carry (NaN, negative, past the largest weight or year 9999), between good
+    lines."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "20260101T000000-old-1-deadbeef.csv"
     path.write_bytes(
@@ -132,6 +134,12 @@ def _plant_bad_segment(directory: Path) -> Path:
         b"1,\xff\xfe,100,1.0,\n"
         b"1,4\n"
         b"1,5,notatime,1.0,\n"
+        b"1,7,100,NaN,\n"
+        b"1,8,100,-3,\n"
+        b"1,9,100,inf,\n"
+        b"1,10,100,1e9,\n"
+        b"1,11,-5,1.0,\n"
+        b"1,12,999999999999,1.0,\n"
         b"2,6,100,1.0,\n"
     )
     return path
@@ -143,7 +151,7 @@ def test_readers_quarantine_lines_they_cannot_parse(tmp_path):
     events, end = read_new(path, 0)
     assert [(e.user_id, e.item_id) for e in events] == [("1", "2"), ("2", "6")]
     assert end == path.stat().st_size
-    assert QUARANTINED["lines"] - before == 4
+    assert QUARANTINED["lines"] - before == 10  # the weight and timestamp rules of a post too
     taken = snapshot(tmp_path / "events", tmp_path / "snapshot.parquet")
     assert taken.rows == 2 and taken.path is not None
     frame = pl.read_parquet(taken.path)

@@ -14,6 +14,8 @@ import re
 MAX_ID_CHARS = 256
 MAX_TEXT_CHARS = 256  # a feature value or an event type
 MAX_WEIGHT = 1_000_000.0  # the largest event weight stored; larger ones are refused
+MAX_EVENT_CHARS = 64  # an event type
+LATEST_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z: the last timestamp stored
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 _CANONICAL_INTEGER = re.compile(r"-?(0|[1-9][0-9]*)")
 
