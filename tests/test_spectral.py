@@ -120,12 +120,32 @@ def test_weights_count_as_the_build_counts_them_largest_per_item_and_zero_for_no
     )
     matrix = spectral.interaction_matrix(events, 60, 40)
     assert matrix.max() == 1.0 and matrix.min() == 0.0 and np.all(matrix.data > 0)
+    assert np.allclose(matrix.max(axis=1).toarray()[np.diff(matrix.indptr) > 0], 1.0)
     branch = spectral.fit(matrix, 6)
     stored = branch.users(matrix)
     for user in (0, 7, 59):
         mine = events.filter(pl.col("user_idx") == user)
         served = branch.user(mine["item_idx"].to_list(), mine["weight"].to_list())
         assert np.allclose(served, stored[user], atol=1e-5)
+
+
+def test_a_user_whose_weights_are_all_larger_weighs_as_much_as_one_whose_are_not() -> None:
+    """Two posted events at 10x every other weight made one user a component of the
+    decomposition: their two items became every item's nearest neighbours."""
+    rng = np.random.default_rng(2)
+    events = pl.DataFrame(
+        {
+            "user_idx": rng.integers(0, 80, 1_200),
+            "item_idx": rng.integers(0, 50, 1_200),
+            "weight": rng.choice([0.5, 1.0], 1_200).astype(np.float32),
+        }
+    )
+    heavy = events.with_columns(
+        pl.when(pl.col("user_idx") == 3).then(pl.col("weight") * 10).otherwise(pl.col("weight"))
+    )
+    plain = spectral.fit(spectral.interaction_matrix(events, 80, 50), 8)
+    scaled = spectral.fit(spectral.interaction_matrix(heavy, 80, 50), 8)
+    assert np.allclose(np.abs(plain.item_rows), np.abs(scaled.item_rows), atol=1e-4)
 
 
 def test_the_filter_ranks_a_users_own_group_first() -> None:

@@ -27,7 +27,7 @@ from features.feature_set import FeatureSet, user_shard
 from recsys.core.errors import RecsysError
 from training.cluster import Cluster
 from training.config import TowerConfig, TrainConfig
-from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS
+from training.export import ROW_STATE, SPEC, VALIDATED_WEIGHTS, WEIGHTS, warm_start_weights
 from training.fit import METRICS, save_result
 from training.model import ModelSpec
 from training.orphans import LAUNCHER_VARIABLE, die_with_parent, stop_when_orphaned
@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
         args.data, verify=rank == 0, users=user_shard(args.data, rank, world_size)
     )
     split = build_split(features, config or TrainConfig())
-    warm = load_warm_start(args.warm_start, WEIGHTS, ROW_STATE) if args.warm_start else None
+    warm = (
+        load_warm_start(args.warm_start, warm_start_weights(args.warm_start), ROW_STATE)
+        if args.warm_start
+        else None
+    )
     args.model_dir.mkdir(parents=True, exist_ok=True)
     result = train(
         features,

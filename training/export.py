@@ -25,6 +25,15 @@ ROW_STATE = "row_state.safetensors"  # embedding optimizer's per-row state, for 
 VALIDATED_WEIGHTS = "validated.safetensors"
 
 
+def warm_start_weights(model_dir: Path) -> str:
+    """The weights a rebuild starts from: the previous version's validated ones where it
+    has them. Its refitted weights trained on its validation events, which a grown log
+    mostly validates on again: a rebuild begun from them scored validation recall 0.92
+    against 0.37, chose no spectral branch on that, and passed the gate by +0.55 while it
+    was worse on held-out events."""
+    return VALIDATED_WEIGHTS if (model_dir / VALIDATED_WEIGHTS).is_file() else WEIGHTS
+
+
 def save_model(
     state: dict[str, torch.Tensor],
     spec: ModelSpec,

@@ -12,7 +12,7 @@ from features.feature_set import FeatureSet
 from features.splits import Split
 from training.cluster import Cluster
 from training.config import TowerConfig, TrainConfig
-from training.export import ROW_STATE, WEIGHTS, save_model
+from training.export import ROW_STATE, save_model, warm_start_weights
 from training.trainer import TrainResult, train
 from training.warm_start import load_warm_start
 
@@ -67,7 +67,9 @@ def fit_model(
         device=torch.device(device),
         metrics_path=model_dir / METRICS,
         progress=progress,
-        warm_start=load_warm_start(warm_start, WEIGHTS, ROW_STATE) if warm_start else None,
+        warm_start=load_warm_start(warm_start, warm_start_weights(warm_start), ROW_STATE)
+        if warm_start
+        else None,
     )
     save_result(result, model_dir)
     return result

@@ -124,13 +124,19 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 
 def interaction_matrix(events: pl.DataFrame, num_users: int, num_items: int) -> sp.csr_matrix:
     """The user x item matrix of a table of events: each pair once, at its events' largest
-    weight (a purchase after a view counts as the purchase; weight 0 counts nothing)."""
+    weight (a purchase after a view counts as the purchase; weight 0 counts nothing), over
+    the user's largest weight. Relative to the user, because the degree normalisation
+    scales a row multiplied by c by c^(1 - e) only: one posted user with two items at a
+    weight 10 times everyone else's became a component of the decomposition of their own,
+    and those items every item's neighbours. A user's part is a unit vector, which the
+    scale of their row does not change."""
     if s.WEIGHT not in events.columns:
         events = events.with_columns(pl.lit(1.0, pl.Float32).alias(s.WEIGHT))
     pairs = (
         events.group_by(s.USER_IDX, s.ITEM_IDX)
         .agg(pl.col(s.WEIGHT).max())
         .filter(pl.col(s.WEIGHT) > 0)
+        .with_columns(pl.col(s.WEIGHT) / pl.col(s.WEIGHT).max().over(s.USER_IDX))
     )
     matrix = sp.csr_matrix(
         (
