@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -140,27 +141,134 @@ def read_changes(path: Path, start: int = 0) -> tuple[list[ItemChange], int]:
     return parse_changes(chunk[:end], str(path), start), start + end
 
 
+def merged_features(before: Features | None, after: Features | None) -> Features | None:
+    """An item's features after a change: the columns it gives replace theirs, the others
+    stay. Why: `PUT` with `{"genres": [...]}` changes the genres, not the year."""
+    if after is None or before is None:
+        return before if after is None else after
+    return {**before, **after}
+
+
 def latest_changes(path: Path, shared: list[ItemChange] | None = None) -> dict[str, ItemChange]:
     """Each item's state after every change of the file, then of the shared log (item ID
-    as text -> its last change, with the last features given to it)."""
+    as text -> its last availability, with every column given to it, the latest value of
+    each)."""
     state: dict[str, ItemChange] = {}
     for change in read_changes(path)[0] + (shared or []):
         key = str(change.item_id)
         before = state.get(key)
-        features = change.features
-        if features is None and before is not None:
-            features = before.features
+        features = merged_features(before.features if before else None, change.features)
         state[key] = ItemChange(change.item_id, change.available, features, change.at)
     return state
 
 
-def _cell(values: list[str], dtype: pl.DataType, separator: str) -> Any:
-    """A new item's values as one cell of a column of `dtype`."""
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _inner(dtype: pl.DataType) -> pl.DataType:
+    inner = dtype.inner if isinstance(dtype, pl.List) else dtype
+    return inner() if isinstance(inner, type) else inner
+
+
+def _refused(column: str, value: Any, dtype: pl.DataType) -> ValueError:
+    shown = ascii(value)[:60]
+    return ValueError(f"feature {column}: {shown} is no {dtype} value (the item table's type)")
+
+
+def _as_integer(value: Any) -> int | None:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return canonical_integer(value)
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def typed_value(column: str, value: Any, dtype: pl.DataType) -> Any:
+    """One value (a JSON value, or the text stored for it) as the item table holds it in
+    `column` of `dtype` (a list column: its element type); ValueError naming the column,
+    the type and the value where the type cannot hold it exactly. Why: the build casts
+    the table's cells to its types, so a value it cannot hold ("abc", 1995.5, true or
+    2**66 for an Int32 year) would become null there while the service filed it as a
+    category; the service and every build read each value through here."""
+    inner = _inner(dtype)
+    if inner == pl.String or isinstance(inner, pl.Categorical | pl.Enum):
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            value = str(value)
+        if isinstance(value, str):
+            return value
+        raise _refused(column, value, inner)
+    if inner == pl.Boolean:
+        if isinstance(value, bool) or value in ("true", "false"):
+            return value in (True, "true")
+        raise _refused(column, value, inner)
+    number: int | float | None
+    if inner.is_integer():
+        number = _as_integer(value)
+    elif inner.is_float() or isinstance(inner, pl.Decimal):
+        number = _as_float(value)
+    else:
+        number = None
+    if number is None:
+        raise _refused(column, value, inner)
+    try:
+        held = pl.Series([number]).cast(inner, strict=True).to_list()[0]
+    except (pl.exceptions.PolarsError, OverflowError, TypeError, ValueError):
+        held = None
+    if held is None or (inner.is_float() and not math.isfinite(held)):
+        raise _refused(column, value, inner)  # beyond the type's range
+    return held
+
+
+def value_text(value: Any) -> str:
+    """How a typed value is stored in a change (`ItemChange.features` holds text): read
+    back by `typed_value` as the same value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def cell(column: str, values: list[str], dtype: pl.DataType, separator: str) -> Any:
+    """An item's values (as stored) as one cell of the item table's `column` of `dtype`,
+    the rule every reader shares: a list column holds each value as one element, as the
+    build reads a list column (a `|` inside a value is no separator there); a text column
+    joins several values with the separator (which the build splits again); any other
+    column holds one value. ValueError, naming the column, for a value it cannot hold."""
     if isinstance(dtype, pl.List):
-        return pl.Series(values).cast(dtype.inner, strict=False).to_list()
+        return [typed_value(column, v, dtype) for v in values]
     if dtype == pl.String:
         return separator.join(values) if values else None
-    return pl.Series(values[:1]).cast(dtype, strict=False).to_list()[0] if values else None
+    if len(values) > 1:
+        raise ValueError(f"feature {column}: one value, not {len(values)} (a {dtype} column)")
+    return typed_value(column, values[0], dtype) if values else None
+
+
+def item_cells(
+    features: Features, schema: dict[str, pl.DataType], separator: str, item: object = ""
+) -> dict[str, Any]:
+    """An item's cells for the columns given (those of `schema`). A value stored before
+    the service checked types, that the column's type cannot hold, is quarantined: its
+    column is left as it was, and logged, never a failed build or restart."""
+    cells: dict[str, Any] = {}
+    for column, values in features.items():
+        if column not in schema:
+            continue
+        try:
+            cells[column] = cell(column, values, schema[column], separator)
+        except ValueError as exc:
+            log.warning("item %s: value quarantined (%s)", item, str(exc)[:120])
+    return cells
 
 
 def merged_item_table(
@@ -189,21 +297,14 @@ def merged_item_table(
     for name in names:  # a column the table lacks: text, or lists of text for several values
         several = any(len((c.features or {}).get(name, [])) > 1 for c in given.values())
         schema.setdefault(name, pl.List(pl.String()) if several else pl.String())
+    cells = [item_cells(c.features or {}, schema, separator, c.item_id) for c in given.values()]
     rows = pl.DataFrame(
         {
             s.ITEM_ID: pl.Series([str(c.item_id) for c in given.values()]).cast(
                 key_dtype, strict=False
             ),
             **{
-                name: pl.Series(
-                    name,
-                    [
-                        _cell((c.features or {}).get(name, []), schema[name], separator)
-                        for c in given.values()
-                    ],
-                    dtype=schema.get(name),
-                    strict=False,
-                )
+                name: pl.Series(name, [one.get(name) for one in cells], dtype=schema[name])
                 for name in names
             },
         }

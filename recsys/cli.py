@@ -527,7 +527,6 @@ def _build_in(
         store=store,
         cluster=cluster,
     )
-    metrics = report.train.best_metrics
     table = Table(title=f"build {report.version}", show_header=False)
     for name, value in [
         (
@@ -549,10 +548,7 @@ def _build_in(
             ),
         ),
         ("batch size", report.train.config.batch_size),
-        (
-            "valid hit_rate@10 / recall@100",
-            f"{metrics['hit_rate@10']:.4f} / {metrics['recall@100']:.4f}",
-        ),
+        ("valid hit_rate@10 / recall@100", _valid_summary(report.train.best_metrics)),
         ("index", _index_summary(report.index)),
         ("warm start from", report.warm_start_from or "no (trained from scratch)"),
         ("quality gate", report.gate.reason if report.gate else "none (first build)"),
@@ -565,6 +561,13 @@ def _build_in(
     if not report.promoted:
         err.print(f"candidate {report.version} rejected by the quality gate; current unchanged")
         raise typer.Exit(code=3)
+
+
+def _valid_summary(metrics: dict[str, float]) -> str:
+    """The validation figures, or why there are none (no user had an event to hold out)."""
+    if not metrics:
+        return "none: no validation events"
+    return f"{metrics['hit_rate@10']:.4f} / {metrics['recall@100']:.4f}"
 
 
 @app.command("settings")

@@ -1,11 +1,13 @@
 """A version's user or item embeddings out, for a vector store or an analysis of one's own:
 `recsys export`. IDs keep the log's type (integers stay integers), row i of the vectors is
-ID i, and the similarity the version was trained for goes with them (a dot-product
-version must be searched by dot product, a cosine one by cosine)."""
+ID i, and the similarity the version is served with goes with them: its index's metric,
+which is the dot product whenever a spectral branch widens the vectors, whatever the
+towers were trained for (a cosine search of such vectors ranks otherwise than the service)."""
 
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -20,6 +22,16 @@ from recsys.core.versions import verify_version
 class Side(StrEnum):
     users = "users"
     items = "items"
+
+
+INDEX_SIMILARITY = {"angular": "cosine", "dot": "dot"}  # index metric -> search by
+
+
+def served_similarity(manifest: dict[str, Any]) -> str:
+    """What the service ranks this version's vectors by: the metric its index was built
+    with (`recsys.pipeline.index_version` chose it), else the towers' similarity."""
+    metric = manifest.get("index", {}).get("metric")
+    return INDEX_SIMILARITY.get(metric, str(manifest.get("similarity", "dot")))
 
 
 class ExportFormat(StrEnum):
@@ -48,7 +60,7 @@ def export_embeddings(version_dir: Path, side: Side, fmt: ExportFormat, out: Pat
     layout = VersionLayout(version_dir)
     id_column = s.USER_ID if side is Side.users else s.ITEM_ID
     frame = pl.read_parquet(layout.side_embeddings(side.value), columns=[id_column, "embedding"])
-    similarity = str(manifest.get("similarity", "dot"))
+    similarity = served_similarity(manifest)
     vectors = np.ascontiguousarray(frame["embedding"].to_numpy(), dtype=np.float32)
     if out.is_dir():
         raise RecsysError(f"{out} is a directory: name the file to write")

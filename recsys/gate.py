@@ -12,7 +12,8 @@ losses that are each within noise add up until they are not.
 The slice is the candidate's validation events (never trained on) that are newer than
 everything the current version saw, so neither model has trained on them. When too few
 users have such events (a log that did not grow in time, or has no timestamps), all
-validation events are used and the decision says so.
+validation events are used and the decision says so. With no validation users at all
+there is nothing to compare on: the candidate is promoted, and the decision says so.
 """
 
 from collections.abc import Mapping
@@ -126,6 +127,8 @@ def quality_gate(
     (other kept versions that read the same features), user by user."""
     rows, slice_name = gate_slice(valid, seen_until)
     task = sample_task(eval_task(rows, features.histories), max_users, seed)
+    if len(task) == 0:
+        return nothing_to_compare(metric, margin)
     new = evaluate_per_user(candidate, task)[metric]
     references = {current[0]: evaluate_per_user(current[1], task)[metric]}
     for name, scorer in (recent or {}).items():
@@ -158,6 +161,17 @@ def not_comparable(reason: str) -> GateDecision:
     """No comparison possible (the current version reads other features): a gate that
     cannot compare does not promote; `--no-gate` is the way to promote anyway."""
     return GateDecision("", 0.0, 0.0, 0.0, "", 0, False, reason)
+
+
+def nothing_to_compare(metric: str, margin: float) -> GateDecision:
+    """No validation users (a log in which every user has one event holds none out): there
+    is no evidence against the candidate, so it is promoted as a first build is, and the
+    decision says why; refusing would leave such a log's versions stale for good."""
+    reason = (
+        "cannot compare: no validation users (no user has a held-out event); "
+        "promoted without comparing, as a first build is"
+    )
+    return GateDecision(metric, 0.0, 0.0, margin, "none", 0, True, reason)
 
 
 def last_timestamp(version_dir: Path) -> int | None:

@@ -82,7 +82,9 @@ def _embedding_frame(
     )
 
 
-def _save_curve(history: list[dict[str, Any]], path: Path, eval_k: int) -> None:
+def _save_curve(history: list[dict[str, Any]], path: Path, eval_k: int, validated: bool) -> None:
+    """Loss per epoch, and validation recall where there was validation (without it the
+    history holds the epoch number in its place)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,9 +94,11 @@ def _save_curve(history: list[dict[str, Any]], path: Path, eval_k: int) -> None:
     fig, left = plt.subplots(figsize=(6, 4))
     left.plot(epochs, [h["loss"] for h in history], "o-", color="tab:blue", label="train loss")
     left.set(xlabel="epoch", ylabel="train loss")
-    right = left.twinx()
-    right.plot(epochs, [h[f"valid_recall@{eval_k}"] for h in history], "s-", color="tab:orange")
-    right.set_ylabel(f"validation recall@{eval_k}")
+    if validated:
+        right = left.twinx()
+        recall = [h[f"valid_recall@{eval_k}"] for h in history]
+        right.plot(epochs, recall, "s-", color="tab:orange")
+        right.set_ylabel(f"validation recall@{eval_k}")
     left.set_title("training curve")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -271,6 +275,16 @@ def index_version(
     cosine = tower.similarity is Similarity.COSINE and not branched
     metric = "angular" if cosine else "dot"
     return build_index(embeddings.items, sample, layout.index, metric, targets, seed)
+
+
+def _drop_stand_in_metrics(result: TrainResult, split: Split) -> bool:
+    """Whether the split held validation events. Without them the trainer keeps the last
+    epoch by letting the epoch number stand in for the watched metric; that number is no
+    measurement, so neither the manifest nor the summary may report it."""
+    if split.valid.is_empty():
+        result.best_metrics = {}
+        return False
+    return True
 
 
 def _manifest(
@@ -456,8 +470,10 @@ def _build_locked(
             cluster=cluster,
         )
         stage("fit", started)
+        has_validation = _drop_stand_in_metrics(result, split)
         layout.build_config.write_text(settings.to_toml())
-        _save_curve(result.history, layout.model / "training_curve.png", result.config.eval_k)
+        curve = layout.model / "training_curve.png"
+        _save_curve(result.history, curve, result.config.eval_k, has_validation)
         branch = choose_spectral(
             features, split, load_model(layout.model, validated=True), result.config
         )

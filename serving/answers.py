@@ -21,7 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from features.catalogue_log import MAX_VALUES, ItemChange, append_change, changes_path
+from features.catalogue_log import (
+    MAX_VALUES,
+    ItemChange,
+    append_change,
+    cell,
+    changes_path,
+    typed_value,
+    value_text,
+)
 from features.event_log import EventStoreError, SegmentWriter
 from features.event_stream import EventStream
 from recsys.core.ids import IdError, checked_id, checked_text
@@ -64,8 +72,10 @@ class Unstored(AnswerError):
     status = 507
 
 
-def _feature_texts(features: dict[str, Any], columns: Any) -> dict[str, list[str]]:
-    """A PUT's features as text, each value checked; Invalid saying which and why."""
+def _feature_texts(features: dict[str, Any], columns: dict[str, Any]) -> dict[str, list[str]]:
+    """A PUT's features as the text stored for them, each value checked against the type
+    the version's item table holds its column in (`columns`: column -> CategoryColumn), as
+    every build reads it back; Invalid saying which column, type and value, and why."""
     if not features:
         raise Invalid("features must name at least one column of the item table")
     unknown = sorted(set(features) - set(columns))
@@ -75,27 +85,60 @@ def _feature_texts(features: dict[str, Any], columns: Any) -> dict[str, list[str
             f"unknown feature column(s) {shown}; the item table's: "
             f"{', '.join(sorted(columns)) or 'none'}"
         )
-    out: dict[str, list[str]] = {}
-    for column, value in features.items():
-        values = value if isinstance(value, list) else [value]
-        if len(values) > MAX_VALUES:
-            raise Invalid(f"feature {column}: at most {MAX_VALUES} values")
-        texts = []
-        for one in values:
-            if one is None:
-                continue
-            if isinstance(one, float) and not math.isfinite(one):
-                raise Invalid(f"feature {column}: numbers must be finite")
-            if not isinstance(one, str | int | float | bool):
-                raise Invalid(f"feature {column}: values are text, numbers or booleans")
-            try:
-                texts.append(checked_text(str(one), f"feature {column}"))
-            except IdError as exc:
-                raise Invalid(str(exc)) from None
-        out[column] = texts
+    out = {c: _column_texts(c, v, columns[c].dtype) for c, v in features.items()}
     if not any(out.values()):
         raise Invalid("features must give at least one value")
     return out
+
+
+def _column_texts(column: str, value: Any, dtype: Any) -> list[str]:
+    """One column's values (a value or a list; nulls left out) as stored text."""
+    values = [one for one in (value if isinstance(value, list) else [value]) if one is not None]
+    if len(values) > MAX_VALUES:
+        raise Invalid(f"feature {column}: at most {MAX_VALUES} values")
+    texts = []
+    for one in values:
+        if isinstance(one, float) and not math.isfinite(one):
+            raise Invalid(f"feature {column}: numbers must be finite")
+        if not isinstance(one, str | int | float | bool):
+            raise Invalid(f"feature {column}: values are text, numbers or booleans")
+        try:
+            if isinstance(one, str):
+                one = checked_text(one, f"feature {column}")
+            texts.append(checked_text(value_text(typed_value(column, one, dtype)), column))
+        except (IdError, ValueError) as exc:
+            raise Invalid(str(exc)) from None
+    try:  # the cell a build writes: a column of one value takes one
+        cell(column, texts, dtype, "|")
+    except ValueError as exc:
+        raise Invalid(str(exc)) from None
+    return texts
+
+
+def history_query(
+    state: VersionState, user: int | None, items: np.ndarray, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """The user tower on a history of item indices (oldest first), in which items added
+    since the version (indices past its item count) count through their item-tower
+    vectors: a new item has no row in the tower's item table, and its vector is where the
+    version's space places it (the one its `similar` searches from). Their mean is mixed
+    in by their share of the history; a history of new items alone is that mean."""
+    added = items >= len(state.items)
+    if not added.any():
+        return state.embed_history(user, items.tolist(), _listed(weights))
+    mean = state.catalogue.vectors(items[added]).mean(axis=0)  # (D,)
+    share = float(added.mean())
+    if share == 1.0:
+        return mean.astype(np.float32)
+    kept = ~added
+    base = state.embed_history(
+        user, items[kept].tolist(), None if weights is None else _listed(weights[kept])
+    )
+    return ((1.0 - share) * base + share * mean).astype(np.float32)
+
+
+def _listed(weights: np.ndarray | None) -> list[float] | None:
+    return None if weights is None else weights.tolist()
 
 
 def _fresh_query(
@@ -111,19 +154,20 @@ def _fresh_query(
     MovieLens-100K, 10 horror events left the horror share of user 1's top 20 at 0.00);
     recent actions should count most, and more of them count more."""
     pairs = zip(fresh.items, fresh.weights, strict=True)
-    mapped = [(state.item_index(raw), w) for raw, w in pairs]
+    mapped = [(state.catalogue.index_of(raw), w) for raw, w in pairs]
     new = np.array([i for i, _ in mapped if i is not None], np.int64)
     new_weights = np.array([w for i, w in mapped if i is not None], np.float32)
     nothing = np.zeros(0, np.int64)
     past, past_weights = state.history(user) if user is not None else (nothing, nothing)
-    query = state.embed_history(
+    query = history_query(
+        state,
         user,
-        np.concatenate([past, new]).tolist(),
-        np.concatenate([past_weights, new_weights]).tolist(),
+        np.concatenate([past, new]),
+        np.concatenate([past_weights, new_weights]).astype(np.float32),
     )
     if user is None or not len(new):
         return query, new  # an unknown user is answered from the new events alone
-    recent = state.embed_history(None, new.tolist(), new_weights.tolist())  # (D,)
+    recent = history_query(state, None, new, new_weights)  # (D,)
     share = len(new) / (len(new) + half)
     return ((1.0 - share) * query + share * recent).astype(np.float32), new
 
@@ -337,7 +381,7 @@ class Answers:
         key = fresh_key(
             state.scope, str(state.user_key(raw_user)), fresh.sequence, k, exclude_seen, filters
         )
-        if user is None and not any(state.item_index(raw) is not None for raw in fresh.items):
+        if user is None and all(state.catalogue.index_of(raw) is None for raw in fresh.items):
             return key, lambda: state.popular(np.zeros(0, np.int64), k, filters), True
 
         def search() -> tuple[np.ndarray, np.ndarray]:
@@ -407,14 +451,15 @@ class Answers:
             raise Invalid(f"k must be at most {self.max_k}")
         if len(body.history) > self.max_history:
             raise Invalid(f"history holds {len(body.history)} items; at most {self.max_history}")
-        unknown = [i for i in [*body.history, *body.exclude] if state.item_index(i) is None]
+        index_of = state.catalogue.index_of  # the version's items and the ones added since
+        unknown = [i for i in [*body.history, *body.exclude] if index_of(i) is None]
         if not body.history and not body.exclude and body.user_id is not None:
             key, search, fallback = self._user_search(state, body.user_id, body.k, True, filters)
             found = self.cached(key, search)
             return _recommendations(state, state.user_key(body.user_id), found, fallback)
         user = None if body.user_id is None else state.user_index(body.user_id)
-        history = [h for i in body.history if (h := state.item_index(i)) is not None]
-        excluded = [e for i in body.exclude if (e := state.item_index(i)) is not None]
+        history = [h for i in body.history if (h := index_of(i)) is not None]
+        excluded = [e for i in body.exclude if (e := index_of(i)) is not None]
         rec = state.recommender
         seen = state.seen(user) if user is not None else np.zeros(0, np.int64)
         fresh = None if body.user_id is None else state.fresh_events(state.user_key(body.user_id))
@@ -425,7 +470,7 @@ class Answers:
         )
         banned = np.unique(np.concatenate([np.asarray(history + excluded, np.int64), seen, new]))
         if history:  # a session: the request's history is the user's recent past
-            query = state.embed_history(user, history)
+            query = history_query(state, user, np.asarray(history, np.int64))
         elif fresh_query is not None and (user is not None or len(new)):
             query = fresh_query  # the user's events since the version count
         elif user is not None:

@@ -5,6 +5,7 @@ serving.answers (what is answered, and every cache key), serving.schemas (bodies
 serving.metrics (Prometheus), serving.resources (what a worker holds)."""
 
 import asyncio
+import json
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -33,6 +34,9 @@ from serving.routes import admin_router, api_router, probes
 from serving.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+MAX_ECHOED_CHARS = 200  # of a refused input's JSON text, per validation error
+MAX_ERRORS = 20  # validation errors listed in one 422
 
 
 def _open(settings: ServiceSettings) -> Resources:
@@ -90,10 +94,36 @@ def _finite(value: Any) -> Any:
     return value
 
 
+def _excerpt(value: Any) -> Any:
+    """A validation error's input as echoed: itself when short, else the start of its JSON
+    text, so that a 20,000-event body refused for its length is not sent back whole."""
+    safe = _finite(value)
+    text = json.dumps(safe, ensure_ascii=False, default=str)
+    if len(text) <= MAX_ECHOED_CHARS:
+        return safe
+    return f"{text[:MAX_ECHOED_CHARS]}... ({len(text):,} characters)"
+
+
+def _shown(error: dict[str, Any]) -> dict[str, Any]:
+    """One error as answered: no `ctx` (it may hold exceptions), short input and location
+    (a location can be a key of the body's own)."""
+    shown = {k: _finite(v) for k, v in error.items() if k not in ("ctx", "input", "loc")}
+    shown["loc"] = [_excerpt(part) for part in error.get("loc", ())]
+    if "input" in error:
+        shown["input"] = _excerpt(error["input"])
+    return shown
+
+
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 with the problems; inputs that JSON cannot carry (NaN, 1e400) are quoted."""
-    errors = [{k: _finite(v) for k, v in e.items() if k != "ctx"} for e in exc.errors()]
-    return JSONResponse({"detail": errors}, status_code=422)
+    """422 with the first problems, each input shortened; inputs that JSON cannot carry
+    (NaN, 1e400) are quoted. A list of 1,000 bad IDs gives 1,000 errors: the answer names
+    the first MAX_ERRORS and counts the rest."""
+    errors = exc.errors()
+    detail = [_shown(e) for e in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        more = len(errors) - MAX_ERRORS
+        detail.append({"type": "too_many_errors", "loc": [], "msg": f"{more} more errors"})
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 async def _unanswerable(request: Request, exc: Exception) -> JSONResponse:

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from features.catalogue_log import ItemChange, changes_path, read_changes
+from features.catalogue_log import (
+    Features,
+    ItemChange,
+    changes_path,
+    item_cells,
+    merged_features,
+    read_changes,
+)
 from features.config import FeatureConfig
 from features.event_stream import START, CatalogueStream
 from features.side_tables import feature_values, is_bucket_label
@@ -72,20 +79,13 @@ class CategoryColumn:
         parts = [self.items[self.starts[c] : self.starts[c + 1]] for c in codes]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def texts(self, value: Any, separator: str) -> list[str]:
-        """A new item's value (or values) in this column as category text, the way the
-        build turns the item table's cells into categories."""
-        inner = self.dtype.inner if isinstance(self.dtype, pl.List) else self.dtype
-        out: list[str] = []
-        for one in value if isinstance(value, list) else [value]:
-            try:
-                series = pl.Series([one]).cast(inner, strict=True)
-            except (pl.exceptions.PolarsError, TypeError, ValueError):
-                series = pl.Series([str(one)])
-            cells = feature_values(series, separator, self.bucketed)
-            if cells is not None and cells[0] is not None:
-                out += [str(text) for text in cells[0] if text is not None]
-        return out
+    def texts(self, cell: Any, separator: str) -> list[str]:
+        """A new item's cell of this column (`features.catalogue_log.cell`) as category
+        text, the way the build turns the item table's cells into categories."""
+        values = feature_values(pl.Series([cell], dtype=self.dtype), separator, self.bucketed)
+        if values is None or values[0] is None:
+            return []
+        return [str(text) for text in values[0] if text is not None]
 
     def encode(self, texts: list[str]) -> list[int]:
         """Category indices of the texts the version knows (others have no embedding row)."""
@@ -98,6 +98,7 @@ class NewItem:
     embedding: np.ndarray
     categories: dict[str, set[str]]  # column -> values as text
     available: bool = True
+    features: Features = field(default_factory=dict)  # every column given, as stored
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Catalogue:
     changes: Path
     hidden: np.ndarray = field(init=False)  # (I,) bool
     new_items: dict[str, NewItem] = field(default_factory=dict)
+    positions: dict[str, int] = field(default_factory=dict)  # new item -> its place in order
     generation: int = 0
     any_hidden: bool = False
     offset: int = 0
@@ -186,18 +188,24 @@ class Catalogue:
             return
         known = self.new_items.get(raw)
         if change.features is not None and self.tower is not None:
-            texts = {
-                c: col.texts(change.features[c], self.separator)
-                for c, col in self.columns.items()
-                if c in change.features
-            }
-            codes = {c: self.columns[c].encode(v) for c, v in texts.items()}
-            categories = {c: set(v) for c, v in texts.items()}
-            self.new_items[raw] = NewItem(
-                raw, self.tower.embed(codes), categories, change.available
-            )
+            features = merged_features(known.features if known else None, change.features)
+            self._place(raw, features or {}, change.available)
         elif known is not None:
             known.available = change.available
+
+    def _place(self, raw: str, features: Features, available: bool) -> None:
+        """Embed a new item from every column given to it so far (the latest value of
+        each), through the same cells a build writes into the item table."""
+        assert self.tower is not None
+        schema = {c: column.dtype for c, column in self.columns.items()}
+        cells = item_cells(features, schema, self.separator, raw)
+        texts = {c: self.columns[c].texts(one, self.separator) for c, one in cells.items()}
+        codes = {c: self.columns[c].encode(v) for c, v in texts.items()}
+        categories = {c: set(v) for c, v in texts.items()}
+        if raw not in self.new_items:
+            self.positions[raw] = len(self.new_items)
+        embedding = self.tower.embed(codes)
+        self.new_items[raw] = NewItem(raw, embedding, categories, available, features)
 
     # -- requests --------------------------------------------------------------------------
 
@@ -208,6 +216,23 @@ class Catalogue:
     def new_list(self) -> list[NewItem]:
         """New items in the order they were first added: item index = items + position."""
         return list(self.new_items.values())
+
+    def index_of(self, raw: object) -> int | None:
+        """The item index of a request's ID: the version's items first, then the new ones
+        (the version's item count plus their position), None for an ID neither holds. Why
+        every route resolves IDs here: a new item named in a history, an exclusion or an
+        event must be excluded and counted as seen like any other."""
+        index = self.items.find(raw)
+        if index is not None or not self.new_items:
+            return index
+        key = self.items.typed(raw)
+        position = None if key is None else self.positions.get(str(key))
+        return None if position is None else len(self.items) + position
+
+    def vectors(self, indices: np.ndarray) -> np.ndarray:
+        """(N, D) the item tower's vectors of new items, by item index."""
+        new = self.new_list()
+        return np.stack([new[i - len(self.items)].embedding for i in indices.tolist()])
 
     def check(self, filters: Filters) -> None:
         unknown = sorted(set(filters) - set(self.columns))

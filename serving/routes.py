@@ -15,6 +15,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from pydantic import BeforeValidator
 
 from recsys.core.errors import RecsysError
 from serving.answers import CACHE_PREFIX, Answer, Answers
@@ -31,6 +32,8 @@ from serving.schemas import (
     Recommendations,
     Reloaded,
     SimilarItems,
+    add_filter,
+    query_flag,
 )
 from serving.settings import ServiceSettings
 
@@ -62,8 +65,8 @@ def parse_categories(request: Request) -> dict[str, list[str]]:
     for text in request.query_params.getlist("category"):
         column, colon, value = text.partition(":")
         if not colon or not column.strip():
-            raise HTTPException(422, f"category must be COLUMN:VALUE, got {text!r}")
-        filters.setdefault(column.strip(), []).append(value.strip())
+            raise HTTPException(422, f"category must be COLUMN:VALUE, got {text[:100]!r}")
+        add_filter(filters, column, [value])
     return filters
 
 
@@ -108,7 +111,7 @@ def api_router(settings: ServiceSettings) -> APIRouter:
         request: Request,
         user_id: str,
         k: Annotated[int, Query(ge=1, le=max_k)] = 10,
-        exclude_seen: bool = True,
+        exclude_seen: Annotated[bool, BeforeValidator(query_flag)] = True,
     ) -> Response:
         """Top-k items for a known user; unknown users get the most popular items (fallback).
         A user with events posted since the version is answered from their whole history."""

@@ -1,11 +1,68 @@
 """Request and response bodies of the HTTP API (they document it in the OpenAPI schema).
-Floats must be finite: JSON's NaN and Infinity extensions are refused with a 422."""
+Floats must be finite: JSON's NaN and Infinity extensions are refused with a 422.
 
-from typing import Any
+JSON's true and false are never read as 1 and 0, nor text as a boolean: pydantic's lax
+mode would answer user 1 for `"user_id": true` and store `"available": "yes"` as true,
+while /v1/events (recsys.core.ids) refuses both. A whole number written as a float
+(`"k": 2.0`) is still read as that integer, as it always was."""
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from collections.abc import Iterable
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from recsys.core.ids import MAX_TEXT_CHARS
 
 ItemId = int | str
+
+
+def _not_boolean(expected: str) -> BeforeValidator:
+    """A validator that refuses true and false where `expected` says what belongs."""
+
+    def check(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError("boolean_refused", expected + ", not a boolean")
+        return value
+
+    return BeforeValidator(check)
+
+
+RequestId = Annotated[ItemId, _not_boolean("an ID must be an integer or a string")]
+Count = Annotated[int, _not_boolean("must be an integer")]
+
+
+def query_flag(value: Any) -> Any:
+    """A boolean query parameter is `true` or `false` (any case): "yes", "on" or "1" are
+    not read as a flag."""
+    text = value.lower() if isinstance(value, str) else value
+    if text not in ("true", "false"):
+        raise PydanticCustomError("bool_parsing", "must be true or false")
+    return text == "true"
+
+
+def add_filter(filters: dict[str, list[str]], column: str, values: Iterable[Any]) -> None:
+    """Add a column's values to `filters`, column and values stripped, so that a query
+    string and a JSON body name the same filter; ValueError for an empty or overlong
+    column name or a boolean value."""
+    name = column.strip()
+    if not name:
+        raise ValueError("a category filter needs a column name, not an empty one")
+    if len(name) > MAX_TEXT_CHARS:
+        raise ValueError(f"a category column name is at most {MAX_TEXT_CHARS} characters")
+    kept = filters.setdefault(name, [])
+    for value in values:
+        if isinstance(value, bool):
+            raise ValueError(f"category {name!r}: values are text, not a boolean")
+        kept.append(str(value).strip())
 
 
 class ScoredItem(BaseModel):
@@ -29,12 +86,12 @@ class Recommendations(BaseModel):
 class RecommendationRequest(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
-    user_id: ItemId | None = None
-    history: list[ItemId] = Field(
+    user_id: RequestId | None = None
+    history: list[RequestId] = Field(
         default_factory=list, max_length=1000, description="Recent item IDs, oldest first"
     )
-    k: int = Field(10, ge=1, description="At most RECSYS_MAX_K (1,000 by default)")
-    exclude: list[ItemId] = Field(default_factory=list, max_length=10_000)
+    k: Count = Field(10, ge=1, description="At most RECSYS_MAX_K (1,000 by default)")
+    exclude: list[RequestId] = Field(default_factory=list, max_length=10_000)
     categories: dict[str, list[str]] = Field(
         default_factory=dict,
         description="Filters: an item qualifies if, for every column named, it has one of "
@@ -44,11 +101,12 @@ class RecommendationRequest(BaseModel):
     @field_validator("categories", mode="before")
     @classmethod
     def _values_as_text(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {
-                k: [str(x) for x in (v if isinstance(v, list) else [v])] for k, v in value.items()
-            }
-        return value
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            return value
+        filters: dict[str, list[str]] = {}
+        for column, values in value.items():
+            add_filter(filters, column, values if isinstance(values, list) else [values])
+        return filters
 
     @model_validator(mode="after")
     def _needs_someone(self) -> "RecommendationRequest":
@@ -95,7 +153,7 @@ class EventsAccepted(BaseModel):
 class ItemUpdate(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
-    available: bool = Field(description="False hides the item from every route")
+    available: StrictBool = Field(description="False hides the item from every route")
     features: dict[str, Any] | None = Field(
         default=None,
         description="A new item's features, column -> value or [values], as in the item "

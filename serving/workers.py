@@ -45,15 +45,34 @@ def _port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _plain_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to the port alone, as uvicorn binds one (SO_REUSEADDR only)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _claim_port(host: str, port: int) -> socket.socket:
     """The parent's hold on the port. A plain bind first: SO_REUSEPORT sockets of the same
     user may share a port, so without this check a second `recsys serve` started on a busy
     port by mistake would silently take half of the first one's connections."""
-    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        probe.bind((host, port))
+    with _plain_socket(host, port) as probe:
         port = probe.getsockname()[1]  # the port chosen when 0 was asked for
     return _port_socket(host, port)
+
+
+def _bound(claim: Callable[[str, int], socket.socket], host: str, port: int) -> socket.socket:
+    """The port, bound before anything says it is listening; a busy port stops the
+    service in one line (exit status 1), whatever the number of workers."""
+    try:
+        return claim(host, port)
+    except OSError as exc:
+        raise SystemExit(f"cannot bind {host}:{port}: {exc.strerror}") from exc
 
 
 def _config(app: str, factory: bool, host: str, port: int, log_level: str) -> uvicorn.Config:
@@ -69,6 +88,25 @@ def _worker(
     # uvicorn loads the app (and the model) before it listens on the socket, so the kernel
     # sends this worker nothing until it can answer.
     DrainingServer(config, drain_seconds).run(sockets=[_port_socket(host, port)])
+
+
+def _serve_alone(
+    app: str,
+    factory: bool,
+    host: str,
+    port: int,
+    log_level: str,
+    announce: Callable[[str, int], None] | None,
+    drain_seconds: float,
+) -> None:
+    """One worker in this process, on a socket bound before the port is announced:
+    uvicorn binds only once the app has loaded, after the announcement."""
+    with _bound(_plain_socket, host, port) as sock:
+        port = sock.getsockname()[1]
+        if announce is not None:
+            announce(host, port)
+        config = _config(app, factory, host, port, log_level)
+        DrainingServer(config, drain_seconds).run(sockets=[sock])
 
 
 def serve(
@@ -88,14 +126,9 @@ def serve(
     is known (uvicorn's own start-up lines are left out: one line). `metrics_dir`: the
     workers' Prometheus directory, when the caller made it (see serving.multiprocess_dir)."""
     if workers == 1:
-        if announce is not None:
-            announce(host, port)
-        DrainingServer(_config(app, factory, host, port, log_level), drain_seconds).run()
+        _serve_alone(app, factory, host, port, log_level, announce, drain_seconds)
         return
-    try:
-        holder = _claim_port(host, port)
-    except OSError as exc:
-        raise SystemExit(f"cannot bind {host}:{port}: {exc.strerror}") from exc
+    holder = _bound(_claim_port, host, port)
     port = holder.getsockname()[1]
     spawn = multiprocessing.get_context("spawn")
     stopping = False

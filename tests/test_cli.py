@@ -1,10 +1,12 @@
 """The `recsys` command as a user runs it: a subprocess, its output and its exit code."""
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 from helpers import recsys
 
 
@@ -166,3 +168,44 @@ def test_help_texts_keep_their_square_brackets():
             assert not re.search(r"(?<!\\)\[[a-z_]+\]", text), (path, text)
     shown = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "240"}).output
     assert "[tower], [train], [index]" in shown, shown
+
+
+WIDE = {"COLUMNS": "240"}  # the summary table's cells on one line each
+
+
+def _one_event_each(path: Path, users: int) -> Path:
+    """A log in which every user has one event: nothing is left to validate on."""
+    items = [i % 40 for i in range(users)]
+    pl.DataFrame({"user_id": range(users), "item_id": items, "timestamp": range(users)}).write_csv(
+        path
+    )
+    return path
+
+
+@pytest.mark.slow  # two builds
+def test_a_log_without_validation_events_builds_and_rebuilds(tmp_path: Path):
+    """The build was promoted, then its summary raised KeyError on `hit_rate@10` (exit 1)
+    and the manifest held the epoch number as `recall@20`; the rebuild's gate then failed
+    on an empty evaluation. Both say there was nothing to validate on, and are promoted."""
+    art = tmp_path / "art"
+    first = recsys(
+        "build",
+        *("--data", _one_event_each(tmp_path / "one.csv", 200), "--artifacts", art),
+        *("--epochs", "2", "--set", "tower.members=1", "--no-progress"),
+        env_extra=WIDE,
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "no validation events" in first.stdout
+    manifest = json.loads((art / "current" / "manifest.json").read_text())
+    assert manifest["train"]["valid_metrics"] == {}
+    second = recsys(
+        "build",
+        *("--data", _one_event_each(tmp_path / "more.csv", 260), "--artifacts", art),
+        *("--epochs", "2", "--set", "tower.members=1", "--no-progress"),
+        env_extra=WIDE,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    gate = json.loads((art / "current" / "manifest.json").read_text())["gate"]
+    assert gate["promoted"] and gate["users"] == 0 and "no validation users" in gate["reason"]
+    assert "quality gate: cannot compare: no validation users" in second.stderr
+    assert (art / "current").resolve().name != manifest["version"]

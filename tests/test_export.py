@@ -1,6 +1,7 @@
 """`recsys export`: a version's embeddings out as Parquet or npy, IDs in the log's type,
 row for row what the service searches, through the command a user runs."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from test_event_weights import shop_log
 from data.synthetic import SyntheticConfig
 from features.sources import resolve_source
 from recsys.core.versions import VersionStore
+from recsys.export import served_similarity
 from recsys.pipeline import build
 from serving.recommender import Recommender
 from training.config import TowerConfig, TrainConfig
@@ -78,3 +80,57 @@ def test_bad_requests_are_refused_in_one_line(integer_ids, tmp_path):
     assert onto_dir.returncode == 2 and "is a directory" in onto_dir.stderr
     nothing = recsys("export", "--artifacts", tmp_path / "none", "--what", "items", "--out", "y")
     assert nothing.returncode == 2 and "Traceback" not in nothing.stderr
+
+
+def test_the_similarity_named_is_the_index_metric():
+    """A spectral branch makes a cosine version's index search by inner product: the
+    export names what the service ranks by, not the towers' similarity."""
+    cosine_towers = {"similarity": "cosine", "index": {"metric": "dot"}}
+    assert served_similarity(cosine_towers) == "dot"
+    assert served_similarity({"similarity": "cosine", "index": {"metric": "angular"}}) == "cosine"
+    assert served_similarity({"similarity": "dot", "index": {"metric": "dot"}}) == "dot"
+
+
+@pytest.fixture(scope="module")
+def branched(tmp_path_factory) -> Path:
+    """A sparse log of 25 planted groups of 40 items, 2 to 6 events per user: the spectral
+    branch gains on it, so the version keeps it (and its index searches by dot product)."""
+    root = tmp_path_factory.mktemp("export-branched")
+    rng = np.random.default_rng(1)
+    popularity = 1 / np.arange(1, 501) ** 0.8
+    rows = []
+    for user in range(600):
+        group = (np.arange(40) + rng.integers(0, 25) * 20) % 500
+        share = popularity[group] / popularity[group].sum()
+        items = rng.choice(group, size=rng.integers(2, 7), replace=False, p=share)
+        rows += [(user, int(i), 1_700_000_000 + int(rng.integers(0, 10**6))) for i in items]
+    log = root / "log.csv"
+    pl.DataFrame(rows, schema=["user_id", "item_id", "timestamp"], orient="row").write_csv(log)
+    build(
+        resolve_source(log),
+        root / "artifacts",
+        TowerConfig(members=1),
+        TrainConfig(max_epochs=2),
+        progress=False,
+    )
+    return root / "artifacts"
+
+
+def test_a_branched_cosine_version_is_exported_for_dot_product_search(branched, tmp_path):
+    """It printed "search by cosine"; searched so, its lists matched the served ones 0.83."""
+    manifest = json.loads((VersionStore(branched).current() / "manifest.json").read_text())
+    assert manifest["spectral"]["used"], manifest["spectral"]["reason"]
+    assert manifest["similarity"] == "cosine" and manifest["index"]["metric"] == "dot"
+    out = tmp_path / "items.npy"
+    done = recsys(
+        "export", "--artifacts", branched, "--what", "items", "--format", "npy", "--out", out
+    )
+    assert done.returncode == 0, done.stderr
+    assert "(search by dot)" in done.stdout
+    rec, exported = _served(branched), np.load(out)
+    lists = rec.for_users(np.arange(20), 10)
+    users, items = lists["user_idx"].to_numpy(), lists["item_idx"].to_numpy()
+    dots = (rec.user_emb[users] * exported[items]).sum(axis=1)
+    assert np.allclose(lists["score"].to_numpy(), dots, atol=1e-4)  # served by dot product
+    norms = np.linalg.norm(exported, axis=1)
+    assert norms.max() > 1.05 * norms.min()  # so a cosine search would rank differently

@@ -30,6 +30,26 @@ BAD = {
     "recall": ("[index]\nrecall_at_100 = 1.5\n", r"recall_at_100: .*less than or equal to 1"),
     "dropout": ("[tower]\nid_dropout = 1.0\n", r"id_dropout: .*less than 1"),
     "unknown": ("[train]\nmax_epoch = 3\n", r"unknown setting\(s\) max_epoch"),
+    # Table widths FBGEMM cannot shard (local_cols=6 not divisible by 4 after ingest).
+    "width_odd": ("[tower]\nembedding_dim = 6\n", r"embedding_dim: .*multiple of 4"),
+    "width_one": ("[tower]\nembedding_dim = 1\n", r"embedding_dim: .*multiple of 4"),
+    "id_width": ("[tower]\nid_dim = 6\nskip = false\n", r"id_dim: .*multiple of 4"),
+    "feature_width": ("[tower]\nfeature_dim = 2\nskip = false\n", r"feature_dim: .*multiple"),
+    # Validation measures 10, 20, 50 and 100 only; 0 patience trained no epoch.
+    "eval_k": ("[train]\neval_k = 30\n", r"eval_k: .*10, 20, 50 or 100"),
+    "eval_k_float": ("[train]\neval_k = 20.0\n", r"eval_k: .*one of 10, 20, 50, 100"),
+    "patience": ("[train]\npatience = 0\n", r"patience: .*greater than or equal to 1"),
+    # Weights that ended in a NaN loss after ingest.
+    "loss_nan": ('[train]\nlosses = ["softmax:nan"]\n', r"losses need .*finite .*softmax:nan"),
+    "loss_inf": (
+        '[train]\nlosses = ["softmax", "triplet:inf"]\n',
+        r"finite positive weight \(got triplet:inf\)",
+    ),
+    "event_huge": (
+        "[train]\nevent_weights = {view = 1e300}\n",
+        r"event_weights must be at most 1e\+06",
+    ),
+    "event_nan": ("[train]\nevent_weights = {view = nan}\n", r"event weights must be finite"),
 }
 
 
@@ -49,7 +69,7 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path):
         BuildConfig.from_file(path)
 
 
-@pytest.mark.parametrize("case", ["keep", "width", "max_epochs"])
+@pytest.mark.parametrize("case", ["keep", "width", "max_epochs", "width_odd", "eval_k", "loss_nan"])
 def test_the_cli_refuses_before_it_reads_the_log(case, tmp_path: Path):
     text, message = BAD[case]
     (tmp_path / "bad.toml").write_text(text)
@@ -79,6 +99,28 @@ def test_keep_zero_as_a_flag_is_refused_too(tmp_path: Path):
         "0",
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (["--embedding-dim", "2"], "embedding_dim: Input should be a multiple of 4"),
+        (["--set", "tower.embedding_dim=3"], "embedding_dim: Input should be a multiple of 4"),
+        (["--set", "train.eval_k=30"], "eval_k: Input should be 10, 20, 50 or 100"),
+        (["--set", "train.patience=0"], "patience: Input should be greater than or equal to 1"),
+        (["--set", 'train.losses=["softmax:nan"]'], "finite"),
+        (["--set", "train.event_weights={view=1e300}"], "at most 1e+06"),
+        (["--event-weights", "view=inf"], "finite"),
+    ],
+)
+def test_settings_that_failed_after_ingest_are_refused_before_it(given, message, tmp_path: Path):
+    """Each of these passed the checks and failed in training (FBGEMM's width assertion, a
+    KeyError on recall@30, a model never saved, a NaN loss)."""
+    result = recsys("build", "--data", tmp_path / "none", "--artifacts", tmp_path / "a", *given)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "a" / "versions").exists()
 
 
 def test_set_assignments_go_through_the_schema():

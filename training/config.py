@@ -5,11 +5,12 @@ scale with it) and written into each version."""
 import enum
 import math
 from dataclasses import asdict, replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import field_validator
 
 from features.events import EventRule, parse_event_weights
+from recsys.core.ids import MAX_WEIGHT
 from recsys.core.typed_settings import described, number, settings_section, switch, whole
 
 
@@ -26,6 +27,9 @@ SERVED_WIDTH = 256  # a default build's served vector: members x embedding_dim
 BASE_WIDTH = 64  # the narrowest default member (and every version's before the rule)
 TABLE_PARAMETERS = 1 << 26  # ID rows x width a default build widens its tables up to
 ENSEMBLE_EVENTS = 1_000_000  # below this many training events, members = this // events
+TABLE_STEP = 4  # FBGEMM's kernels need every embedding table's width to be a multiple of 4
+EvalCutoff = Literal[10, 20, 50, 100]  # the K of each metric validation measures
+EVAL_CUTOFFS: tuple[int, ...] = get_args(EvalCutoff)
 
 
 @settings_section
@@ -33,10 +37,18 @@ class TowerConfig:
     """Shape of both towers."""
 
     embedding_dim: int | None = whole(
-        None, 1, MAX_WIDTH, "output size of each member's towers; unset: by the log"
+        None,
+        1,
+        MAX_WIDTH,
+        "output size of each member's towers, a multiple of 4; unset: by the log",
+        multiple_of=TABLE_STEP,
     )  # (`member_width`): a large log's one tower as wide as a small log's ensemble
-    id_dim: int = whole(0, 0, MAX_WIDTH, "user/item ID table width; 0: embedding_dim")
-    feature_dim: int = whole(0, 0, MAX_WIDTH, "side-feature table width; 0: embedding_dim")
+    id_dim: int = whole(
+        0, 0, MAX_WIDTH, "user/item ID table width, a multiple of 4; 0: embedding_dim", TABLE_STEP
+    )
+    feature_dim: int = whole(
+        0, 0, MAX_WIDTH, "side-feature table width, a multiple of 4; 0: embedding_dim", TABLE_STEP
+    )
     hidden_dim: int = whole(256, 0, MAX_WIDTH, "hidden layer width; 0: one linear map")
     skip: bool = switch(
         True, "add the pooled ID rows and history means to the MLP's output (a skip path)"
@@ -175,7 +187,8 @@ class TrainConfig:
     """Optimisation settings. Unset means "scale with the data" (see `resolve`)."""
 
     losses: tuple[tuple[LossKind, float], ...] = described(
-        ((LossKind.SOFTMAX, 1.0),), "NAME[:WEIGHT] list of softmax, npair, triplet (summed)"
+        ((LossKind.SOFTMAX, 1.0),),
+        "NAME[:WEIGHT] list of softmax, npair, triplet (summed; weights finite, > 0)",
     )
     # 0.1 and a logQ correction a little past full (1.2) measured best on MovieLens-100K
     # without timestamps (Recall@20 0.33-0.34 against 0.30-0.33 at 0.05 / 1.0) and on the
@@ -198,7 +211,7 @@ class TrainConfig:
     # the loss's share of a step is in `make bench ONLY=speed` ("Parts of a training step")
     batch_size: int | None = whole(None, 1, 1 << 20, "examples per step; unset: by log size")
     max_epochs: int | None = whole(None, 1, 10_000, "epochs at most; unset: by example_budget")
-    patience: int = whole(3, 0, 10_000, "epochs without validation improvement before stopping")
+    patience: int = whole(3, 1, 10_000, "epochs without validation improvement before stopping")
     learning_rate: float = number(2e-3, 0, 10, "dense parameters (AdamW)", gt=0.0, le=10.0)
     weight_decay: float = number(1e-4, 0.0, 10.0, "AdamW weight decay")
     embedding_learning_rate: float = number(
@@ -208,7 +221,9 @@ class TrainConfig:
         0.0, 0.0, 10.0, "L2 on the embedding rows a batch touches"
     )
     warmup_fraction: float = number(0.05, 0.0, 1.0, "share of steps with a rising rate")
-    eval_k: int = whole(20, 1, 1_000, "early stopping watches validation Recall@eval_k")
+    eval_k: EvalCutoff = described(
+        20, "early stopping watches validation Recall@eval_k"
+    )  # one of the cutoffs validation measures (training.evaluate)
     max_valid_users: int = whole(
         10_000, 1, 100_000_000, "validation users sampled for per-epoch evaluation"
     )
@@ -240,7 +255,7 @@ class TrainConfig:
     # What each event counts for (features.events): weights per event type, overriding the
     # weight column for the types named; the event types that are targets (empty: all).
     event_weights: dict[str, float] = described(
-        {}, "weight per event type, over the log's weight column (TYPE=W,... or a table)"
+        {}, "weight per event type (0 to 1e6), over the log's weight column (TYPE=W,... or a table)"
     )
     target_events: tuple[str, ...] = described(
         (), "the event types that are training targets (empty: all)"
@@ -253,6 +268,14 @@ class TrainConfig:
         values = [value] if isinstance(value, str) else value
         if isinstance(values, list | tuple) and values and all(isinstance(v, str) for v in values):
             return parse_losses(list(values))
+        return value
+
+    @field_validator("eval_k", mode="before")
+    @classmethod
+    def _eval_k_whole(cls, value: Any) -> Any:
+        """A whole number, as every count of the schema (20.0 and true are refused)."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"Input should be one of {', '.join(map(str, EVAL_CUTOFFS))}")
         return value
 
     @field_validator("event_weights", mode="before")
@@ -275,13 +298,22 @@ class TrainConfig:
         return value
 
     def __post_init__(self) -> None:
-        if not self.losses or any(weight <= 0 for _, weight in self.losses):
-            raise ValueError("losses need at least one entry, each with a positive weight")
+        bad = [
+            f"{kind.value}:{weight:g}" for kind, weight in self.losses if not 0 < weight < math.inf
+        ]
+        if not self.losses or bad:  # a NaN or infinite weight makes every step's loss NaN
+            raise ValueError(
+                "losses need at least one entry, each with a finite positive weight"
+                + (f" (got {', '.join(bad)})" if bad else "")
+            )
         if self.extra_negatives and LossKind.SOFTMAX not in {kind for kind, _ in self.losses}:
             raise ValueError(
                 "extra_negatives feed the softmax loss only: add the softmax loss or drop them"
             )
         EventRule(dict(self.event_weights), tuple(self.target_events))  # checks the weights
+        heavy = {k: v for k, v in self.event_weights.items() if v > MAX_WEIGHT}
+        if heavy:  # ingest refuses such weights in a log; a loss on them is not finite
+            raise ValueError(f"event_weights must be at most {MAX_WEIGHT:g}, got {heavy}")
 
     @property
     def events(self) -> EventRule:

@@ -15,8 +15,9 @@ import torch
 from features.history import UserHistories
 from features.jagged import CsrBags, ranges
 from recsys.core import schema as s
+from training.config import EVAL_CUTOFFS
 
-KS = (10, 20, 50, 100)
+KS = EVAL_CUTOFFS  # the settings refuse an eval_k that is not one of them
 
 
 class Scorer(Protocol):

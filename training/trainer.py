@@ -311,8 +311,10 @@ def _train_one(
     on_epoch: Callable[[dict[str, Any]], None] | None,
     warm_start: WarmStart | None,
     member: int | None = None,
+    refit: bool = False,
 ) -> TrainResult:
-    """One model (one member of an ensemble): see `train`."""
+    """One model (one member of an ensemble): see `train`; `refit`: the run on every
+    event after validation chose its epochs (its log lines say so)."""
     device = device or torch.device("cpu")
     rank, world_size = ensure_process_group(device)
     given = features
@@ -435,15 +437,9 @@ def _train_one(
         if on_epoch is not None:
             on_epoch(record)
         watched = metrics[f"recall@{cfg.eval_k}"]
-        log.info(
-            "epoch %d/%d: %.1f s, loss %.4f, valid recall@%d %.4f",
-            epoch,
-            cfg.max_epochs,
-            record["seconds"],
-            record["loss"],
-            cfg.eval_k,
-            watched,
-        )
+        label = "refit epoch" if refit else "epoch"
+        recall = watched if validating else None
+        _log_epoch(label, epoch, cfg.max_epochs, record, cfg.eval_k, recall)
         state.epoch = epoch
         if watched > state.best:
             state.best, state.waited, state.best_epoch = watched, 0, epoch
@@ -475,6 +471,23 @@ def _train_one(
         else:
             _refit(result, given, split, tower, device, progress, warm_start)
     return result
+
+
+def _log_epoch(
+    label: str, epoch: int, epochs: int, record: dict[str, Any], eval_k: int, recall: float | None
+) -> None:
+    """One line per epoch. Without validation events (a refit on every event) the epoch
+    number stands in for the metric, so that the last epoch is kept: it is not shown."""
+    if recall is None:
+        log.info(
+            "%s %d/%d: %.1f s, loss %.4f, no validation events",
+            *(label, epoch, epochs, record["seconds"], record["loss"]),
+        )
+        return
+    log.info(
+        "%s %d/%d: %.1f s, loss %.4f, valid recall@%d %.4f",
+        *(label, epoch, epochs, record["seconds"], record["loss"], eval_k, recall),
+    )
 
 
 def _refit(
@@ -511,6 +524,7 @@ def _refit(
         progress=progress,
         on_epoch=None,
         warm_start=warm_start,
+        refit=True,
     )
     result.validated_state = result.state
     result.state, result.row_state = refit.state, refit.row_state

@@ -29,9 +29,14 @@ def settings_section(cls: type[Section]) -> type[Section]:
     return dataclass(frozen=True, config=SCHEMA_CONFIG)(cls)  # type: ignore[return-value]
 
 
-def whole(default: int | None, low: int, high: int, description: str) -> Any:
-    """An integer setting within [low, high] (None: decided from the data)."""
-    return Field(default, ge=low, le=high, strict=True, description=description)
+def whole(
+    default: int | None, low: int, high: int, description: str, multiple_of: int | None = None
+) -> Any:
+    """An integer setting within [low, high] (None: decided from the data), a multiple of
+    `multiple_of` where a kernel needs it (an embedding table's width)."""
+    return Field(
+        default, ge=low, le=high, multiple_of=multiple_of, strict=True, description=description
+    )
 
 
 def number(default: float, low: float, high: float, description: str, **bounds: Any) -> Any:
