@@ -32,6 +32,7 @@ from serving.app import create_app
 from serving.live import LiveVersion
 from serving.settings import ServiceSettings
 from training.config import TrainConfig
+from training.export import warm_start_weights
 
 pytestmark = pytest.mark.slow  # builds models or runs the service: `make test` only
 
@@ -70,7 +71,9 @@ def _row_similarity(a: np.ndarray, b: np.ndarray) -> float:
 def test_warm_rebuild_on_a_grown_log_starts_from_the_current_rows(dataset, tmp_path):
     data, artifacts, first = first_build(dataset, tmp_path)
     store = VersionStore(artifacts)
-    old_rows = load_file(str(store.current() / "model/weights.safetensors"))[ITEM_ROWS].numpy()
+    model = store.current() / "model"  # a rebuild begins from the weights as validated
+    old_rows = load_file(str(model / warm_start_weights(model)))[ITEM_ROWS].numpy()
+    assert warm_start_weights(model) == "validated.safetensors"
     kept_before = read_manifest(store.current())["data"]["kept"]
     grown_log(dataset, data, None)
     warm = build(resolve_source(data), artifacts, config=FAST, progress=False)
